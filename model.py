@@ -1,0 +1,603 @@
+"""
+The transformer: Qwen3 (dense), Qwen3-MoE and Llama, written out by hand, loading and
+saving ordinary Hugging Face checkpoint directories.
+
+What is in this file, top to bottom:
+- ModelConfig: one dataclass, built from an HF `config.json` (ModelConfig.from_hf).
+- RoPE (default / linear / llama3), RMSNorm, attention (SDPA, flash-attn on CUDA when
+  importable), the SwiGLU MLP and the MoE block.
+- KVCache: a preallocated per-layer cache with one write position per row (used by
+  rollout.py; prompts are right-padded, so every row's positions start at 0 and the
+  "one shared position counter" bug of left-padded decoding cannot happen).
+- Transformer: forward() returns logits or the final hidden states (kernels.py wants the
+  hidden states plus `lm_head_weight`, never [tokens x vocab] logits);
+  from_pretrained() / save_pretrained() read and write HF safetensors directories.
+
+Notes on fidelity: every op follows transformers' own implementation order (RMSNorm in
+fp32, q/k norm before RoPE, router softmax in fp32 before top-k) so our logits match
+theirs to float rounding; tests/test_model.py checks that for all three families.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional: used only for the no-cache causal case on CUDA
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+SUPPORTED_ARCHS = {"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
+                   "LlamaForCausalLM": "llama"}
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
+
+# -----------------------------------------------------------------------------
+# Config
+
+@dataclass
+class ModelConfig:
+    arch: str = "qwen3"                  # qwen3 | qwen3_moe | llama
+    vocab_size: int = 64
+    hidden_size: int = 64
+    intermediate_size: int = 256         # dense MLP width
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2                # GQA: each KV head serves num_heads/num_kv_heads queries
+    head_dim: int = 16                   # Qwen3: independent of hidden_size/num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None     # {"rope_type": "linear"|"llama3", ...} or None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    # MoE (qwen3_moe only)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
+    # tokens; kept so a saved directory is complete
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # HF keys we do not interpret
+
+    @property
+    def qk_norm(self):  # Qwen3's per-head RMSNorm on q and k, applied before RoPE
+        return self.arch in ("qwen3", "qwen3_moe")
+
+    def is_moe_layer(self, i):  # same rule as transformers' Qwen3MoeDecoderLayer
+        return (self.arch == "qwen3_moe" and self.num_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+    @classmethod
+    def from_hf(cls, src):
+        """Build from an HF config: a dict, a config.json path, or a checkpoint directory."""
+        if not isinstance(src, dict):
+            path = os.path.join(src, "config.json") if os.path.isdir(src) else src
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: no config.json")
+            with open(path) as f:
+                try:
+                    src = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        d = dict(src)
+        archs = d.get("architectures") or []
+        if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHS:
+            raise ValueError(f"unsupported architectures={archs!r}; supported: {sorted(SUPPORTED_ARCHS)}")
+        arch = SUPPORTED_ARCHS[archs[0]]
+        # transformers 5 keeps RoPE settings in rope_parameters; 4.x in rope_theta + rope_scaling
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE:
+            raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {SUPPORTED_ROPE}")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        if d.get("use_sliding_window"):
+            raise ValueError("unsupported: use_sliding_window=true (sliding-window attention)")
+        if d.get("mlp_bias"):
+            raise ValueError("unsupported: mlp_bias=true")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act={d['hidden_act']!r}; only silu (SwiGLU)")
+        n_heads = d["num_attention_heads"]
+        cfg = cls(
+            arch=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d.get("intermediate_size", 0), num_layers=d["num_hidden_layers"],
+            num_heads=n_heads, num_kv_heads=d.get("num_key_value_heads") or n_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=d.get("tie_word_embeddings", arch != "qwen3_moe"),
+            attention_bias=d.get("attention_bias", False),
+            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"))
+        if arch == "qwen3_moe":
+            cfg.num_experts = d.get("num_experts", d.get("num_local_experts", 0))
+            cfg.num_experts_per_tok = d["num_experts_per_tok"]
+            cfg.moe_intermediate_size = d["moe_intermediate_size"]
+            cfg.norm_topk_prob = d.get("norm_topk_prob", False)
+            cfg.decoder_sparse_step = d.get("decoder_sparse_step", 1)
+            cfg.mlp_only_layers = list(d.get("mlp_only_layers") or [])
+            cfg.router_aux_loss_coef = d.get("router_aux_loss_coef", 0.001)
+        cfg.extra = d
+        return cfg
+
+    def to_hf(self):
+        """The HF config.json dict; keys we do not interpret are passed through from `extra`."""
+        name = {v: k for k, v in SUPPORTED_ARCHS.items()}[self.arch]
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        d = dict(self.extra)
+        d.pop("rope_scaling", None)
+        d.update(architectures=[name], model_type=self.arch, vocab_size=self.vocab_size,
+                 hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                 num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
+                 hidden_act="silu", rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+                 rope_parameters=rope, max_position_embeddings=self.max_position_embeddings,
+                 tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
+                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+                 pad_token_id=self.pad_token_id)
+        if self.arch == "qwen3_moe":
+            d.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     moe_intermediate_size=self.moe_intermediate_size,
+                     norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=self.decoder_sparse_step,
+                     mlp_only_layers=self.mlp_only_layers,
+                     router_aux_loss_coef=self.router_aux_loss_coef)
+            d.pop("num_local_experts", None)
+        return d
+
+# -----------------------------------------------------------------------------
+# RoPE
+
+def rope_inv_freq(cfg):
+    """inv_freq_i = 1 / theta^(2i/d), rescaled for 'linear' / 'llama3' RoPE scaling."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = cfg.rope_scaling or {}
+    if s.get("rope_type") == "linear":  # positions / factor == inv_freq / factor
+        inv = inv / s["factor"]
+    elif s.get("rope_type") == "llama3":  # Llama 3.1: slow down only the low frequencies
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv.float()
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """cos/sin for per-row positions [B, T] -> [B, T, head_dim], computed in fp32."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, H, T, d]. Rotates the two halves of each head (HF's rotate_half layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+# -----------------------------------------------------------------------------
+# Layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # in fp32, then cast back before the weight (the order transformers uses)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=b)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, positions=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        if hasattr(self, "q_norm"):  # Qwen3: per-head norm *before* RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # write this step's keys/values at each row's own positions, attend to the cache
+            k, v = cache.update(layer, k, v, positions)
+            y = sdpa(q, k, v, mask=mask)
+        elif flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                causal=True).transpose(1, 2)
+        else:
+            y = sdpa(q, k, v, causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+def sdpa(q, k, v, mask=None, causal=False):
+    """Scaled dot-product attention with grouped KV heads (GQA)."""
+    if k.shape[1] != q.shape[1]:  # repeat KV heads; cheaper than enable_gqa on older torch
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """
+    Qwen3-MoE sparse block: router softmax in fp32 over all experts, *then* top-k,
+    optionally renormalise the k weights (norm_topk_prob), weighted sum of SwiGLU experts.
+
+    Expert weights are stacked ([E, I, H] / [E, H, I]) so the block is one parameter per
+    projection (what FSDP shards and a grouped matmul consumes). Compute: sort the
+    (token, expert) assignments by expert and run one dense SwiGLU per expert that received
+    tokens — a Python loop over *active experts*, never over tokens. On a GPU with many
+    experts torch's grouped matmul would replace the loop; the result is the same.
+    """
+    def __init__(self, cfg):
+        super().__init__()
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.E, self.k, self.norm_topk = E, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(H, E, bias=False)  # the router
+        self.gate_proj = nn.Parameter(torch.empty(E, I, H))
+        self.up_proj = nn.Parameter(torch.empty(E, I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.aux_loss = None  # load-balancing loss of the last forward (for training)
+
+    def forward(self, x):
+        B, T, H = x.shape
+        x = x.reshape(-1, H)
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [N, E] fp32
+        topw, topi = probs.topk(self.k, dim=-1)  # [N, k]
+        if self.norm_topk:
+            topw = topw / topw.sum(-1, keepdim=True)
+        topw = topw.to(x.dtype)
+        # Switch-style load balancing: E * sum_e (fraction of assignments to e) * (mean prob of e)
+        frac = torch.zeros(self.E, device=x.device).index_add_(
+            0, topi.flatten(), torch.ones(topi.numel(), device=x.device)) / topi.numel()
+        self.aux_loss = self.E * (frac * probs.mean(0)).sum()
+        # group (token, expert) pairs by expert
+        flat_e = topi.flatten()
+        order = flat_e.argsort(stable=True)
+        tok = order // self.k  # which token each sorted assignment came from
+        counts = torch.bincount(flat_e, minlength=self.E).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            idx = tok[start:start + c]
+            xe = x[idx]
+            he = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
+            ye = (he @ self.down_proj[e].t()) * topw.flatten()[order[start:start + c], None]
+            out.index_add_(0, idx, ye)
+            start += c
+        return out.view(B, T, H)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, i):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, **kw):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, **kw)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+class KVCache:
+    """
+    Preallocated keys/values, [layers, rows, kv_heads, max_len, head_dim], plus `lengths`:
+    how many slots of each row are filled. Row b's token at position p lives in slot p, so
+    positions are per row and right padding in a prompt batch is harmless (a padded slot is
+    overwritten by that row's next real token before anything attends to it).
+    """
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.used = 0  # slots 0..used-1 may be filled in some row; attention reads only those
+
+    def update(self, layer, k, v, positions):
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer, rows, :, positions] = k.transpose(1, 2)  # [B, T, H, d] at (row, pos)
+        self.v[layer, rows, :, positions] = v.transpose(1, 2)
+        return self.k[layer, :, :, :self.used], self.v[layer, :, :, :self.used]
+
+    def repeat_rows(self, n):
+        """n copies of each row, adjacent (prefill a prompt once, sample n continuations)."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+        self.lengths = self.lengths.repeat_interleave(n)
+
+# -----------------------------------------------------------------------------
+# The model
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # a plain attribute, not a buffer: it is derived from the config, so a model built on
+        # the meta device and materialised later never has to restore it from a checkpoint
+        self._inv_freq = rope_inv_freq(cfg)
+        self.source_dir = None  # where from_pretrained read us (tokenizer files are copied on save)
+
+    @property
+    def lm_head_weight(self):
+        return self.lm_head.weight
+
+    def init_weights(self, std=0.02, seed=None):
+        """Random init for training from scratch (normal(0, std), norms at 1)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def forward(self, input_ids, positions=None, cache=None, return_hidden=False):
+        """
+        input_ids [B, T]; positions [B, T] (default 0..T-1 per row, or each row's cache
+        length onwards when a cache is given). Returns logits [B, T, V], or the final
+        normed hidden states [B, T, H] when return_hidden (for kernels.py, which never
+        materialises the logits).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            start = cache.lengths[:, None] if cache is not None else 0
+            positions = start + torch.arange(T, device=input_ids.device)[None, :].expand(B, T)
+        x = self.embed_tokens(input_ids)
+        inv = self._inv_freq
+        if inv.device != x.device:
+            inv = self._inv_freq = inv.to(x.device)
+        cos, sin = rope_cos_sin(inv, positions, x.dtype)
+        kw = {}
+        if cache is not None:
+            cache.used = int(positions.max()) + 1  # attention reads only the filled prefix
+            # a query at position p sees the cache slots 0..p of its own row
+            slots = torch.arange(cache.used, device=x.device)
+            kw = dict(cache=cache, positions=positions,
+                      mask=(slots[None, None, None, :] <= positions[:, None, :, None]))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, layer=i, **kw) if kw else layer(x, cos, sin)
+        if cache is not None:
+            cache.lengths = positions[:, -1] + 1
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def router_aux_loss(self):
+        """Sum of the MoE load-balancing losses of the last forward, times the config's coef."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        if not losses:
+            return torch.zeros(())
+        return self.config.router_aux_loss_coef * torch.stack(losses).sum()
+
+    # ---- Hugging Face checkpoints ---------------------------------------------------------
+
+    def hf_state_dict(self):
+        """Our parameters under HF names: 'model.' prefix, experts unstacked per expert."""
+        out = {}
+        for name, t in self.state_dict().items():
+            if name == "lm_head.weight":
+                if not self.config.tie_word_embeddings:
+                    out[name] = t
+                continue
+            for hf, e in _expert_keys(name, t.shape[0] if t.dim() == 3 else 0):
+                out[hf] = t[e] if e is not None else t
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """
+        Load an HF directory (config.json + model.safetensors, or a sharded
+        model.safetensors.index.json). Built on the meta device first, so no memory is
+        spent on a random init; each tensor is then read straight from its shard.
+        """
+        cfg = ModelConfig.from_hf(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        if dtype is None:
+            dtype = getattr(torch, str(cfg.extra.get("torch_dtype") or cfg.extra.get("dtype") or "float32").replace("torch.", ""))
+        model.load_hf_weights(path, dtype=dtype, device=device)
+        model.source_dir = os.path.abspath(path)
+        return model.eval()
+
+    def load_hf_weights(self, path, dtype=torch.float32, device="cpu", only=None):
+        """
+        Read every parameter of this model (or those named in `only`) from the HF directory
+        `path` and assign it (works on a meta-device model). Errors name the file and tensor.
+        """
+        from safetensors import safe_open
+        files = _weight_files(path)  # hf key -> file
+        handles = {}
+
+        def read(key):
+            if key not in files:
+                raise KeyError(f"{path}: missing tensor {key!r} in checkpoint")
+            fname = files[key]
+            if fname not in handles:
+                full = os.path.join(path, fname)
+                if not os.path.exists(full):
+                    raise FileNotFoundError(f"{full}: shard listed in the index is missing (needed for {key!r})")
+                try:
+                    handles[fname] = safe_open(full, framework="pt", device="cpu")
+                except Exception as e:
+                    raise ValueError(f"{full}: unreadable or truncated safetensors file ({e})") from None
+            try:
+                return handles[fname].get_tensor(key)
+            except Exception as e:
+                raise ValueError(f"{os.path.join(path, fname)}: cannot read tensor {key!r} ({e})") from None
+
+        sd = {}
+        for name, p in self.state_dict(keep_vars=True).items():
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            if only is not None and name not in only:
+                continue
+            keys = _expert_keys(name, p.shape[0] if p.dim() == 3 else 0)
+            parts = [read(hf) for hf, _ in keys]
+            t = torch.stack(parts) if len(keys) > 1 or keys[0][1] is not None else parts[0]
+            if t.shape != p.shape:
+                raise ValueError(f"{path}/{files[keys[0][0]]}: tensor {keys[0][0]!r} has shape "
+                                 f"{tuple(t.shape)}, model expects {tuple(p.shape)}")
+            sd[name] = t.to(device=device, dtype=dtype)
+        self.load_state_dict(sd, strict=only is None and not self.config.tie_word_embeddings, assign=True)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._inv_freq = rope_inv_freq(self.config)
+        return self
+
+    def save_pretrained(self, path, tokenizer_dir=None, max_shard_bytes=5 * 2**30):
+        """
+        Write an HF directory that transformers.AutoModelForCausalLM loads. Atomic: written
+        under a temporary name beside `path`, then renamed, so a crash never leaves a
+        half-written checkpoint under the final name. Tokenizer files are copied from
+        `tokenizer_dir` (default: the directory this model was loaded from).
+        """
+        from safetensors.torch import save_file
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+        try:
+            sd = {k: v.detach().contiguous().cpu() for k, v in self.hf_state_dict().items()}
+            dtype = next(iter(sd.values())).dtype
+            hf = self.config.to_hf()
+            hf.pop("torch_dtype", None)
+            hf["dtype"] = str(dtype).replace("torch.", "")
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf, f, indent=2)
+            shards, cur, size = [], {}, 0
+            for k, v in sd.items():
+                n = v.numel() * v.element_size()
+                if cur and size + n > max_shard_bytes:
+                    shards.append(cur)
+                    cur, size = {}, 0
+                cur[k] = v
+                size += n
+            shards.append(cur)
+            if len(shards) == 1:
+                save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            else:
+                weight_map = {}
+                for i, shard in enumerate(shards):
+                    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                    weight_map.update({k: name for k in shard})
+                total = sum(v.numel() * v.element_size() for v in sd.values())
+                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            src = tokenizer_dir or self.source_dir
+            if src and os.path.isdir(src):
+                for name in TOKENIZER_FILES:
+                    if os.path.exists(os.path.join(src, name)):
+                        shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def replace_dir(tmp, path):
+    """Move directory `tmp` to `path`, replacing any old one; the old one is removed last."""
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))
+        os.rmdir(old)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _expert_keys(name, num_experts):
+    """Our parameter name -> [(hf key, expert index or None)]."""
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        if num_experts and name.endswith(f"mlp.{proj}"):
+            base = name[: -len(proj)]
+            return [(f"model.{base}experts.{e}.{proj}.weight", e) for e in range(num_experts)]
+    return [(name if name == "lm_head.weight" else "model." + name, None)]
+
+
+def _weight_files(path):
+    """HF tensor name -> file name, from the index (sharded) or the single file's header."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            try:
+                return json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: malformed index ({e})") from None
+    if os.path.exists(single):
+        from safetensors import safe_open
+        try:
+            with safe_open(single, framework="pt") as f:
+                return {k: "model.safetensors" for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"{single}: unreadable or truncated safetensors file ({e})") from None
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def num_params(model, exclude_embedding=False):
+    n = sum(p.numel() for p in model.parameters())
+    return n - model.embed_tokens.weight.numel() if exclude_embedding else n

@@ -1,0 +1,55 @@
+"""Shared test fixtures: tiny random Hugging Face checkpoints built offline, and our loader."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(2)
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              initializer_range=0.2)  # sharper than the default, so greedy argmax has no near-ties
+
+
+def hf_config(arch):
+    """A tiny transformers config per family, exercising each family's quirks."""
+    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
+    if arch == "qwen3":  # head_dim independent of hidden/heads, GQA, tied embeddings
+        return Qwen3Config(head_dim=24, tie_word_embeddings=True, **COMMON)
+    if arch == "qwen3_moe":  # 8 experts, top-2, renormalised, one dense layer, untied
+        return Qwen3MoeConfig(head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                              norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False, **COMMON)
+    if arch == "llama":  # llama3 RoPE scaling, untied, biased attention
+        return LlamaConfig(tie_word_embeddings=False, attention_bias=True,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                           **COMMON)
+    raise ValueError(arch)
+
+
+def hf_class(arch):
+    from transformers import LlamaForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM
+    return {"qwen3": Qwen3ForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "llama": LlamaForCausalLM}[arch]
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """arch -> directory of a random transformers model saved with save_pretrained."""
+    out = {}
+    for arch in ("qwen3", "qwen3_moe", "llama"):
+        torch.manual_seed(0)
+        model = hf_class(arch)(hf_config(arch)).eval()
+        d = str(tmp_path_factory.mktemp(f"hf_{arch}"))
+        model.save_pretrained(d)
+        out[arch] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(hf_dirs):
+    """Our Qwen3 model loaded from the tiny random checkpoint (fp32, CPU)."""
+    from model import Transformer
+    return Transformer.from_pretrained(hf_dirs["qwen3"])

@@ -1,0 +1,185 @@
+"""model.py against transformers' own implementation, on tiny random checkpoints built offline."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import hf_class
+
+from model import KVCache, ModelConfig, Transformer
+
+ARCHS = ["qwen3", "qwen3_moe", "llama"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(hf_dirs, arch):
+    hf = hf_class(arch).from_pretrained(hf_dirs[arch]).eval()
+    ours = Transformer.from_pretrained(hf_dirs[arch])
+    x = torch.randint(0, 128, (3, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (hf(x).logits - ours(x)).abs().max().item()
+    assert diff <= 1e-4, f"{arch}: max abs logit diff {diff}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_transformers_generate(hf_dirs, arch):
+    from rollout import generate
+    hf = hf_class(arch).from_pretrained(hf_dirs[arch]).eval()
+    ours = Transformer.from_pretrained(hf_dirs[arch])
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 128, (L,), generator=g).tolist() for L in (5, 11, 3)]
+    res = generate(ours, prompts, max_new_tokens=32, temperature=0)
+    for p, got in zip(prompts, res.response_ids):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, min_new_tokens=32,
+                              eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert got == ref
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_roundtrips_into_transformers(hf_dirs, arch, tmp_path):
+    ours = Transformer.from_pretrained(hf_dirs[arch])
+    out = ours.save_pretrained(tmp_path / "saved")
+    hf = hf_class(arch).from_pretrained(out).eval()
+    x = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-5
+    # and back into ours, bit for bit
+    again = Transformer.from_pretrained(out)
+    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_sharded_save_and_load(hf_dirs, tmp_path):
+    ours = Transformer.from_pretrained(hf_dirs["qwen3_moe"])
+    out = ours.save_pretrained(tmp_path / "sharded", max_shard_bytes=100_000)
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert len(set(index["weight_map"].values())) > 1
+    again = Transformer.from_pretrained(out)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(ours(x), again(x))
+
+
+def test_cached_decoding_equals_full_forward(tiny_model):
+    x = torch.randint(0, 128, (3, 40))
+    cache = KVCache(tiny_model.config, 3, 64, torch.float32, "cpu")
+    with torch.no_grad():
+        full = tiny_model(x)
+        parts = [tiny_model(x[:, :25], cache=cache)]
+        for t in range(25, 40):
+            parts.append(tiny_model(x[:, t:t + 1], cache=cache))
+    assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-5
+
+
+def test_hidden_states_and_lm_head(tiny_model):
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        h = tiny_model(x, return_hidden=True)
+        assert h.shape == (2, 9, 64)
+        assert torch.allclose(h @ tiny_model.lm_head_weight.t(), tiny_model(x), atol=1e-6)
+
+
+def test_meta_build_then_materialise(hf_dirs):
+    cfg = ModelConfig.from_hf(hf_dirs["qwen3_moe"])
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    assert all(p.is_meta for p in m.parameters())
+    m.load_hf_weights(hf_dirs["qwen3_moe"])
+    assert not any(p.is_meta for p in m.parameters())
+    ref = Transformer.from_pretrained(hf_dirs["qwen3_moe"])
+    x = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(m(x), ref(x))
+
+
+def test_moe_aux_loss_and_grad(hf_dirs):
+    m = Transformer.from_pretrained(hf_dirs["qwen3_moe"]).train()
+    x = torch.randint(0, 128, (2, 16))
+    loss = m(x).logsumexp(-1).mean() + m.router_aux_loss()
+    loss.backward()
+    aux = m.router_aux_loss().item()
+    assert aux > 0  # E * sum(frac * prob) >= coef-scaled positive number
+    assert m.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+    assert m.layers[0].mlp.gate_proj.grad.abs().sum() > 0
+
+
+def test_bf16_forward_close(hf_dirs):
+    hf = hf_class("qwen3").from_pretrained(hf_dirs["qwen3"], dtype=torch.bfloat16).eval()
+    ours = Transformer.from_pretrained(hf_dirs["qwen3"], dtype=torch.bfloat16)
+    x = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        a, b = hf(x).logits.float(), ours(x).float()
+    assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item()
+
+
+# ---- bad input: clear errors naming the problem ------------------------------------------
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_unsupported_architecture_and_rope(hf_dirs):
+    d = json.load(open(os.path.join(hf_dirs["qwen3"], "config.json")))
+    with pytest.raises(ValueError, match="unsupported architectures=\\['GPT2LMHeadModel'\\]"):
+        ModelConfig.from_hf({**d, "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
+        ModelConfig.from_hf({**d, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}})
+
+
+def test_missing_key_and_shape_mismatch(hf_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+    d = _copy(hf_dirs["qwen3"], tmp_path / "m")
+    sd = load_file(os.path.join(d, "model.safetensors"))
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(sd, os.path.join(d, "model.safetensors"))
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        Transformer.from_pretrained(d)
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(sd, os.path.join(d, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' has shape \(3, 3\)"):
+        Transformer.from_pretrained(d)
+
+
+def test_truncated_and_missing_shard(hf_dirs, tmp_path):
+    ours = Transformer.from_pretrained(hf_dirs["qwen3_moe"])
+    d = ours.save_pretrained(tmp_path / "s", max_shard_bytes=100_000)
+    shard = os.path.join(d, sorted(f for f in os.listdir(d) if f.startswith("model-"))[1])
+    data = open(shard, "rb").read()
+    open(shard, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=os.path.basename(shard)):
+        Transformer.from_pretrained(d)
+    os.remove(shard)
+    with pytest.raises(FileNotFoundError, match=os.path.basename(shard) + ": shard listed in the index is missing"):
+        Transformer.from_pretrained(d)
+
+
+def test_save_is_atomic(hf_dirs, tmp_path, monkeypatch):
+    """A crash mid-save leaves the previous checkpoint intact and no half-written directory."""
+    import safetensors.torch
+    ours = Transformer.from_pretrained(hf_dirs["qwen3"])
+    target = tmp_path / "ckpt"
+    ours.save_pretrained(target)
+    before = open(target / "model.safetensors", "rb").read()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with torch.no_grad():
+        ours.norm.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ours.save_pretrained(target)
+    assert open(target / "model.safetensors", "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    with torch.no_grad():
+        ours.norm.weight.sub_(1.0)
+
+
+def test_tokenizer_files_copied(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["qwen3"], tmp_path / "src")
+    open(os.path.join(d, "tokenizer_config.json"), "w").write("{}")
+    m = Transformer.from_pretrained(d)
+    out = m.save_pretrained(tmp_path / "dst")
+    assert os.path.exists(os.path.join(out, "tokenizer_config.json"))

@@ -1,0 +1,166 @@
+"""rollout.py: cache correctness, ragged batches, the sampling distribution, stops, bad input."""
+import math
+
+import pytest
+import torch
+
+from rollout import generate, sampling_logprobs
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (L,), generator=g).tolist() for L in lengths]
+
+
+def test_ragged_batch_equals_each_prompt_alone(tiny_model):
+    prompts = _prompts([3, 17, 8, 1])
+    batch = generate(tiny_model, prompts, max_new_tokens=20, seed=123, n=2)
+    for i, p in enumerate(prompts):
+        alone = generate(tiny_model, [p], max_new_tokens=20, seed=123 + i, n=2)
+        for j in range(2):
+            assert batch.response_ids[2 * i + j] == alone.response_ids[j]
+            assert torch.allclose(torch.tensor(batch.response_logprobs[2 * i + j]),
+                                  torch.tensor(alone.response_logprobs[j]), atol=1e-5)
+
+
+def test_seed_reproducible_and_n_samples_differ(tiny_model):
+    prompts = _prompts([5, 9])
+    a = generate(tiny_model, prompts, max_new_tokens=16, seed=7, n=4)
+    b = generate(tiny_model, prompts, max_new_tokens=16, seed=7, n=4)
+    assert a.response_ids == b.response_ids
+    assert a.prompt_index == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert len({tuple(r) for r in a.response_ids[:4]}) > 1  # n samples are independent draws
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 10, 1.0), (0.8, 20, 0.6)])
+def test_response_logprobs_match_recomputed_forward(tiny_model, temperature, top_k, top_p):
+    res = generate(tiny_model, _prompts([4, 12, 7]), max_new_tokens=24, temperature=temperature,
+                   top_k=top_k, top_p=top_p, seed=1)
+    with torch.no_grad():
+        logits = tiny_model(res.tokens[:, :-1])
+    lp = sampling_logprobs(logits, temperature, top_k, top_p).gather(-1, res.tokens[:, 1:, None])[..., 0]
+    mask = res.response_mask[:, 1:]
+    assert torch.isfinite(lp[mask]).all()
+    assert (lp[mask] - res.logprobs[:, 1:][mask]).abs().max().item() <= 1e-5
+    # the training layout: mask covers exactly prompt_len .. prompt_len + response_len
+    for r in range(len(res.prompt_index)):
+        p, n = res.prompt_lens[r].item(), res.response_lens[r].item()
+        assert res.response_mask[r].nonzero()[:, 0].tolist() == list(range(p, p + n))
+
+
+def _first_token_counts(model, prompt, draws, **kw):
+    res = generate(model, [prompt], max_new_tokens=1, n=draws, seed=11, **kw)
+    return torch.bincount(res.tokens[:, len(prompt)], minlength=model.config.vocab_size).double()
+
+
+def _chi2(counts, probs):
+    """Pearson chi-square over bins with expected count >= 5 (the rest pooled into one bin)."""
+    exp = probs * counts.sum()
+    big = exp >= 5
+    obs_b, exp_b = torch.cat([counts[big], counts[~big].sum()[None]]), torch.cat([exp[big], exp[~big].sum()[None]])
+    keep = exp_b > 0
+    stat = ((obs_b[keep] - exp_b[keep]) ** 2 / exp_b[keep]).sum().item()
+    df = int(keep.sum()) - 1
+    return stat, df + 5 * math.sqrt(2 * df)  # statistic, a ~5-sigma acceptance bound
+
+
+def test_sampling_frequencies_match_softmax(tiny_model):
+    prompt = _prompts([6], seed=3)[0]
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([prompt]))[0, -1].double()
+    T = 1.5
+    counts = _first_token_counts(tiny_model, prompt, 20000, temperature=T)
+    stat, bound = _chi2(counts, torch.softmax(logits / T, -1))
+    assert stat < bound, (stat, bound)
+    # the same test has the power to catch a wrong temperature
+    wrong, _ = _chi2(counts, torch.softmax(logits / (T * 1.15), -1))
+    assert wrong > bound, (wrong, bound)
+
+
+def test_top_k_and_top_p_support_is_exact(tiny_model):
+    prompt = _prompts([6], seed=4)[0]
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([prompt]))[0, -1].double()
+    p = torch.softmax(logits, -1)
+    topk = set(logits.topk(5).indices.tolist())
+    counts = _first_token_counts(tiny_model, prompt, 4000, top_k=5)
+    assert set(counts.nonzero()[:, 0].tolist()) == topk
+    # nucleus, computed independently: sorted, keep while the mass *before* a token is < top_p
+    order = p.argsort(descending=True).tolist()
+    nucleus, mass = [], 0.0
+    for v in order:
+        if mass >= 0.5:
+            break
+        nucleus.append(v)
+        mass += p[v].item()
+    counts = _first_token_counts(tiny_model, prompt, 8000, top_p=0.5)
+    assert set(counts.nonzero()[:, 0].tolist()) == set(nucleus)
+    ref = torch.zeros_like(p)
+    ref[nucleus] = p[nucleus] / p[nucleus].sum()
+    stat, bound = _chi2(counts, ref)
+    assert stat < bound
+
+
+def test_stop_tokens(tiny_model):
+    prompts = _prompts([5, 8, 3])
+    free = generate(tiny_model, prompts, max_new_tokens=30, seed=5)
+    stop = free.response_ids[0][3]  # a token row 0 emits at step 3
+    res = generate(tiny_model, prompts, max_new_tokens=30, seed=5, stop_token_ids=[stop])
+    for full, got, stopped in zip(free.response_ids, res.response_ids, res.stopped.tolist()):
+        if stop in full:
+            k = full.index(stop)
+            assert got == full[:k + 1] and stopped  # the stop token is kept (the model must learn to stop)
+        else:
+            assert got == full and not stopped
+    assert res.response_lens[0].item() <= 4
+    # padded positions after a stop are pad and masked out
+    r = 0
+    end = res.prompt_lens[r] + res.response_lens[r]
+    assert not res.response_mask[r, end:].any() and (res.tokens[r, end:] == 0).all()
+
+
+def test_greedy_is_deterministic_and_argmax(tiny_model):
+    prompts = _prompts([7])
+    a = generate(tiny_model, prompts, max_new_tokens=10, temperature=0, seed=1)
+    b = generate(tiny_model, prompts, max_new_tokens=10, temperature=0, seed=2)
+    assert a.response_ids == b.response_ids
+    with torch.no_grad():
+        logits = tiny_model(a.tokens[:, :-1])
+    assert (logits.argmax(-1)[0, 6:] == a.tokens[0, 7:]).all()
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(prompts=[]), "empty prompt list"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[[1] * 250]), "exceeds the model's context of 256"),
+    (dict(prompts=[[1]], max_new_tokens=256), "max_new_tokens=256 must be in"),
+    (dict(prompts=[[1]], top_p=0.0), "top_p=0.0"),
+    (dict(prompts=[[1]], top_p=1.5), "top_p=1.5"),
+    (dict(prompts=[[1]], temperature=-1.0), "temperature=-1.0"),
+    (dict(prompts=[[1]], n=0), "n=0"),
+    (dict(prompts=[[1, 500]]), "token id 500 outside the vocabulary"),
+])
+def test_bad_input(tiny_model, kwargs, msg):
+    kw = dict(max_new_tokens=8) | kwargs
+    with pytest.raises(ValueError, match=msg):
+        generate(tiny_model, **kw)
+
+
+def test_cli(hf_dirs, tmp_path, capsys):
+    """The sample.py-style command line runs on a checkpoint directory with a tokenizer."""
+    import shutil
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import rollout
+    d = tmp_path / "m"
+    shutil.copytree(hf_dirs["qwen3"], d)
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789 +=?"
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>").save_pretrained(d)
+    rollout.main(["--model", str(d), "--prompt", "what is 2+3?", "--prompt", "hi", "--n", "2",
+                  "--max_new_tokens", "5", "--seed", "0"])
+    out = capsys.readouterr().out
+    assert out.count("--- prompt") == 4 and "what is 2+3?" in out
