@@ -1,0 +1,194 @@
+"""
+The objective. One policy-gradient update serves both stages of MOPD:
+- Stage 2, RL on verifiable rewards (train_teacher_rl.py): A_t = a group-normalised reward.
+- Stage 3, MOPD (train_mopd.py): A_t = sg[log pi_T(y_t) - log pi_theta(y_t)], the dense
+  per-token reverse-KL signal of the domain's teacher.
+Each equation is quoted beside the function that computes it.
+
+Tensors follow rollout.Rollout's layout: `tokens` [R, L] is prompt-then-response per row,
+and everything per token is aligned with the *predicted* token, i.e. with tokens[:, 1:]
+(shape [R, L-1]); `mask` marks the response tokens there.
+"""
+
+import torch
+
+try:
+    import kernels
+except ImportError:  # TEMP until kernels.py lands
+    kernels = None
+
+# -----------------------------------------------------------------------------
+# log-probs of the policy
+
+def policy_logprobs(model, tokens, mask, temperature=1.0, return_entropy=False):
+    """
+    log pi_theta(y_t | x, y_<t) for every t, [R, L-1], in fp32, from the final hidden states
+    and the lm_head weight (kernels.token_logprobs never materialises [tokens x vocab]).
+    Use the sampler's temperature so that, on-policy, pi_theta == the sampling policy mu.
+    """
+    hidden = model(tokens[:, :-1], return_hidden=True)
+    if kernels is None:  # TEMP
+        lp = torch.log_softmax((hidden @ model.lm_head_weight.t()).float() / temperature, -1)
+        return lp.gather(-1, tokens[:, 1:, None])[..., 0] * mask
+    return kernels.token_logprobs(hidden, model.lm_head_weight, tokens[:, 1:], temperature=temperature,
+                                  mask=mask, return_entropy=return_entropy)
+
+# -----------------------------------------------------------------------------
+# advantages
+
+def group_advantages(rewards, n, std_norm=True, eps=1e-6):
+    """
+    GRPO: A_i = (r_i - mean(r_group)) / (std(r_group) + eps) over the n samples of a prompt
+    (rows are prompt-major, n per prompt). std_norm=False gives Dr. GRPO's r_i - mean.
+    A group whose rewards are all equal gets A = 0 (no signal, but it is never dropped).
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, n)
+    a = r - r.mean(1, keepdim=True)
+    if std_norm and n > 1:
+        a = a / (r.std(1, keepdim=True) + eps)
+    return a.flatten()
+
+
+def k3_kl(logp, ref_logp):
+    """Schulman's k3 estimator of KL(pi_theta || pi_ref) per token: e^(ref-logp) - (ref-logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+def mopd_advantage(teacher_logp, logp, clip=5.0):
+    """
+    MOPD's per-token advantage (paper, PG form):
+        A_t = clip( sg[ log pi_T(y_t | x, y_<t) - log pi_theta(y_t | x, y_<t) ], -clip, clip )
+    Its policy gradient is, in expectation, the gradient of the per-token reverse KL
+    KL(pi_theta || pi_T) with no credit to later tokens. A_t may be positive or negative.
+    Returns (A [R, T], which tokens hit the clip).
+    """
+    a = (teacher_logp - logp).detach()
+    return a.clamp(-clip, clip), a.abs() > clip
+
+# -----------------------------------------------------------------------------
+# the one policy-gradient update
+
+def pg_token_loss(logp, old_logp, adv, mask, ratio_mode="clip", eps_low=0.2, eps_high=0.28):
+    """
+    Per-token surrogate with ratio_t = pi_theta(y_t) / mu(y_t) (mu = the policy that sampled):
+
+      "clip" (PPO / GRPO / DAPO's clip-higher):
+          L_t = -min( ratio_t * A_t , clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_t )
+      "band" (MiMo-V2-Flash Eq. 7-9, the MOPD default):
+          w_t = sg[ratio_t] if eps_low <= ratio_t <= eps_high else 0
+          L_t = - w_t * A_t * log pi_theta(y_t)
+        (here eps_low / eps_high are the band's ends, e.g. 0.5 and 2.0)
+
+    Both give -A_t * grad(ratio_t) inside their trust region and 0 outside it, and on-policy
+    (ratio == 1) both reduce to the plain policy gradient -A_t * grad log pi_theta(y_t).
+    Returns (loss per token [R, L-1], fraction of masked tokens that were clipped/dropped).
+    """
+    ratio = torch.exp(logp - old_logp)
+    if ratio_mode == "clip":
+        loss = -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    elif ratio_mode == "band":
+        keep = (ratio >= eps_low) & (ratio <= eps_high)
+        loss = -(ratio.detach() * keep) * adv * logp
+        clipped = ~keep
+    else:
+        raise ValueError(f"ratio_mode={ratio_mode!r}; expected 'clip' or 'band'")
+    frac = (clipped & mask).sum() / mask.sum().clamp(min=1)
+    return loss * mask, frac
+
+
+def aggregate(token_loss, mask, mode, num_seqs=None, num_tokens=None):
+    """
+    Reduce a per-token loss [R, L-1] to a scalar:
+      "token-mean":          sum_all L_t / (number of response tokens)       (DAPO; RL default)
+      "seq-mean-token-mean": mean over sequences of (1/|y|) sum_t L_t       (GRPO; the MOPD paper)
+      "seq-mean-token-sum":  mean over sequences of sum_t L_t / L_max       (Dr. GRPO, no length bias)
+    num_seqs / num_tokens are the whole batch's counts, so that micro-batches add up to the
+    loss of the whole batch.
+    """
+    num_seqs = num_seqs or token_loss.shape[0]
+    if mode == "token-mean":
+        return token_loss.sum() / (num_tokens or mask.sum().clamp(min=1))
+    if mode == "seq-mean-token-mean":
+        return (token_loss.sum(1) / mask.sum(1).clamp(min=1)).sum() / num_seqs
+    if mode == "seq-mean-token-sum":
+        return token_loss.sum() / (mask.shape[1] * num_seqs)
+    raise ValueError(f"loss_agg={mode!r}; expected token-mean, seq-mean-token-mean or seq-mean-token-sum")
+
+
+def pg_update(model, batch, adv_fn, cfg, micro_batch=64):
+    """
+    The policy-gradient update shared by RL and MOPD: for each micro-batch of rows, the
+    policy's log-probs, per-token advantages from adv_fn(rows, logp) (detached by us), the
+    surrogate loss, backward. The caller steps the optimiser.
+
+    batch: dict with tokens [R, L], mask [R, L-1] (response tokens), old_logp [R, L-1] (the
+    sampler's log-probs); optional ref_logp [R, L-1] for a k3 KL penalty (cfg.kl_coef).
+    cfg fields used: temperature, ratio_mode, eps_low, eps_high, loss_agg, kl_coef.
+    Returns a dict of metrics (means over the batch).
+    """
+    tokens, mask, old = batch["tokens"], batch["mask"], batch["old_logp"]
+    R = tokens.shape[0]
+    n_tok = mask.sum().clamp(min=1)
+    sums = dict(loss=0.0, clip_frac=0.0, ratio_mean=0.0, ratio_absdev=0.0, kl=0.0)
+    for s in range(0, R, micro_batch):
+        rows = slice(s, min(s + micro_batch, R))
+        m = mask[rows]
+        # drop right padding that no row of this micro-batch uses
+        width = int(m.any(0).nonzero().max()) + 2 if m.any() else 2
+        tok, m, o = tokens[rows, :width], m[:, :width - 1], old[rows, :width - 1]
+        logp = policy_logprobs(model, tok, m, cfg.temperature)
+        adv = adv_fn(rows, logp.detach(), width - 1)  # sg[...]: advantages carry no gradient
+        token_loss, frac = pg_token_loss(logp, o, adv.detach(), m, cfg.ratio_mode, cfg.eps_low, cfg.eps_high)
+        if cfg.kl_coef and "ref_logp" in batch:
+            kl = k3_kl(logp, batch["ref_logp"][rows, :width - 1]) * m
+            token_loss = token_loss + cfg.kl_coef * kl
+            sums["kl"] += kl.sum().item()
+        loss = aggregate(token_loss, m, cfg.loss_agg, num_seqs=R, num_tokens=n_tok)
+        loss.backward()
+        with torch.no_grad():
+            ratio = torch.exp(logp - o)[m]
+            sums["loss"] += loss.item()
+            sums["clip_frac"] += frac.item() * m.sum().item()
+            sums["ratio_mean"] += ratio.sum().item()
+            sums["ratio_absdev"] += (ratio - 1).abs().sum().item()
+    n = n_tok.item()
+    # ratio_mean is the training/sampling importance weight: exactly 1 only when the sampler
+    # and the trainer compute identical log-probs (it drifts with kernels, dtypes, MoE routing)
+    return dict(loss=sums["loss"], clip_frac=sums["clip_frac"] / n, ratio_mean=sums["ratio_mean"] / n,
+                ratio_absdev=sums["ratio_absdev"] / n, kl=sums["kl"] / n)
+
+
+# -----------------------------------------------------------------------------
+# the full-distribution forms (ablations): top-k (Eq. 5), exact reverse / forward KL, JSD
+
+def distill_update(model, tokens, mask, groups, teachers, cfg):
+    """
+    Backward of a divergence computed over the vocabulary rather than through the sampled token:
+      "topk" (paper Eq. 5, K_t = the teacher's top-k ids, no renormalisation):
+          loss_t = sum_{v in K_t} [ p_theta(v) log(p_theta(v) / p_T(v)) - p_theta(v) + p_T(v) ]
+      "reverse_kl": sum_v p_theta(v) log(p_theta(v) / p_T(v))   (the dense limit of both forms)
+      "forward_kl": sum_v p_T(v) log(p_T(v) / p_theta(v));  "jsd": generalised JSD (cfg.beta)
+    Teachers score each micro-batch just in time (top-k ids or hidden states, never logits),
+    then the loss is aggregated per sequence like the PG form. The caller steps the optimiser.
+    """
+    R = tokens.shape[0]
+    n_tok = mask.sum().clamp(min=1)
+    total = 0.0
+    for d, rows in groups.items():
+        for s in range(0, len(rows), cfg.micro_batch):
+            r = rows[s:s + cfg.micro_batch]
+            tok, m = tokens[r], mask[r]
+            hidden = model(tok[:, :-1], return_hidden=True)
+            if cfg.loss == "topk":
+                ids, t_lp = teachers.score(d, tok, m, "topk", cfg.temperature, k=cfg.topk)
+                per_tok = kernels.topk_kl(hidden, model.lm_head_weight, ids, t_lp, cfg.temperature, mask=m)
+            else:
+                th, tw = teachers.score(d, tok, m, "hidden", cfg.temperature)
+                kind = {"reverse_kl": "reverse", "forward_kl": "forward", "jsd": "jsd"}[cfg.loss]
+                per_tok = kernels.kl(hidden, model.lm_head_weight, th, tw, kind=kind, beta=cfg.beta,
+                                     temperature=cfg.temperature, mask=m)
+            loss = aggregate(per_tok * m, m, cfg.loss_agg, num_seqs=R, num_tokens=n_tok)
+            loss.backward()
+            total += loss.item()
+    return {"loss": total}

@@ -1,0 +1,134 @@
+"""
+The teachers of MOPD: one frozen checkpoint per domain, and how they score the student.
+
+- parse_registry: domain -> teacher directory, from `--teacher=rev=DIR,sort=DIR` items or a
+  JSON file {"rev": "DIR", ...}.
+- Teachers: loads each teacher lazily (on its first batch), frozen and in eval mode;
+  with offload=True it keeps a teacher in CPU memory and moves it to the compute device only
+  while it scores (at scale, three 30B teachers cannot all sit on a GPU beside the student).
+- validate(): before any training step, each teacher against the student: same vocabulary
+  and special tokens (not just the same length), same vocab/embedding size. MOPD's signal
+  log pi_T(y_t) - log pi_theta(y_t) compares two distributions over the *same* token ids;
+  a different tokenizer makes it silently meaningless.
+- score(): prefill only (teachers never generate), batched per teacher, keeping only what
+  the chosen loss needs: per-token log-probs of the student's tokens (PG form), or the
+  teacher's top-k ids and log-probs (Eq. 5), or its final hidden states (exact KL). Never
+  [tokens x vocab] logits: kernels.py computes all three from hidden states.
+"""
+
+import json
+import os
+
+import torch
+
+import kernels
+from model import Transformer
+
+# -----------------------------------------------------------------------------
+# registry
+
+def parse_registry(spec):
+    """'rev=DIR,sort=DIR' or a list of 'domain=DIR' items or 'FILE.json' -> {domain: dir}."""
+    items = spec if isinstance(spec, (list, tuple)) else [s for s in spec.split(",") if s]
+    if len(items) == 1 and items[0].endswith(".json"):
+        path = items[0]
+        try:
+            with open(path) as f:
+                reg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(reg, dict) or not all(isinstance(v, str) for v in reg.values()):
+            raise ValueError(f"{path}: expected a JSON object {{\"domain\": \"checkpoint dir\", ...}}")
+        return dict(reg)
+    reg = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"teacher {item!r}: expected DOMAIN=DIR")
+        d, path = item.split("=", 1)
+        if d in reg:
+            raise ValueError(f"teacher for domain {d!r} given twice")
+        reg[d] = path
+    if not reg:
+        raise ValueError("no teachers given (--teacher=DOMAIN=DIR,...)")
+    return reg
+
+
+def validate(student_tok, student_model, teacher_dir, domain):
+    """One clear error if the teacher cannot score the student's tokens."""
+    from transformers import AutoTokenizer
+
+    from model import ModelConfig
+    where = f"teacher {domain!r} ({teacher_dir}) vs the student ({student_model.source_dir})"
+    if not os.path.isdir(teacher_dir):
+        raise ValueError(f"teacher {domain!r}: {teacher_dir}: no such checkpoint directory")
+    tcfg = ModelConfig.from_hf(teacher_dir)
+    if tcfg.vocab_size != student_model.config.vocab_size:
+        raise ValueError(f"{where}: vocab/embedding size {tcfg.vocab_size} != {student_model.config.vocab_size}")
+    ttok = AutoTokenizer.from_pretrained(teacher_dir)
+    if ttok.get_vocab() != student_tok.get_vocab():
+        a, b = ttok.get_vocab(), student_tok.get_vocab()
+        diff = sorted(set(a.items()) ^ set(b.items()))[:3]
+        raise ValueError(f"{where}: tokenizers differ ({len(a)} vs {len(b)} tokens; e.g. {diff})")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        if getattr(ttok, name) != getattr(student_tok, name):
+            raise ValueError(f"{where}: {name} {getattr(ttok, name)} != {getattr(student_tok, name)}")
+    if sorted(ttok.all_special_tokens) != sorted(student_tok.all_special_tokens):
+        raise ValueError(f"{where}: special tokens differ: {ttok.all_special_tokens} vs {student_tok.all_special_tokens}")
+
+# -----------------------------------------------------------------------------
+# the pool of teachers
+
+class Teachers:
+    """domain -> frozen teacher, loaded on first use."""
+
+    def __init__(self, registry, device="cpu", dtype=torch.float32, offload=False):
+        self.registry, self.device, self.dtype, self.offload = dict(registry), device, dtype, offload
+        self.models = {}
+
+    def check_domains(self, domains):
+        missing = [d for d in domains if d not in self.registry]
+        if missing:
+            raise ValueError(f"no teacher for domain(s) {missing}; teachers exist for {sorted(self.registry)}")
+
+    def get(self, domain):
+        self.check_domains([domain])
+        if domain not in self.models:
+            m = Transformer.from_pretrained(self.registry[domain], dtype=self.dtype,
+                                            device="cpu" if self.offload else self.device)
+            m.requires_grad_(False)
+            self.models[domain] = m.eval()
+        return self.models[domain]
+
+    @torch.no_grad()
+    def score(self, domain, tokens, mask, what="logprobs", temperature=1.0, k=64):
+        """
+        Prefill the teacher of `domain` on the student's sequences tokens [R, L] and return,
+        aligned with tokens[:, 1:] and zero where `mask` [R, L-1] is False:
+          "logprobs": log pi_T(y_t | x, y_<t)                    [R, L-1]
+          "topk":     (ids [R, L-1, k], log-probs [R, L-1, k])   over the full vocabulary
+          "hidden":   (final hidden states [R, L-1, H_T], lm_head weight [V, H_T])
+        """
+        m = self.get(domain)
+        if self.offload:
+            m.to(self.device)
+        try:
+            hidden = m(tokens[:, :-1], return_hidden=True)
+            W = m.lm_head_weight
+            if what == "logprobs":
+                return kernels.token_logprobs(hidden, W, tokens[:, 1:], temperature=temperature, mask=mask)
+            if what == "topk":
+                return kernels.teacher_topk(hidden, W, k=k, temperature=temperature, mask=mask)
+            if what == "hidden":
+                return hidden * mask[..., None], (W.clone() if self.offload else W)
+            raise ValueError(f"score: what={what!r}; expected logprobs, topk or hidden")
+        finally:
+            if self.offload:
+                m.to("cpu")
+
+
+def route(row_domains):
+    """{domain: [row indices]}: each row goes to its own domain's teacher, and only there."""
+    out = {}
+    for r, d in enumerate(row_domains):
+        out.setdefault(d, []).append(r)
+    return out

@@ -1,0 +1,176 @@
+"""MOPD: the objective's forms, teacher routing/validation, and train_mopd.py end to end."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import mopd
+from mopd import aggregate, mopd_advantage, pg_token_loss
+
+
+def test_mopd_advantage_hand_case():
+    t = torch.tensor([[-1.0, -9.0, -0.1]])
+    s = torch.tensor([[-2.0, -1.0, -8.0]])
+    a, hit = mopd_advantage(t, s, clip=5.0)
+    assert a.tolist() == [[1.0, -5.0, 5.0]] and hit.tolist() == [[False, True, True]]
+
+
+def test_pg_expected_gradient_is_reverse_kl_gradient():
+    """E_{y~pi}[ grad of -A(y) log pi(y) ], A = log pi_T(y) - sg[log pi(y)], = grad KL(pi || pi_T)."""
+    torch.manual_seed(0)
+    V, N = 6, 200_000
+    z = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    log_t = torch.log_softmax(torch.randn(V, dtype=torch.float64), -1)
+    exact = torch.autograd.grad((torch.softmax(z, -1) * (torch.log_softmax(z, -1) - log_t)).sum(), z)[0]
+    y = torch.multinomial(torch.softmax(z, -1).detach(), N, replacement=True)
+    logp = torch.log_softmax(z, -1)[y].view(N, 1)
+    mask = torch.ones(N, 1, dtype=torch.bool)
+    adv, _ = mopd_advantage(log_t[y].view(N, 1), logp, clip=50.0)
+    loss, _ = pg_token_loss(logp, logp.detach(), adv, mask, "band", 0.5, 2.0)
+    est = torch.autograd.grad(aggregate(loss, mask, "seq-mean-token-mean"), z)[0]
+    assert torch.allclose(est, exact, atol=0.03), (est, exact)
+    # and it is not the forward-KL gradient (the direction matters)
+    fwd = torch.autograd.grad((log_t.exp() * (log_t - torch.log_softmax(z, -1))).sum(), z)[0]
+    assert (est - fwd).abs().max() > 0.1
+
+
+def test_distill_forms_hand_case():
+    """Eq. 5 and the exact reverse KL on a 3-token vocabulary, computed by hand."""
+    import kernels
+    ps = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    pt = torch.tensor([0.2, 0.7, 0.1], dtype=torch.float64)
+    # hidden = log p, weight = identity: logits = log p, so softmax(logits) = p exactly
+    h, W = ps.log().view(1, 1, 3), torch.eye(3, dtype=torch.float64)
+    rev = kernels.kl(h, W, pt.log().view(1, 1, 3), W, kind="reverse").item()
+    assert rev == pytest.approx(sum(ps[i] * (ps[i] / pt[i]).log() for i in range(3)).item(), rel=1e-9)
+    ids, lp = kernels.teacher_topk(pt.log().view(1, 1, 3), W, k=2)
+    assert ids[0, 0].tolist() == [1, 0]
+    eq5 = kernels.topk_kl(h, W, ids, lp).item()
+    by_hand = sum(ps[v] * (ps[v] / pt[v]).log() - ps[v] + pt[v] for v in (1, 0)).item()
+    assert eq5 == pytest.approx(by_hand, rel=1e-9)
+
+
+# ---- teachers ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A tiny S0 and two 'teachers' (S0 with perturbed weights) for domains rev and sort."""
+    import train_sft
+    from model import Transformer
+    root = tmp_path_factory.mktemp("mopd")
+    base = str(root / "base")
+    train_sft.main(["--preset=tiny", f"--out_dir={base}", "--domains=rev,sort", "--steps=10"])
+    out = {"base": base}
+    for i, d in enumerate(("rev", "sort")):
+        m = Transformer.from_pretrained(base)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        out[d] = m.save_pretrained(root / f"teacher_{d}")
+    return out
+
+
+def test_routing_sends_each_prompt_to_its_own_teacher(toy, monkeypatch):
+    import train_mopd
+    from teachers import Teachers
+    calls = []
+    real = Teachers.score
+
+    def spy(self, domain, tokens, mask, what="logprobs", *a, **k):
+        calls.append((domain, what, tokens.clone()))
+        return real(self, domain, tokens, mask, what, *a, **k)
+    monkeypatch.setattr(Teachers, "score", spy)
+    seen = []
+    real_route = train_mopd.route
+
+    def route_spy(row_dom):
+        seen.append(list(row_dom))
+        return real_route(row_dom)
+    monkeypatch.setattr(train_mopd, "route", route_spy)
+    train_mopd.main(["--preset=tiny", f"--init={toy['base']}", f"--out_dir={toy['base']}_route", "--steps=1",
+                     "--domains=rev,sort", f"--teacher=rev={toy['rev']},sort={toy['sort']}", "--eval_every=100"])
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(toy["base"])
+    scored = [(d, t) for d, w, t in calls if w == "logprobs"]
+    assert {d for d, _ in scored} == {"rev", "sort"}
+    for d, t in scored:  # every row a teacher scored is a prompt of that teacher's domain
+        for row in t:
+            assert tok.decode(row, skip_special_tokens=True).startswith(d + " ")
+    assert sum(len(t) for _, t in scored) == len(seen[0])  # each row scored exactly once
+
+
+def test_teacher_score_matches_its_own_model(toy):
+    import kernels
+    from model import Transformer
+    from teachers import Teachers
+    T = Teachers({"rev": toy["rev"]}, offload=True)
+    tokens = torch.randint(3, 40, (3, 9))
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[0, :4] = False
+    m = Transformer.from_pretrained(toy["rev"])
+    with torch.no_grad():
+        ref = kernels.token_logprobs_ref(m(tokens[:, :-1], return_hidden=True), m.lm_head_weight, tokens[:, 1:],
+                                         mask=mask)
+    got = T.score("rev", tokens, mask)
+    assert torch.allclose(got, ref, atol=1e-5) and (got[0, :4] == 0).all()
+    ids, lp = T.score("rev", tokens, mask, "topk", k=5)
+    assert ids.shape == (3, 8, 5) and (lp[mask] <= 0).all()
+    assert all(not p.requires_grad for p in T.get("rev").parameters())
+
+
+def test_vocab_mismatch_and_unknown_domain_errors(toy, tmp_path):
+    import train_mopd
+    from teachers import Teachers
+    bad = str(tmp_path / "bad_tok")
+    shutil.copytree(toy["rev"], bad)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # same vocab, another eos
+        cfg = json.load(open(os.path.join(bad, name)))
+        cfg["eos_token"] = "<pad>"
+        json.dump(cfg, open(os.path.join(bad, name), "w"))
+    common = ["--preset=tiny", f"--init={toy['base']}", f"--out_dir={tmp_path}/o", "--domains=rev,sort"]
+    with pytest.raises(ValueError, match=r"teacher 'rev' \(.*bad_tok\) vs the student .*eos_token_id 0 != 2"):
+        train_mopd.main(common + [f"--teacher=rev={bad},sort={toy['sort']}"])
+    tj = json.load(open(os.path.join(toy["rev"], "tokenizer.json")))
+    tj["model"]["vocab"]["@"] = tj["model"]["vocab"].pop("+")
+    bad2 = str(tmp_path / "bad_vocab")
+    shutil.copytree(toy["rev"], bad2)
+    json.dump(tj, open(os.path.join(bad2, "tokenizer.json"), "w"))
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        train_mopd.main(common + [f"--teacher=rev={bad2},sort={toy['sort']}"])
+    with pytest.raises(ValueError, match=r"no teacher for domain\(s\) \['sort'\]; teachers exist for \['rev'\]"):
+        train_mopd.main(common + [f"--teacher=rev={toy['rev']}"])
+    with pytest.raises(ValueError, match=r"no teacher for domain\(s\) \['max'\]"):
+        Teachers({"rev": toy["rev"]}).score("max", torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("loss", ["pg", "topk", "reverse_kl", "jsd"])
+def test_train_mopd_runs_three_steps(toy, tmp_path, loss):
+    import train_mopd
+    out = str(tmp_path / "s")
+    train_mopd.main(["--preset=tiny", f"--init={toy['base']}", f"--out_dir={out}", "--domains=rev,sort",
+                     f"--teacher=rev={toy['rev']},sort={toy['sort']}", f"--loss={loss}", "--topk=8"])
+    rows = [json.loads(l) for l in open(out + ".log/metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for d, m in r["by_domain"].items():
+            assert m["kl_exact"] >= 0 and "kl_est" in m and 0 <= m["reward"] <= 1
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_orm_mixing_and_resume_bit_identical(toy, tmp_path):
+    import train_mopd
+    from model import Transformer
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--preset=tiny", f"--init={toy['base']}", "--domains=rev,sort", "--n=2", "--orm_alpha=0.5",
+              f"--teacher=rev={toy['rev']},sort={toy['sort']}"]
+    train_mopd.main(common + [f"--out_dir={a}", "--steps=4"])
+    train_mopd.main(common + [f"--out_dir={b}", "--steps=2"])
+    train_mopd.main(common + [f"--out_dir={b}", "--steps=4", "--resume=true"])
+    wa, wb = Transformer.from_pretrained(a).state_dict(), Transformer.from_pretrained(b).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(SystemExit, match="needs --n > 1"):
+        train_mopd.main(["--orm_alpha=0.5", "--n=1"])

@@ -1,0 +1,126 @@
+"""The shared policy-gradient update (mopd.py) and train_teacher_rl.py end to end."""
+import json
+import os
+
+import pytest
+import torch
+
+from mopd import aggregate, group_advantages, k3_kl, pg_token_loss
+
+
+def test_group_advantages():
+    r = [1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1]  # 3 groups of 4
+    a = group_advantages(r, 4)
+    g0 = torch.tensor([1., 0, 0, 1])
+    assert torch.allclose(a[:4], (g0 - 0.5) / (g0.std() + 1e-6))
+    assert torch.equal(a[4:8], torch.zeros(4))  # all-equal group: zero signal, row kept
+    assert torch.allclose(group_advantages(r, 4, std_norm=False)[8:], torch.tensor([-.25, -.25, -.25, .75]))
+
+
+def _one_token(z, y):
+    return torch.log_softmax(z, -1)[y]
+
+
+def test_pg_gradient_on_policy_is_reinforce():
+    """ratio == 1: grad of the surrogate is -A * grad log pi(y) = -A * (onehot(y) - softmax(z))."""
+    z = torch.tensor([0.3, -1.2, 0.8, 0.1], requires_grad=True)
+    y, A = 2, 1.7
+    logp = _one_token(z, y).view(1, 1)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    for mode, lo, hi in (("clip", 0.2, 0.28), ("band", 0.5, 2.0)):
+        z.grad = None
+        loss, frac = pg_token_loss(logp, logp.detach(), torch.tensor([[A]]), mask, mode, lo, hi)
+        loss.sum().backward(retain_graph=True)
+        expected = -A * (torch.nn.functional.one_hot(torch.tensor(y), 4) - torch.softmax(z.detach(), -1))
+        assert torch.allclose(z.grad, expected, atol=1e-6), mode
+        assert frac.item() == 0
+
+
+def test_pg_clip_and_band_cut_the_gradient():
+    z = torch.tensor([0.3, -1.2, 0.8, 0.1], requires_grad=True)
+    logp = _one_token(z, 2).view(1, 1)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    old = logp.detach() - 0.5  # ratio = e^0.5 = 1.65: above 1 + eps_high, inside the (0.5, 2) band
+    loss, frac = pg_token_loss(logp, old, torch.tensor([[1.0]]), mask, "clip", 0.2, 0.28)
+    loss.sum().backward()
+    assert z.grad.abs().max() == 0 and frac.item() == 1  # clipped: A > 0 and ratio > 1 + eps_high
+    z.grad = None
+    loss, frac = pg_token_loss(logp, old, torch.tensor([[1.0]]), mask, "band", 0.5, 2.0)
+    loss.sum().backward()
+    ratio = torch.exp(torch.tensor(0.5))
+    expected = -ratio * (torch.nn.functional.one_hot(torch.tensor(2), 4) - torch.softmax(z.detach(), -1))
+    assert torch.allclose(z.grad, expected, atol=1e-6) and frac.item() == 0  # w = sg[ratio] inside the band
+    z.grad = None
+    loss, frac = pg_token_loss(logp, logp.detach() - 1.0, torch.tensor([[1.0]]), mask, "band", 0.5, 2.0)
+    loss.sum().backward()
+    assert z.grad.abs().max() == 0 and frac.item() == 1  # ratio e^1 = 2.7 outside the band: dropped
+
+
+def test_aggregation_modes():
+    loss = torch.tensor([[1., 2., 3., 0.], [4., 0., 0., 0.]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    assert aggregate(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
+    assert aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate(loss, mask, "seq-mean-token-sum").item() == pytest.approx(10 / (4 * 2))
+    with pytest.raises(ValueError, match="loss_agg='nope'"):
+        aggregate(loss, mask, "nope")
+
+
+def test_k3_is_nonnegative_and_zero_on_equal():
+    a, b = torch.randn(100), torch.randn(100)
+    assert (k3_kl(a, b) >= 0).all() and torch.equal(k3_kl(a, a), torch.zeros(100))
+
+
+# ---- the script, end to end on a tiny S0 --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    import train_sft
+    out = str(tmp_path_factory.mktemp("rl") / "base")
+    train_sft.main(["--preset=tiny", f"--out_dir={out}", "--domains=rev,sort", "--steps=10"])
+    return out
+
+
+def _weights(d):
+    from model import Transformer
+    return Transformer.from_pretrained(d).state_dict()
+
+
+def test_rl_runs_and_logs(tiny_base, tmp_path):
+    import train_teacher_rl
+    out = str(tmp_path / "t")
+    train_teacher_rl.main(["--preset=tiny", f"--init={tiny_base}", f"--out_dir={out}", "--domains=rev,sort",
+                           "--kl_coef=0.01"])
+    rows = [json.loads(l) for l in open(out + ".log/metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert set(rows[-1]["eval"]) == {"rev", "sort"}
+    # sampler and trainer compute the same log-probs: the importance weight is 1
+    assert all(abs(r["ratio_mean"] - 1) < 1e-4 for r in rows)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoTokenizer.from_pretrained(out)
+    AutoModelForCausalLM.from_pretrained(out)  # the teacher is an ordinary HF directory
+
+
+def test_rl_resume_is_bit_identical(tiny_base, tmp_path):
+    import train_teacher_rl
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--preset=tiny", f"--init={tiny_base}", "--domains=rev"]
+    train_teacher_rl.main(common + [f"--out_dir={a}", "--steps=4"])
+    train_teacher_rl.main(common + [f"--out_dir={b}", "--steps=2"])  # "killed" after step 2
+    train_teacher_rl.main(common + [f"--out_dir={b}", "--steps=4", "--resume=true"])
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = [json.loads(l) for l in open(a + ".log/metrics.jsonl")]
+    lb = [json.loads(l) for l in open(b + ".log/metrics.jsonl")]
+    assert [r["step"] for r in lb] == [1, 2, 3, 4]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def test_bad_config_is_a_clear_error(tiny_base):
+    import train_teacher_rl
+    with pytest.raises(SystemExit, match="--stepz: unknown config key"):
+        train_teacher_rl.main(["--stepz=3"])
+    with pytest.raises(SystemExit, match="--steps=abc: expected a value of type int"):
+        train_teacher_rl.main(["--steps=abc"])
+    with pytest.raises(ValueError, match="unknown toy domain 'nope'"):
+        train_teacher_rl.main([f"--init={tiny_base}", "--domains=nope"])

@@ -1,0 +1,184 @@
+"""
+Stage 3: MOPD, Multi-Teacher On-Policy Distillation. The main script of this project.
+
+Each step:
+  1. sample prompts by the domain mixture; each carries its domain label d(x)
+  2. the student samples its own responses y ~ pi_theta(.|x)   (on-policy: rollout.generate)
+  3. route each response to the teacher of d(x), and only to it   (teachers.route)
+  4. that teacher scores the student's tokens, a prefill, never generation (teachers.score)
+  5. update the student with the dense per-token signal           (mopd.py)
+The default objective is the paper's policy-gradient form of the reverse KL:
+      A_t  = clip( sg[ log pi_T(y_t) - log pi_theta(y_t) ], -5, 5 )  (+ alpha * A_ORM)
+      loss = - mean_seq (1/|y|) sum_t w_t A_t log pi_theta(y_t)
+through the same update as RL (mopd.pg_update); --loss=topk|reverse_kl|forward_kl|jsd give
+Eq. 5 and the exact full-vocabulary divergences (mopd.distill_update) for ablations.
+
+    python train_mopd.py --preset=toy --teacher=rev=out/toy/teacher_rev,sort=out/toy/teacher_sort,...
+    torchrun --nproc_per_node=8 train_mopd.py ...   (multi-GPU: see the scale notes in README)
+"""
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+import mopd
+from rollout import generate
+from tasks import get_domains
+from teachers import Teachers, parse_registry, route, validate
+from train_utils import (decode, encode_prompt, load_for_training, parse_config, parse_weights, print_config,
+                         sample_examples, set_seed, step_seed, stop_ids, train_loop)
+
+
+@dataclass
+class Config:
+    init: str = "out/toy/base"     # the student's starting checkpoint (S0)
+    out_dir: str = "out/toy/mopd"
+    domains: str = "rev,sort,uniq"
+    domain_weights: str = ""       # e.g. "0.35,0.35,0.3" (the paper's mix); default uniform
+    data_dir: str = ""
+    teacher: str = ""              # "rev=DIR,sort=DIR,..." or a JSON file {"rev": "DIR", ...}
+    teacher_offload: bool = False  # keep teachers in CPU memory, on the device only while scoring
+    # rollouts
+    steps: int = 100
+    prompts_per_step: int = 64
+    n: int = 1                     # rollouts per prompt (the paper: 1; ORM mixing needs > 1)
+    max_new_tokens: int = 12
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # objective
+    loss: str = "pg"               # pg | topk | reverse_kl | forward_kl | jsd
+    adv_clip: float = 5.0          # |A_t| <= adv_clip (PG form)
+    ratio_mode: str = "band"       # band: MiMo's w_t = sg[pi/mu] inside [eps_low, eps_high], else 0
+    eps_low: float = 0.5
+    eps_high: float = 2.0
+    orm_alpha: float = 0.0         # A_t += alpha * A_ORM (GRPO outcome advantage; needs n > 1)
+    std_norm: bool = True
+    topk: int = 64                 # k of Eq. 5
+    beta: float = 0.5              # jsd mixture (0 = forward KL, 1 = reverse KL)
+    loss_agg: str = "seq-mean-token-mean"  # the paper's per-sequence then batch mean; or token-mean
+    kl_coef: float = 0.0           # (unused by MOPD; pg_update reads it)
+    exact_kl_rows: int = 8         # rows per step on which the exact full-vocab KL is logged (0 = off)
+    # optimisation
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch: int = 256
+    # bookkeeping
+    eval_every: int = 25
+    eval_limit: int = 200
+    ckpt_every: int = 25
+    resume: bool = False
+    seed: int = 0
+    device: str = "cpu"
+
+
+PRESETS = {
+    "toy": {},
+    "tiny": dict(steps=3, prompts_per_step=8, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1,
+                 exact_kl_rows=4),
+}
+LOSSES = ("pg", "topk", "reverse_kl", "forward_kl", "jsd")
+
+
+def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
+    rng = random.Random(step_seed(cfg.seed, step))
+    exs = sample_examples(domains, weights, cfg.prompts_per_step, rng)
+    model.eval()
+    t0 = time.time()
+    roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
+                    temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
+                    n=cfg.n, seed=step_seed(cfg.seed, step), pad_id=tok.pad_token_id or 0)
+    t_sample = time.time() - t0
+    rows_ex = [exs[i] for i in roll.prompt_index]
+    row_dom = [e.domain for e in rows_ex]
+    by_name = {d.name: d for d in domains}
+    rewards = [by_name[e.domain].reward(decode(tok, ids), e) for ids, e in zip(roll.response_ids, rows_ex)]
+    tokens, mask, mu = roll.tokens, roll.response_mask[:, 1:], roll.logprobs[:, 1:]
+    groups = route(row_dom)
+
+    # the teacher's log-prob of every sampled token: the PG signal, and the sampled KL estimate
+    t0 = time.time()
+    t_logp = torch.zeros_like(mu)
+    for d, rows in groups.items():
+        t_logp[rows] = teachers.score(d, tokens[rows], mask[rows], "logprobs", cfg.temperature)
+    t_score = time.time() - t0
+
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    if cfg.loss == "pg":
+        a_orm = None
+        if cfg.orm_alpha:
+            a_orm = mopd.group_advantages(rewards, cfg.n, cfg.std_norm).to(mu.device)
+        clip_hits = []
+
+        def adv_fn(r, logp, w):
+            a, hit = mopd.mopd_advantage(t_logp[r, :w], logp, cfg.adv_clip)
+            clip_hits.append((hit & mask[r, :w]).sum().item())
+            return a if a_orm is None else a + cfg.orm_alpha * a_orm[r, None]
+        batch = {"tokens": tokens, "mask": mask, "old_logp": mu}
+        m = mopd.pg_update(model, batch, adv_fn, cfg, cfg.micro_batch)
+        m = {**m, "adv_clip_frac": sum(clip_hits) / max(1, mask.sum().item()), "band_drop_frac": m.pop("clip_frac")}
+    else:
+        m = mopd.distill_update(model, tokens, mask, groups, teachers, cfg)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    opt.step()
+
+    # per-domain metrics: sampled reverse-KL estimate E[log mu - log pi_T], exact KL on a few rows
+    per = {}
+    for d, rows in groups.items():
+        mk = mask[rows]
+        per[d] = {"kl_est": ((mu[rows] - t_logp[rows]) * mk).sum().item() / max(1, mk.sum().item()),
+                  "reward": sum(rewards[r] for r in rows) / len(rows),
+                  "response_len": roll.response_lens[rows].float().mean().item()}
+        if cfg.exact_kl_rows:
+            sub = rows[:cfg.exact_kl_rows]
+            per[d]["kl_exact"] = exact_reverse_kl(model, teachers, d, tokens[sub], mask[sub], cfg.temperature)
+    n_tok = int(roll.response_lens.sum())
+    return {**m, "grad_norm": gnorm, "reward": sum(rewards) / len(rewards),
+            "kl_est": ((mu - t_logp) * mask).sum().item() / max(1, mask.sum().item()),
+            "by_domain": per, "samples": (step + 1) * len(rewards), "response_len": n_tok / len(rewards),
+            "tokens_per_s": n_tok / (time.time() - t0 + t_sample + t_score), "sample_s": t_sample,
+            "score_s": t_score}
+
+
+@torch.no_grad()
+def exact_reverse_kl(model, teachers, domain, tokens, mask, temperature):
+    """Mean over response tokens of the exact KL(pi_theta || pi_T) over the full vocabulary."""
+    was = model.training
+    model.eval()
+    h = model(tokens[:, :-1], return_hidden=True)
+    th, tw = teachers.score(domain, tokens, mask, "hidden", temperature)
+    k = kernels.kl(h, model.lm_head_weight, th, tw, kind="reverse", temperature=temperature, mask=mask)
+    model.train(was)
+    return k.sum().item() / max(1, mask.sum().item())
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, PRESETS)
+    print_config(cfg)
+    if cfg.loss not in LOSSES:
+        raise SystemExit(f"error: --loss={cfg.loss}: expected one of {', '.join(LOSSES)}")
+    if cfg.orm_alpha and cfg.n < 2:
+        raise SystemExit(f"error: --orm_alpha={cfg.orm_alpha} needs --n > 1 (GRPO group advantages)")
+    set_seed(cfg.seed)
+    domains = get_domains(cfg.domains, cfg.data_dir or None)
+    weights = parse_weights(cfg.domain_weights, domains)
+    tok, model, opt, start, src = load_for_training(cfg)
+    try:
+        registry = parse_registry(cfg.teacher)
+    except ValueError as e:
+        raise SystemExit(f"error: --teacher: {e}")
+    teachers = Teachers(registry, device=cfg.device, offload=cfg.teacher_offload)
+    teachers.check_domains([d.name for d in domains])
+    for d in domains:  # before any step: every teacher must share the student's tokenizer
+        validate(tok, model, registry[d.name], d.name)
+    train_loop(cfg, model, opt, tok, domains,
+               lambda step: mopd_step(model, opt, tok, domains, weights, teachers, cfg, step),
+               start, src, desc="mopd", postfix=("reward", "kl_est"))
+
+
+if __name__ == "__main__":
+    main()

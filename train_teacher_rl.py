@@ -1,0 +1,126 @@
+"""
+Stage 2 of MOPD: RL on verifiable rewards, one domain -> one teacher. With several
+domains (--domains=rev,sort,sum) the same script is the Mix-RL baseline (one run on the
+pooled data, each prompt scored by its own domain's reward); run it domain after domain,
+each from the previous result, and it is the Cascade-RL baseline.
+
+GRPO "in quotes", with the simplifications stated:
+- n samples per prompt from rollout.generate; advantage = the reward normalised within its
+  group (mopd.group_advantages; --std_norm=false for Dr. GRPO's mean-only version).
+- One optimiser step per batch by default, so the "old" policy is the sampler mu itself and
+  ratio = pi_theta / mu is 1 up to sampler/trainer numerics (logged every step as
+  ratio_mean / ratio_absdev; it is what the clip guards against).
+- Clipped ratio with separate low/high clip (DAPO's clip-higher), token-level loss
+  aggregation (DAPO) by default, optional k3 KL to the frozen initial model.
+- The update itself is mopd.pg_update, the same function MOPD uses.
+
+    python train_teacher_rl.py --preset=toy --domains=rev --out_dir=out/toy/teacher_rev
+    python train_teacher_rl.py --preset=toy --domains=rev,sort,sum --out_dir=out/toy/mixrl   # Mix-RL
+Every step appends a JSONL row to OUT_DIR.log/metrics.jsonl; --resume=true continues from the
+checkpoint in OUT_DIR bit for bit.
+"""
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import Transformer
+from mopd import group_advantages, pg_update, policy_logprobs
+from rollout import generate
+from tasks import get_domains
+from train_utils import (decode, encode_prompt, load_for_training, parse_config, parse_weights, print_config,
+                         sample_examples, set_seed, step_seed, stop_ids, train_loop)
+
+
+@dataclass
+class Config:
+    init: str = "out/toy/base"     # the starting checkpoint (S0), an HF directory
+    out_dir: str = "out/toy/teacher"
+    domains: str = "rev"           # one domain -> a teacher; several -> Mix-RL
+    domain_weights: str = ""       # mixing weights, e.g. "0.35,0.35,0.3" (default uniform)
+    data_dir: str = ""             # where relative JSONL paths of real domains live
+    # rollouts
+    steps: int = 100
+    prompts_per_step: int = 16
+    n: int = 8                     # samples per prompt (the GRPO group)
+    max_new_tokens: int = 12
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # objective
+    ratio_mode: str = "clip"       # clip (PPO/GRPO) | band (MiMo's masked importance weight)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    loss_agg: str = "token-mean"   # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    std_norm: bool = True
+    kl_coef: float = 0.0           # k3 KL to the initial model; 0 = no reference model
+    # optimisation
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch: int = 256
+    # bookkeeping
+    eval_every: int = 25
+    eval_limit: int = 200
+    ckpt_every: int = 25
+    resume: bool = False
+    seed: int = 0
+    device: str = "cpu"
+
+
+PRESETS = {
+    "toy": {},
+    "tiny": dict(steps=3, prompts_per_step=4, n=4, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1),
+}
+
+
+def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
+    """Sample a batch, score it with each prompt's domain reward, one policy-gradient update."""
+    rng = random.Random(step_seed(cfg.seed, step))
+    exs = sample_examples(domains, weights, cfg.prompts_per_step, rng)
+    model.eval()
+    t0 = time.time()
+    roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
+                    temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
+                    n=cfg.n, seed=step_seed(cfg.seed, step), pad_id=tok.pad_token_id or 0)
+    t_sample = time.time() - t0
+    by_name = {d.name: d for d in domains}
+    rows = [exs[i] for i in roll.prompt_index]
+    rewards = [by_name[e.domain].reward(decode(tok, ids), e) for ids, e in zip(roll.response_ids, rows)]
+    adv = group_advantages(rewards, cfg.n, cfg.std_norm).to(roll.tokens.device)
+    batch = {"tokens": roll.tokens, "mask": roll.response_mask[:, 1:], "old_logp": roll.logprobs[:, 1:]}
+    if ref is not None:
+        with torch.no_grad():
+            batch["ref_logp"] = policy_logprobs(ref, roll.tokens, batch["mask"], cfg.temperature)
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    # one advantage per sequence, broadcast over its tokens
+    m = pg_update(model, batch, lambda r, logp, w: adv[r, None].expand(-1, w), cfg, cfg.micro_batch)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    opt.step()
+    n_tok = int(roll.response_lens.sum())
+    per_domain = {}
+    for d in domains:
+        rs = [r for r, e in zip(rewards, rows) if e.domain == d.name]
+        if rs:
+            per_domain[d.name] = sum(rs) / len(rs)
+    return {**m, "reward": sum(rewards) / len(rewards), "reward_by_domain": per_domain, "grad_norm": gnorm,
+            "response_len": n_tok / len(rewards), "tokens_per_s": n_tok / (time.time() - t0),
+            "sample_s": t_sample, "step_s": time.time() - t0}
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, PRESETS)
+    print_config(cfg)
+    set_seed(cfg.seed)
+    domains = get_domains(cfg.domains, cfg.data_dir or None)
+    weights = parse_weights(cfg.domain_weights, domains)
+    tok, model, opt, start, src = load_for_training(cfg)
+    ref = Transformer.from_pretrained(cfg.init, dtype=torch.float32, device=cfg.device) if cfg.kl_coef else None
+    train_loop(cfg, model, opt, tok, domains, lambda step: rl_step(model, opt, tok, domains, weights, cfg, step, ref),
+               start, src, desc="rl", postfix=("reward", "ratio_mean"))
+
+
+if __name__ == "__main__":
+    main()
