@@ -23,7 +23,8 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -182,17 +183,22 @@ def rope_inv_freq(cfg):
 
 
 def rope_cos_sin(inv_freq, positions, dtype):
-    """cos/sin for per-row positions [B, T] -> [B, T, head_dim], computed in fp32."""
+    """
+    cos/sin for per-row positions [B, T] -> [B, T, 1, head_dim] (broadcast over heads),
+    computed in fp32. The first half of sin is negated: rotate_half(x) * sin becomes
+    cat(x2, x1) * sin, one op fewer per call (negation is exact, so the values are HF's).
+    """
     freqs = positions[..., None].float() * inv_freq  # [B, T, d/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]
+    sin = emb.sin()
+    sin[..., : freqs.shape[-1]].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, H, T, d]. Rotates the two halves of each head (HF's rotate_half layout)."""
+    """x: [B, T, H, d]. Rotates the two halves of each head (HF's rotate_half layout)."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)
 
 # -----------------------------------------------------------------------------
 # Layers
@@ -204,10 +210,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # in fp32, then cast back before the weight (the order transformers uses)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # in fp32, then cast back before the weight (the order transformers uses); F.rms_norm
+        # is one kernel instead of five, and in fp32 the weight can go in the same call
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -222,25 +229,31 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.fused_qkv = None  # (weight, bias) snapshot, set only by Transformer.fused_projections
 
     def forward(self, x, cos, sin, cache=None, layer=0, positions=None, mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        if self.fused_qkv is not None:  # inside Transformer.fused_projections(): one matmul
+            qkv = F.linear(x, *self.fused_qkv).view(B, T, self.nh + 2 * self.nkv, self.hd)
+            q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=2)
+        else:
+            q = self.q_proj(x).view(B, T, self.nh, self.hd)
+            k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+            v = self.v_proj(x).view(B, T, self.nkv, self.hd)
         if hasattr(self, "q_norm"):  # Qwen3: per-head norm *before* RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, T, H, d]
         if cache is not None:
             # write this step's keys/values at each row's own positions, attend to the cache
-            k, v = cache.update(layer, k, v, positions)
-            y = sdpa(q, k, v, mask=mask)
-        elif flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                causal=True).transpose(1, 2)
+            k, v = cache.update(layer, k, v, positions)  # [B, nkv, used, d]
+            y = cached_attention(q.transpose(1, 2), k, v, mask)
         else:
-            y = sdpa(q, k, v, causal=True)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
+            if flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+                y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                    causal=True).transpose(1, 2)
+            else:
+                y = sdpa(q, k, v, causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -252,6 +265,22 @@ def sdpa(q, k, v, mask=None, causal=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
 
 
+def cached_attention(q, k, v, mask):
+    """
+    q [B, nh, T, d] against the cache's k, v [B, nkv, S, d] under a boolean mask [B, 1, T, S].
+    GQA without copying the cache: the rep = nh / nkv query heads that share a KV head are
+    folded into the query length ([B, nkv, rep*T, d]), so K/V are read in place; repeating
+    them would copy the whole cache every decode step.
+    """
+    B, nh, T, d = q.shape
+    rep = nh // k.shape[1]
+    if rep > 1:
+        q = q.reshape(B, k.shape[1], rep * T, d)  # query row r*T + t is (head r of the group, t)
+        mask = mask.repeat(1, 1, rep, 1) if T > 1 else mask
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.view(B, nh, T, d)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
     def __init__(self, dim, hidden):
@@ -259,8 +288,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.fused_gate_up = None  # snapshot, set only by Transformer.fused_projections
 
     def forward(self, x):
+        if self.fused_gate_up is not None:  # one matmul for gate and up
+            gate, up = F.linear(x, self.fused_gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -347,9 +380,10 @@ class KVCache:
         self.used = 0  # slots 0..used-1 may be filled in some row; attention reads only those
 
     def update(self, layer, k, v, positions):
+        """k, v [B, T, H, d] go to slots `positions` [B, T] of their rows; returns the prefix."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer, rows, :, positions] = k.transpose(1, 2)  # [B, T, H, d] at (row, pos)
-        self.v[layer, rows, :, positions] = v.transpose(1, 2)
+        self.k[layer, rows, :, positions] = k  # indexed as [B, T, H, d] at (row, pos)
+        self.v[layer, rows, :, positions] = v
         return self.k[layer, :, :, :self.used], self.v[layer, :, :, :self.used]
 
     def repeat_rows(self, n):
@@ -422,6 +456,34 @@ class Transformer(nn.Module):
             cache.lengths = positions[:, -1] + 1
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    @contextmanager
+    def fused_projections(self):
+        """
+        Inside this block q/k/v and gate/up are one matmul each (what generate() uses): fewer,
+        larger matmuls are faster on every device, and most so for the small ones of decoding.
+        The fused weights are a snapshot concatenated on entry and dropped on exit, so they
+        can never go stale when an optimizer updates the model between two generate() calls;
+        they cost an extra copy of those weights meanwhile. Parameters (names, HF mapping,
+        training) are untouched. Inference only: no gradient reaches the snapshot.
+        """
+        mods = [m for layer in self.layers for m in (layer.self_attn, layer.mlp)]
+        try:
+            with torch.no_grad():
+                for m in mods:
+                    if isinstance(m, Attention):
+                        p = (m.q_proj, m.k_proj, m.v_proj)
+                        m.fused_qkv = (torch.cat([l.weight for l in p]),
+                                       None if p[0].bias is None else torch.cat([l.bias for l in p]))
+                    elif isinstance(m, MLP):
+                        m.fused_gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+            yield self
+        finally:
+            for m in mods:
+                if isinstance(m, Attention):
+                    m.fused_qkv = None
+                elif isinstance(m, MLP):
+                    m.fused_gate_up = None
 
     def router_aux_loss(self):
         """Sum of the MoE load-balancing losses of the last forward, times the config's coef."""

@@ -12,26 +12,23 @@ and everything per token is aligned with the *predicted* token, i.e. with tokens
 
 import torch
 
-try:
-    import kernels
-except ImportError:  # TEMP until kernels.py lands
-    kernels = None
+import kernels
 
 # -----------------------------------------------------------------------------
 # log-probs of the policy
 
-def policy_logprobs(model, tokens, mask, temperature=1.0, return_entropy=False):
+def policy_logprobs(model, tokens, mask, temperature=1.0, uniform_weights=True):
     """
     log pi_theta(y_t | x, y_<t) for every t, [R, L-1], in fp32, from the final hidden states
     and the lm_head weight (kernels.token_logprobs never materialises [tokens x vocab]).
     Use the sampler's temperature so that, on-policy, pi_theta == the sampling policy mu.
+    uniform_weights: the loss weighs every token alike (SFT's mean); then kernels.py computes
+    the gradient during the forward pass. A policy-gradient loss weighs tokens by A_t, so it
+    passes False and the backward computes the gradient once, with the true weights.
     """
     hidden = model(tokens[:, :-1], return_hidden=True)
-    if kernels is None:  # TEMP
-        lp = torch.log_softmax((hidden @ model.lm_head_weight.t()).float() / temperature, -1)
-        return lp.gather(-1, tokens[:, 1:, None])[..., 0] * mask
     return kernels.token_logprobs(hidden, model.lm_head_weight, tokens[:, 1:], temperature=temperature,
-                                  mask=mask, return_entropy=return_entropy)
+                                  mask=mask, precompute_grads=uniform_weights)
 
 # -----------------------------------------------------------------------------
 # advantages
@@ -137,7 +134,7 @@ def pg_update(model, batch, adv_fn, cfg, micro_batch=64):
         # drop right padding that no row of this micro-batch uses
         width = int(m.any(0).nonzero().max()) + 2 if m.any() else 2
         tok, m, o = tokens[rows, :width], m[:, :width - 1], old[rows, :width - 1]
-        logp = policy_logprobs(model, tok, m, cfg.temperature)
+        logp = policy_logprobs(model, tok, m, cfg.temperature, uniform_weights=False)
         adv = adv_fn(rows, logp.detach(), width - 1)  # sg[...]: advantages carry no gradient
         token_loss, frac = pg_token_loss(logp, o, adv.detach(), m, cfg.ratio_mode, cfg.eps_low, cfg.eps_high)
         if cfg.kl_coef and "ref_logp" in batch:

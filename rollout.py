@@ -54,7 +54,8 @@ def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
     logits = logits.float()
     if temperature == 0:
         return F.log_softmax(logits, dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:  # x / 1 == x exactly: skip a pass over [rows x vocab]
+        logits = logits / temperature
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -118,46 +119,48 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     ids = torch.full((P, pmax), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, :len(p)] = torch.tensor(p, device=device)
-    cache = KVCache(cfg, P, pmax + max_new_tokens, dtype, device)
-    hidden = model(ids, cache=cache, return_hidden=True)
-    last = hidden[torch.arange(P, device=device), plens - 1]  # each prompt's own last token
-    cache.lengths = plens.clone()
-    cache.repeat_rows(n)
-    last = last.repeat_interleave(n, dim=0)
-    pos = plens.repeat_interleave(n)  # next position of each row
+    # q/k/v and gate/up as one matmul each while sampling (a snapshot; see model.py)
+    with model.fused_projections():
+        cache = KVCache(cfg, P, pmax + max_new_tokens, dtype, device)
+        hidden = model(ids, cache=cache, return_hidden=True)
+        last = hidden[torch.arange(P, device=device), plens - 1]  # each prompt's own last token
+        cache.lengths = plens.clone()
+        cache.repeat_rows(n)
+        last = last.repeat_interleave(n, dim=0)
+        pos = plens.repeat_interleave(n)  # next position of each row
 
-    stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
-    done = torch.zeros(R, dtype=torch.bool, device=device)
-    out = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    out_lp = torch.zeros(R, max_new_tokens, device=device)
-    rlens = torch.zeros(R, dtype=torch.long, device=device)
-    logits = model.lm_head(last)
-    steps = range(max_new_tokens)
-    if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="sampling", leave=False)
-    for t in steps:
-        logp = sampling_logprobs(logits, temperature, top_k, top_p)
-        if temperature == 0:
-            tok = logp.argmax(-1)
-        else:
-            cdf = logp.exp().cumsum(-1)
-            # right=True never lands on a zero-probability (filtered) token
-            tok = torch.searchsorted(cdf, (uniforms[:, t] * cdf[:, -1])[:, None], right=True)[:, 0]
-            tok = tok.clamp_(max=logp.shape[-1] - 1)
-        lp = logp.gather(-1, tok[:, None])[:, 0]
-        out[:, t] = torch.where(done, pad_id, tok)
-        out_lp[:, t] = torch.where(done, 0.0, lp)
-        rlens += (~done).long()
-        if len(stop):
-            done |= torch.isin(tok, stop)
-        if t == max_new_tokens - 1 or _all_done(done):
-            break
-        # finished rows keep stepping (on pad tokens, outputs ignored): the batch keeps its
-        # shape, and under torch.distributed every rank makes the same number of calls
-        hidden = model(tok[:, None], positions=pos[:, None], cache=cache, return_hidden=True)
-        pos += 1
-        logits = model.lm_head(hidden[:, 0])
+        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
+        done = torch.zeros(R, dtype=torch.bool, device=device)
+        out = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        out_lp = torch.zeros(R, max_new_tokens, device=device)
+        rlens = torch.zeros(R, dtype=torch.long, device=device)
+        logits = model.lm_head(last)
+        steps = range(max_new_tokens)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="sampling", leave=False)
+        for t in steps:
+            logp = sampling_logprobs(logits, temperature, top_k, top_p)
+            if temperature == 0:
+                tok = logp.argmax(-1)
+            else:
+                cdf = logp.exp().cumsum(-1)
+                # right=True never lands on a zero-probability (filtered) token
+                tok = torch.searchsorted(cdf, (uniforms[:, t] * cdf[:, -1])[:, None], right=True)[:, 0]
+                tok = tok.clamp_(max=logp.shape[-1] - 1)
+            lp = logp.gather(-1, tok[:, None])[:, 0]
+            out[:, t] = torch.where(done, pad_id, tok)
+            out_lp[:, t] = torch.where(done, 0.0, lp)
+            rlens += (~done).long()
+            if len(stop):
+                done |= torch.isin(tok, stop)
+            if t == max_new_tokens - 1 or _all_done(done):
+                break
+            # finished rows keep stepping (on pad tokens, outputs ignored): the batch keeps its
+            # shape, and under torch.distributed every rank makes the same number of calls
+            hidden = model(tok[:, None], positions=pos[:, None], cache=cache, return_hidden=True)
+            pos += 1
+            logits = model.lm_head(hidden[:, 0])
 
     # assemble [R, L] = prompt then response per row, right-padded
     T = int(rlens.max())

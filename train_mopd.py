@@ -17,7 +17,6 @@ Eq. 5 and the exact full-vocabulary divergences (mopd.distill_update) for ablati
     torchrun --nproc_per_node=8 train_mopd.py ...   (multi-GPU: see the scale notes in README)
 """
 
-import random
 import time
 from dataclasses import dataclass
 
@@ -25,24 +24,23 @@ import torch
 
 import kernels
 import mopd
-from rollout import generate
 from tasks import get_domains
 from teachers import Teachers, parse_registry, route, validate
-from train_utils import (decode, encode_prompt, load_for_training, parse_config, parse_weights, print_config,
-                         sample_examples, set_seed, step_seed, stop_ids, train_loop)
+from train_utils import (cli, load_for_training, parse_config, parse_weights, print_config, sample_and_reward,
+                         set_seed, train_loop)
 
 
 @dataclass
 class Config:
     init: str = "out/toy/base"     # the student's starting checkpoint (S0)
     out_dir: str = "out/toy/mopd"
-    domains: str = "rev,sort,uniq"
+    domains: str = "rev,sort,inc"
     domain_weights: str = ""       # e.g. "0.35,0.35,0.3" (the paper's mix); default uniform
     data_dir: str = ""
     teacher: str = ""              # "rev=DIR,sort=DIR,..." or a JSON file {"rev": "DIR", ...}
     teacher_offload: bool = False  # keep teachers in CPU memory, on the device only while scoring
     # rollouts
-    steps: int = 100
+    steps: int = 300
     prompts_per_step: int = 64
     n: int = 1                     # rollouts per prompt (the paper: 1; ORM mixing needs > 1)
     max_new_tokens: int = 12
@@ -60,9 +58,12 @@ class Config:
     beta: float = 0.5              # jsd mixture (0 = forward KL, 1 = reverse KL)
     loss_agg: str = "seq-mean-token-mean"  # the paper's per-sequence then batch mean; or token-mean
     kl_coef: float = 0.0           # (unused by MOPD; pg_update reads it)
-    exact_kl_rows: int = 8         # rows per step on which the exact full-vocab KL is logged (0 = off)
+    exact_kl_rows: int = 8         # rows per domain on which the exact full-vocab KL is logged (0 = off)
+    exact_kl_every: int = 10       # ... every this many steps (it costs two extra forwards)
     # optimisation
-    lr: float = 1e-4
+    lr: float = 3e-4
+    min_lr: float = 3e-5           # cosine decay from lr to min_lr over the run
+    warmup: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch: int = 256
@@ -78,24 +79,16 @@ class Config:
 PRESETS = {
     "toy": {},
     "tiny": dict(steps=3, prompts_per_step=8, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1,
-                 exact_kl_rows=4),
+                 exact_kl_rows=4, exact_kl_every=1),
 }
 LOSSES = ("pg", "topk", "reverse_kl", "forward_kl", "jsd")
 
 
 def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
-    rng = random.Random(step_seed(cfg.seed, step))
-    exs = sample_examples(domains, weights, cfg.prompts_per_step, rng)
-    model.eval()
-    t0 = time.time()
-    roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
-                    temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
-                    n=cfg.n, seed=step_seed(cfg.seed, step), pad_id=tok.pad_token_id or 0)
-    t_sample = time.time() - t0
-    rows_ex = [exs[i] for i in roll.prompt_index]
+    """Student rollouts -> each routed to its domain's teacher -> scored -> one update."""
+    t_start = time.time()
+    roll, rows_ex, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step)
     row_dom = [e.domain for e in rows_ex]
-    by_name = {d.name: d for d in domains}
-    rewards = [by_name[e.domain].reward(decode(tok, ids), e) for ids, e in zip(roll.response_ids, rows_ex)]
     tokens, mask, mu = roll.tokens, roll.response_mask[:, 1:], roll.logprobs[:, 1:]
     groups = route(row_dom)
 
@@ -106,7 +99,17 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
         t_logp[rows] = teachers.score(d, tokens[rows], mask[rows], "logprobs", cfg.temperature)
     t_score = time.time() - t0
 
-    model.train()
+    # per-domain metrics: sampled reverse-KL estimate E[log mu - log pi_T], exact KL on a few rows
+    # (before the update, so both describe the policy that sampled)
+    per = {}
+    for d, rows in groups.items():
+        mk = mask[rows]
+        per[d] = {"kl_est": ((mu[rows] - t_logp[rows]) * mk).sum().item() / max(1, mk.sum().item()),
+                  "reward": sum(rewards[r] for r in rows) / len(rows),
+                  "response_len": roll.response_lens[rows].float().mean().item()}
+        if cfg.exact_kl_rows and (step + 1) % cfg.exact_kl_every == 0:
+            sub = rows[:cfg.exact_kl_rows]
+            per[d]["kl_exact"] = exact_reverse_kl(model, teachers, d, tokens[sub], mask[sub], cfg.temperature)
     opt.zero_grad(set_to_none=True)
     if cfg.loss == "pg":
         a_orm = None
@@ -126,21 +129,11 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
     opt.step()
 
-    # per-domain metrics: sampled reverse-KL estimate E[log mu - log pi_T], exact KL on a few rows
-    per = {}
-    for d, rows in groups.items():
-        mk = mask[rows]
-        per[d] = {"kl_est": ((mu[rows] - t_logp[rows]) * mk).sum().item() / max(1, mk.sum().item()),
-                  "reward": sum(rewards[r] for r in rows) / len(rows),
-                  "response_len": roll.response_lens[rows].float().mean().item()}
-        if cfg.exact_kl_rows:
-            sub = rows[:cfg.exact_kl_rows]
-            per[d]["kl_exact"] = exact_reverse_kl(model, teachers, d, tokens[sub], mask[sub], cfg.temperature)
     n_tok = int(roll.response_lens.sum())
     return {**m, "grad_norm": gnorm, "reward": sum(rewards) / len(rewards),
             "kl_est": ((mu - t_logp) * mask).sum().item() / max(1, mask.sum().item()),
             "by_domain": per, "samples": (step + 1) * len(rewards), "response_len": n_tok / len(rewards),
-            "tokens_per_s": n_tok / (time.time() - t0 + t_sample + t_score), "sample_s": t_sample,
+            "tokens_per_s": n_tok / (time.time() - t_start), "sample_s": t_sample,
             "score_s": t_score}
 
 
@@ -181,4 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

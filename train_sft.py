@@ -6,16 +6,18 @@ Supervised fine-tuning, two uses:
    digits, so S0 ends up partly competent and confused between domains, which leaves RL
    headroom, as an SFT checkpoint does before domain RL.
 2. The off-policy finetune baseline ("RL-then-distill"): SFT of S0 on responses the teachers
-   sampled, from a JSONL of {"domain", "prompt", "response"} lines (--data=FILE).
+   sampled (--data=teachers: each teacher answers `offpolicy_per_domain` training prompts of
+   its domain at temperature 1; only correct ones are kept unless --keep_incorrect=true;
+   the samples are written to OUT_DIR.log/teacher_samples.jsonl), or on a JSONL of
+   {"domain", "prompt", "response"} lines (--data=FILE).
 
     python train_sft.py --preset=toy_base                   # S0 -> out/toy/base
-    python train_sft.py --init=out/toy/base --data=teacher_samples.jsonl --out_dir=out/toy/offpolicy
+    python train_sft.py --preset=toy_offpolicy --init=out/toy/base --teacher=rev=DIR,... --out_dir=out/toy/offpolicy
 
 Loss: -mean over response tokens of log pi_theta(y_t | x, y_<t) (prompt tokens masked).
 """
 
 import json
-import math
 import os
 import random
 import time
@@ -26,7 +28,7 @@ import torch
 from model import ModelConfig, Transformer, num_params
 from mopd import policy_logprobs
 from tasks import TOY_OPS, get_domains, save_toy_tokenizer, toy_tokenizer
-from train_utils import (MetricsLog, encode_prompt, evaluate, parse_config, print_config, sample_examples,
+from train_utils import (cli, MetricsLog, lr_at, encode_prompt, evaluate, parse_config, print_config, sample_examples,
                          save_checkpoint, set_seed, step_seed)
 
 
@@ -34,7 +36,10 @@ from train_utils import (MetricsLog, encode_prompt, evaluate, parse_config, prin
 class Config:
     out_dir: str = "out/toy/base"
     init: str = "scratch"          # "scratch" (a new toy model) or an HF checkpoint directory
-    data: str = "demos"            # "demos" (the domains' own demos) or a JSONL of sampled responses
+    data: str = "demos"            # "demos" (the domains' own demos), "teachers", or a JSONL of samples
+    teacher: str = ""              # data=teachers: DOMAIN=DIR,... (teachers.parse_registry)
+    offpolicy_per_domain: int = 1000  # data=teachers: prompts each teacher answers
+    keep_incorrect: bool = False   # data=teachers: keep wrong teacher responses too
     domains: str = "toy:8"         # domains for demos and eval (tasks.get_domains spec)
     noise: float = 0.3             # demos: probability of another domain's answer (toy only)
     # model (init=scratch): a tiny Qwen3
@@ -62,6 +67,8 @@ class Config:
 
 PRESETS = {
     "toy_base": {},
+    "toy_offpolicy": dict(out_dir="out/toy/offpolicy", data="teachers", domains="rev,sort,inc", steps=150,
+                          lr=3e-4, min_lr=3e-5, warmup=10, eval_every=50),
     "tiny": dict(out_dir="out/tiny/base", steps=20, batch_size=32, hidden_size=32, num_layers=2,
                  head_dim=16, intermediate_size=64, eval_every=10, eval_limit=20),
 }
@@ -122,11 +129,35 @@ def load_samples(path, domain_names):
     return rows
 
 
-def lr_at(cfg, step):
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+@torch.no_grad()
+def teacher_samples(cfg, tok, domains, path):
+    """Each domain's teacher answers fresh training prompts of its domain (T = 1)."""
+    from rollout import generate
+    from teachers import parse_registry
+    from train_utils import decode, stop_ids
+    reg = parse_registry(cfg.teacher)
+    rows, kept = [], []
+    for d in domains:
+        if d.name not in reg:
+            raise SystemExit(f"error: --teacher: no teacher for domain {d.name!r}; given: {sorted(reg)}")
+        t = Transformer.from_pretrained(reg[d.name], dtype=torch.float32, device=cfg.device)
+        rng = random.Random(step_seed(cfg.seed, 10**6 + len(rows)))
+        exs = [d.sample(rng) for _ in range(cfg.offpolicy_per_domain)]
+        res = generate(t, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens, temperature=1.0,
+                       stop_token_ids=stop_ids(tok, t), seed=cfg.seed, pad_id=tok.pad_token_id or 0)
+        for e, ids in zip(exs, res.response_ids):
+            text = decode(tok, ids)
+            r = d.reward(text, e)
+            rows.append({"domain": d.name, "prompt": e.prompt, "response": text, "reward": r})
+            if r > 0 or cfg.keep_incorrect:
+                kept.append((e.prompt, text))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"teacher samples: kept {len(kept)} of {len(rows)} ({path})")
+    if not kept:
+        raise SystemExit("error: no teacher sample was correct; nothing to finetune on")
+    return kept
 
 
 def main(argv=None):
@@ -144,7 +175,11 @@ def main(argv=None):
         model = Transformer.from_pretrained(cfg.init, dtype=torch.float32)
     model.to(cfg.device).train()
     print(f"model: {num_params(model):,} parameters")
-    samples = load_samples(cfg.data, {d.name for d in domains}) if cfg.data != "demos" else None
+    samples = None
+    if cfg.data == "teachers":
+        samples = teacher_samples(cfg, tok, domains, os.path.join(cfg.out_dir + ".log", "teacher_samples.jsonl"))
+    elif cfg.data != "demos":
+        samples = load_samples(cfg.data, {d.name for d in domains})
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     log = MetricsLog(os.path.join(cfg.out_dir + ".log", "metrics.jsonl"))
     t0 = time.time()
@@ -179,4 +214,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -20,7 +20,6 @@ Every step appends a JSONL row to OUT_DIR.log/metrics.jsonl; --resume=true conti
 checkpoint in OUT_DIR bit for bit.
 """
 
-import random
 import time
 from dataclasses import dataclass
 
@@ -28,10 +27,9 @@ import torch
 
 from model import Transformer
 from mopd import group_advantages, pg_update, policy_logprobs
-from rollout import generate
 from tasks import get_domains
-from train_utils import (decode, encode_prompt, load_for_training, parse_config, parse_weights, print_config,
-                         sample_examples, set_seed, step_seed, stop_ids, train_loop)
+from train_utils import (cli, load_for_training, parse_config, parse_weights, print_config, sample_and_reward,
+                         set_seed, train_loop)
 
 
 @dataclass
@@ -56,7 +54,9 @@ class Config:
     std_norm: bool = True
     kl_coef: float = 0.0           # k3 KL to the initial model; 0 = no reference model
     # optimisation
-    lr: float = 1e-3
+    lr: float = 3e-4               # 1e-3 wrecks the toy S0 in one Adam step (every weight moves by lr)
+    min_lr: float = 3e-5           # cosine decay from lr to min_lr over the run
+    warmup: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch: int = 256
@@ -70,30 +70,22 @@ class Config:
 
 
 PRESETS = {
-    "toy": {},
+    "toy": {},                                    # one domain -> a teacher, ~35 s on one CPU core
+    "toy_mix": dict(steps=300, eval_every=25),    # Mix-RL over all domains: the teachers' total samples
+    "toy_cascade": dict(steps=100),               # one stage of Cascade RL
     "tiny": dict(steps=3, prompts_per_step=4, n=4, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1),
 }
 
 
 def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
     """Sample a batch, score it with each prompt's domain reward, one policy-gradient update."""
-    rng = random.Random(step_seed(cfg.seed, step))
-    exs = sample_examples(domains, weights, cfg.prompts_per_step, rng)
-    model.eval()
     t0 = time.time()
-    roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
-                    temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
-                    n=cfg.n, seed=step_seed(cfg.seed, step), pad_id=tok.pad_token_id or 0)
-    t_sample = time.time() - t0
-    by_name = {d.name: d for d in domains}
-    rows = [exs[i] for i in roll.prompt_index]
-    rewards = [by_name[e.domain].reward(decode(tok, ids), e) for ids, e in zip(roll.response_ids, rows)]
+    roll, rows, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step)
     adv = group_advantages(rewards, cfg.n, cfg.std_norm).to(roll.tokens.device)
     batch = {"tokens": roll.tokens, "mask": roll.response_mask[:, 1:], "old_logp": roll.logprobs[:, 1:]}
     if ref is not None:
         with torch.no_grad():
             batch["ref_logp"] = policy_logprobs(ref, roll.tokens, batch["mask"], cfg.temperature)
-    model.train()
     opt.zero_grad(set_to_none=True)
     # one advantage per sequence, broadcast over its tokens
     m = pg_update(model, batch, lambda r, logp, w: adv[r, None].expand(-1, w), cfg, cfg.micro_batch)
@@ -106,6 +98,7 @@ def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
         if rs:
             per_domain[d.name] = sum(rs) / len(rs)
     return {**m, "reward": sum(rewards) / len(rewards), "reward_by_domain": per_domain, "grad_norm": gnorm,
+            "samples": (step + 1) * len(rewards),  # sampled responses so far (sample efficiency)
             "response_len": n_tok / len(rewards), "tokens_per_s": n_tok / (time.time() - t0),
             "sample_s": t_sample, "step_s": time.time() - t0}
 
@@ -123,4 +116,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -11,6 +11,7 @@ What every training script shares, so that each of them reads as its own loop:
 
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -101,28 +102,69 @@ def parse_weights(spec, domains):
     return w
 
 
+def lr_at(cfg, step):
+    """Linear warmup over cfg.warmup steps, then cosine from cfg.lr down to cfg.min_lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
 def step_seed(seed, step):
     """Every step's randomness (prompts, sampling) comes from here, so resume is exact."""
     return (seed * 1_000_003 + step) % (2**31 - 1)
 
+
+@torch.no_grad()
+def sample_and_reward(model, tok, domains, weights, cfg, step):
+    """
+    The on-policy half of an RL or MOPD step: cfg.prompts_per_step prompts by the domain
+    mixture, cfg.n rollouts each from `model`, each scored by its own domain's reward.
+    Returns (rollout, the Example of each row, rewards, seconds spent sampling).
+    """
+    rng = random.Random(step_seed(cfg.seed, step))
+    exs = sample_examples(domains, weights, cfg.prompts_per_step, rng)
+    model.eval()
+    t0 = time.time()
+    roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
+                    temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
+                    n=cfg.n, seed=step_seed(cfg.seed, step), pad_id=tok.pad_token_id or 0)
+    t_sample = time.time() - t0
+    by_name = {d.name: d for d in domains}
+    rows = [exs[i] for i in roll.prompt_index]
+    rewards = [by_name[e.domain].reward(decode(tok, ids), e) for ids, e in zip(roll.response_ids, rows)]
+    model.train()
+    return roll, rows, rewards, t_sample
+
 # -----------------------------------------------------------------------------
 # evaluation
 
+# Held-out accuracy is pass@1 of the policy itself: the mean reward of EVAL_SAMPLES samples per
+# prompt at EVAL_TEMPERATURE (what RL and distillation optimise). Greedy decoding
+# (temperature 0) can score a 51%-likely answer as 100% right and hide what training changed.
+EVAL_TEMPERATURE = 1.0
+EVAL_SAMPLES = 4
+
+
 @torch.no_grad()
-def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=512):
-    """Greedy accuracy (mean reward) of `model` on each domain's held-out split."""
+def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=512, temperature=EVAL_TEMPERATURE,
+             samples=EVAL_SAMPLES, seed=0):
+    """Mean reward of `model` on each domain's held-out split (seeded, so it is repeatable)."""
     was_training = model.training
     model.eval()
+    n = 1 if temperature == 0 else samples
     out = {}
     for d in domains:
         exs = d.eval_set[:limit] if limit else d.eval_set
         total = 0.0
-        for s in range(0, len(exs), batch):
-            chunk = exs[s:s + batch]
+        for s in range(0, len(exs), max(1, batch // n)):
+            chunk = exs[s:s + max(1, batch // n)]
             res = generate(model, [encode_prompt(tok, e.prompt) for e in chunk], max_new_tokens,
-                           temperature=0, stop_token_ids=stop_ids(tok, model), pad_id=tok.pad_token_id or 0)
-            total += sum(d.reward(decode(tok, ids), e) for ids, e in zip(res.response_ids, chunk))
-        out[d.name] = total / len(exs)
+                           temperature=temperature, stop_token_ids=stop_ids(tok, model), n=n,
+                           seed=seed + s, pad_id=tok.pad_token_id or 0)
+            total += sum(d.reward(decode(tok, ids), chunk[i])
+                         for ids, i in zip(res.response_ids, res.prompt_index))
+        out[d.name] = total / (len(exs) * n)
     model.train(was_training)
     return out
 
@@ -197,13 +239,25 @@ def train_loop(cfg, model, opt, tok, domains, step_fn, start, src, desc, postfix
     log = MetricsLog(cfg.out_dir + ".log/metrics.jsonl", resume_step=start if start else None)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, mininterval=2)
     for step in bar:
-        row = {"step": step + 1, **step_fn(step)}
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        row = {"step": step + 1, "lr": lr_at(cfg, step), **step_fn(step)}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
             bar.write(f"step {step + 1}: eval " + " ".join(f"{k}={v:.3f}" for k, v in row["eval"].items()))
         log.log(row)
-        bar.set_postfix({k: f"{row[k]:.3f}" for k in postfix if k in row})
+        bar.set_postfix({k: f"{row[k]:.3f}" for k in postfix if k in row}, refresh=False)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(cfg.out_dir, model, src, {"step": step + 1, "optimizer": opt.state_dict(),
                                                       "config": dataclasses.asdict(cfg)})
     print(f"saved {cfg.out_dir}")
+
+
+def cli(main):
+    """Run a script's main(); bad input (a ValueError, KeyError or missing file) becomes one
+    line on stderr and exit status 2, not a traceback."""
+    try:
+        main()
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        sys.exit(f"error: {msg}")

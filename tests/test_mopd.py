@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 
-import mopd
 from mopd import aggregate, mopd_advantage, pg_token_loss
 
 
@@ -161,16 +160,44 @@ def test_train_mopd_runs_three_steps(toy, tmp_path, loss):
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_orm_mixing_and_resume_bit_identical(toy, tmp_path):
+def test_orm_mixing_and_resume_bit_identical(toy, tmp_path, monkeypatch):
+    """Kill a MOPD run (with ORM mixing) after step 2, resume: identical to the run never killed."""
     import train_mopd
     from model import Transformer
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = ["--preset=tiny", f"--init={toy['base']}", "--domains=rev,sort", "--n=2", "--orm_alpha=0.5",
-              f"--teacher=rev={toy['rev']},sort={toy['sort']}"]
-    train_mopd.main(common + [f"--out_dir={a}", "--steps=4"])
-    train_mopd.main(common + [f"--out_dir={b}", "--steps=2"])
-    train_mopd.main(common + [f"--out_dir={b}", "--steps=4", "--resume=true"])
+              f"--teacher=rev={toy['rev']},sort={toy['sort']}", "--steps=4"]
+    train_mopd.main(common + [f"--out_dir={a}"])
+    real = train_mopd.mopd_step
+
+    def dies_at_step_2(*args):
+        if args[7] == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(train_mopd, "mopd_step", dies_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_mopd.main(common + [f"--out_dir={b}"])
+    monkeypatch.setattr(train_mopd, "mopd_step", real)
+    train_mopd.main(common + [f"--out_dir={b}", "--resume=true"])
     wa, wb = Transformer.from_pretrained(a).state_dict(), Transformer.from_pretrained(b).state_dict()
+    w0 = Transformer.from_pretrained(toy["base"]).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], w0[k]) for k in wa)
     with pytest.raises(SystemExit, match="needs --n > 1"):
         train_mopd.main(["--orm_alpha=0.5", "--n=1"])
+
+
+def test_merge_and_evaluate_end_to_end(toy, tmp_path):
+    import evaluate
+    import merge
+    teachers = f"rev={toy['rev']},sort={toy['sort']}"
+    merge.main(["--mode=average", f"--base={toy['base']}", f"--teacher={teachers}", f"--out={tmp_path}/avg"])
+    merge.main(["--mode=task_arithmetic", f"--base={toy['base']}", f"--teacher={teachers}", f"--out={tmp_path}/ta",
+                "--lambdas=0.5,1.0", "--val_n=8"])
+    evaluate.main(["--domains=rev,sort", f"--base={toy['base']}", f"--teacher={teachers}", "--limit=8",
+                   f"--model=Weight average={tmp_path}/avg", f"--model=Task arithmetic={tmp_path}/ta",
+                   f"--out={tmp_path}/results"])
+    res = json.load(open(f"{tmp_path}/results.json"))
+    assert set(res["accuracy"]) >= {"S0", "Weight average", "Task arithmetic", "RL teacher (own domain)"}
+    assert "| Task arithmetic |" in open(f"{tmp_path}/results.md").read()
+    assert os.path.exists(f"{tmp_path}/results.png")

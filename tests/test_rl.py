@@ -1,6 +1,5 @@
 """The shared policy-gradient update (mopd.py) and train_teacher_rl.py end to end."""
 import json
-import os
 
 import pytest
 import torch
@@ -38,22 +37,24 @@ def test_pg_gradient_on_policy_is_reinforce():
 
 def test_pg_clip_and_band_cut_the_gradient():
     z = torch.tensor([0.3, -1.2, 0.8, 0.1], requires_grad=True)
-    logp = _one_token(z, 2).view(1, 1)
     mask = torch.ones(1, 1, dtype=torch.bool)
-    old = logp.detach() - 0.5  # ratio = e^0.5 = 1.65: above 1 + eps_high, inside the (0.5, 2) band
-    loss, frac = pg_token_loss(logp, old, torch.tensor([[1.0]]), mask, "clip", 0.2, 0.28)
-    loss.sum().backward()
-    assert z.grad.abs().max() == 0 and frac.item() == 1  # clipped: A > 0 and ratio > 1 + eps_high
-    z.grad = None
-    loss, frac = pg_token_loss(logp, old, torch.tensor([[1.0]]), mask, "band", 0.5, 2.0)
-    loss.sum().backward()
-    ratio = torch.exp(torch.tensor(0.5))
-    expected = -ratio * (torch.nn.functional.one_hot(torch.tensor(2), 4) - torch.softmax(z.detach(), -1))
-    assert torch.allclose(z.grad, expected, atol=1e-6) and frac.item() == 0  # w = sg[ratio] inside the band
-    z.grad = None
-    loss, frac = pg_token_loss(logp, logp.detach() - 1.0, torch.tensor([[1.0]]), mask, "band", 0.5, 2.0)
-    loss.sum().backward()
-    assert z.grad.abs().max() == 0 and frac.item() == 1  # ratio e^1 = 2.7 outside the band: dropped
+    one = torch.tensor([[1.0]])
+
+    def grad(old_shift, mode, lo, hi):
+        z.grad = None
+        logp = _one_token(z, 2).view(1, 1)
+        loss, frac = pg_token_loss(logp, logp.detach() - old_shift, one, mask, mode, lo, hi)
+        loss.sum().backward()
+        return z.grad.clone(), frac.item()
+    # ratio = e^0.5 = 1.65: above 1 + eps_high (clipped, A > 0), inside the (0.5, 2) band
+    g, frac = grad(0.5, "clip", 0.2, 0.28)
+    assert g.abs().max() == 0 and frac == 1
+    g, frac = grad(0.5, "band", 0.5, 2.0)
+    expected = -torch.exp(torch.tensor(0.5)) * (torch.nn.functional.one_hot(torch.tensor(2), 4)
+                                                - torch.softmax(z.detach(), -1))
+    assert torch.allclose(g, expected, atol=1e-6) and frac == 0  # w = sg[ratio] inside the band
+    g, frac = grad(1.0, "band", 0.5, 2.0)  # ratio e^1 = 2.7: outside the band, dropped
+    assert g.abs().max() == 0 and frac == 1
 
 
 def test_aggregation_modes():
@@ -101,15 +102,29 @@ def test_rl_runs_and_logs(tiny_base, tmp_path):
     AutoModelForCausalLM.from_pretrained(out)  # the teacher is an ordinary HF directory
 
 
-def test_rl_resume_is_bit_identical(tiny_base, tmp_path):
+def test_rl_resume_is_bit_identical(tiny_base, tmp_path, monkeypatch):
+    """Kill a run after step 2, resume it: the same weights and losses as the run never killed."""
+    import tasks
     import train_teacher_rl
+    # the tiny S0 never answers right; a reward on the response's length gives real updates
+    monkeypatch.setattr(tasks, "toy_reward", lambda response, ex: float(len(response) % 2))
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    common = ["--preset=tiny", f"--init={tiny_base}", "--domains=rev"]
-    train_teacher_rl.main(common + [f"--out_dir={a}", "--steps=4"])
-    train_teacher_rl.main(common + [f"--out_dir={b}", "--steps=2"])  # "killed" after step 2
-    train_teacher_rl.main(common + [f"--out_dir={b}", "--steps=4", "--resume=true"])
-    wa, wb = _weights(a), _weights(b)
+    common = ["--preset=tiny", f"--init={tiny_base}", "--domains=rev", "--steps=4"]
+    train_teacher_rl.main(common + [f"--out_dir={a}"])
+    real = train_teacher_rl.rl_step
+
+    def dies_at_step_2(*args):
+        if args[6] == 2:
+            raise KeyboardInterrupt  # "killed" after the checkpoint of step 2
+        return real(*args)
+    monkeypatch.setattr(train_teacher_rl, "rl_step", dies_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher_rl.main(common + [f"--out_dir={b}"])
+    monkeypatch.setattr(train_teacher_rl, "rl_step", real)
+    train_teacher_rl.main(common + [f"--out_dir={b}", "--resume=true"])
+    wa, wb, w0 = _weights(a), _weights(b), _weights(tiny_base)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], w0[k]) for k in wa)  # the updates were not no-ops
     la = [json.loads(l) for l in open(a + ".log/metrics.jsonl")]
     lb = [json.loads(l) for l in open(b + ".log/metrics.jsonl")]
     assert [r["step"] for r in lb] == [1, 2, 3, 4]
@@ -122,5 +137,5 @@ def test_bad_config_is_a_clear_error(tiny_base):
         train_teacher_rl.main(["--stepz=3"])
     with pytest.raises(SystemExit, match="--steps=abc: expected a value of type int"):
         train_teacher_rl.main(["--steps=abc"])
-    with pytest.raises(ValueError, match="unknown toy domain 'nope'"):
+    with pytest.raises(ValueError, match="unknown domain 'nope'; toy domains: rev, sort"):
         train_teacher_rl.main([f"--init={tiny_base}", "--domains=nope"])

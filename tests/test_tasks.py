@@ -22,13 +22,13 @@ from tasks import Example  # noqa: E402
 # Toy domains
 
 def test_toy_domain_list():
-    assert tasks.TOY_DOMAINS[:3] == ["rev", "sort", "sum"]
-    assert len(tasks.TOY_DOMAINS) == 8 and len(set(tasks.TOY_DOMAINS)) == 8
+    assert tasks.TOY_DOMAINS[:3] == ["rev", "sort", "inc"] and len(tasks.TOY_DOMAINS) == 9
+    assert len(set(tasks.TOY_DOMAINS)) == 9
 
 
 @pytest.mark.parametrize("name,digits,answer", [
     ("rev", "48310", "01384"), ("sort", "48310", "01348"), ("sum", "48310", "16"),
-    ("sum", "999999", "54"), ("max", "48310", "8"), ("odd", "48310", "2"), ("odd", "2468", "0"),
+    ("sum", "999999", "54"), ("max", "48310", "8"), ("min", "48310", "0"), ("odd", "48310", "2"), ("odd", "2468", "0"),
     ("inc", "48390", "59401"), ("uniq", "48348", "483"), ("uniq", "123", "123"), ("rot", "48310", "83104"),
 ])
 def test_toy_answers(name, digits, answer):
@@ -123,10 +123,10 @@ def test_saved_toy_tokenizer_loads_with_autotokenizer(tmp_path):
 def test_get_domains_spec():
     assert [d.name for d in tasks.get_domains("rev,sort,sum")] == ["rev", "sort", "sum"]
     assert [d.name for d in tasks.get_domains(["max", "odd, inc"])] == ["max", "odd", "inc"]
-    assert [d.name for d in tasks.get_domains("toy:3")] == ["rev", "sort", "sum"]
-    with pytest.raises(ValueError, match="rev, sort, sum"):  # lists what exists
+    assert [d.name for d in tasks.get_domains("toy:3")] == ["rev", "sort", "inc"]
+    with pytest.raises(ValueError, match="rev, sort, inc, odd"):  # lists what exists
         tasks.get_domains("rev,nope")
-    for bad in ["", "toy:0", "toy:9", "rev,rev", "math:", "chess:x.jsonl"]:
+    for bad in ["", "toy:0", "toy:10", "rev,rev", "math:", "chess:x.jsonl"]:
         with pytest.raises(ValueError):
             tasks.get_domains(bad)
 

@@ -1,0 +1,158 @@
+"""
+Benchmark: naive (materialise both logit matrices, log_softmax, KL, backward) vs kernels.py,
+for reverse KL + backward and for token log-probs + backward. Prints a markdown table.
+
+Each (case, implementation) runs in its own child process, so its peak RSS is its own: the
+child builds its inputs (in place, no temporaries), records its RSS, then runs forward +
+backward `repeats` times; "peak extra" = peak RSS (getrusage ru_maxrss) - RSS after the inputs.
+Time is the median over the repeats (each repeat frees W.grad, so each allocates it again).
+
+    python bench/bench_kl.py                      # N=2048, V=151936, H=1024, fp32, 2 threads
+    python bench/bench_kl.py --tokens 256 --repeats 1   # a quick smoke run
+
+Cases: "mean" losses (one grad_output for every token: kernels.py's fast path) and the
+per-token-weight losses MOPD actually uses (PG: -A_t * log p; per-sequence means), which take
+kernels.py's recompute path for the weight gradient (see kernels.py's docstring).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import kernels as K  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Settings
+parser = argparse.ArgumentParser()
+parser.add_argument("--tokens", type=int, default=2048)      # N
+parser.add_argument("--vocab", type=int, default=151936)     # V (Qwen3)
+parser.add_argument("--hidden", type=int, default=1024)      # H
+parser.add_argument("--repeats", type=int, default=3)        # timed forward+backward runs per child
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--seq_len", type=int, default=512)      # for the per-sequence-mean case
+parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)  # CASE IMPL
+args = parser.parse_args()
+
+CASES = {  # name -> (function family, loss reduction, kernels.py's precompute_grads)
+    "reverse KL, mean loss": ("kl", "mean", True),
+    "token log-probs, mean loss": ("lp", "mean", True),
+    "reverse KL, per-sequence means": ("kl", "per_seq", True),
+    "reverse KL, per-sequence means, precompute_grads=False": ("kl", "per_seq", False),
+    "token log-probs, PG loss (-A * log p)": ("lp", "pg", True),
+    "token log-probs, PG loss, precompute_grads=False": ("lp", "pg", False),
+}
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def child(case, impl):
+    torch.set_num_threads(args.threads)
+    family, reduction, pre = CASES[case]
+    N, V, H = args.tokens, args.vocab, args.hidden
+    g = torch.Generator().manual_seed(0)
+    # inputs built in place so that no temporary raises the peak before the baseline is taken
+    hs = torch.empty(N, H).normal_(generator=g)
+    ws = torch.empty(V, H).normal_(generator=g).mul_(2 / H ** 0.5).requires_grad_()
+    if family == "kl":
+        ht = torch.empty(N, H).normal_(generator=g)
+        wt = torch.empty(V, H).normal_(generator=g).mul_(2 / H ** 0.5)
+    else:
+        y = torch.randint(0, V, (N,), generator=g)
+        adv = torch.empty(N).uniform_(-5, 5, generator=g)  # stands in for the clipped MOPD advantage
+    hs.requires_grad_()
+    seq_weight = torch.full((N,), 1.0)
+    seq_weight[: N // 3] = 2.0  # sequences of different lengths: per-token weights differ
+    baseline_peak, baseline = peak_rss_bytes(), rss_bytes()
+
+    def step():
+        if family == "kl":
+            out = K.kl_ref(hs, ws, ht, wt) if impl == "naive" else K.kl(hs, ws, ht, wt, precompute_grads=pre)
+        else:
+            out = (K.token_logprobs_ref(hs, ws, y) if impl == "naive"
+                   else K.token_logprobs(hs, ws, y, precompute_grads=pre))
+        if reduction == "mean":
+            loss = out.mean()
+        elif reduction == "per_seq":
+            loss = (out * seq_weight).sum() / seq_weight.sum()
+        else:  # MOPD PG form; the advantage is a constant here, as sg[.] makes it in training
+            loss = -(adv * out).mean()
+        loss.backward()
+        ws.grad = hs.grad = None
+
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps(dict(times=times, time=statistics.median(times), extra=peak_rss_bytes() - baseline,
+                          baseline=baseline, baseline_peak=baseline_peak)))
+
+
+def run_child(case, impl):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", case, impl] + [
+        f"--{k}={getattr(args, k)}" for k in ("tokens", "vocab", "hidden", "repeats", "threads", "seq_len")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def gib(b):
+    return b / 2**30
+
+
+def main():
+    N, V, H = args.tokens, args.vocab, args.hidden
+    grad_w = V * H * 4
+    print(f"N={N} tokens, V={V}, H={H}, fp32, CPU, {args.threads} threads, torch {torch.__version__}, "
+          f"median of {args.repeats} forward+backward runs, each implementation in its own process")
+    print(f"kernels.py chunk sizes from the default {K.DEFAULT_MEM_BUDGET / 2**20:.0f} MiB budget: "
+          f"kl {K.auto_chunk_size(V, 6)} tokens, token_logprobs {K.auto_chunk_size(V, 2)} tokens\n")
+    print("| case | naive time (s) | ours time (s) | time ours/naive | naive peak extra (GiB) "
+          "| ours peak extra (GiB) | memory ours/naive | same, minus grad_W both produce |")
+    print("|---|---|---|---|---|---|---|---|")
+    naive_runs = {}  # the naive side does not depend on precompute_grads: run it once per loss
+    for case, (family, reduction, _) in CASES.items():
+        if (family, reduction) not in naive_runs:
+            naive_runs[family, reduction] = run_child(case, "naive")
+        r = {"naive": naive_runs[family, reduction], "ours": run_child(case, "ours")}
+        n, o = r["naive"], r["ours"]
+        for impl, x in r.items():
+            if x["baseline_peak"] > x["baseline"] + 64 * 2**20:
+                print(f"(warning: {impl} reached {gib(x['baseline_peak']):.2f} GiB before its baseline)")
+        print(f"| {case} | {n['time']:.2f} | {o['time']:.2f} | {o['time'] / n['time']:.2f}x "
+              f"| {gib(n['extra']):.2f} | {gib(o['extra']):.2f} | {o['extra'] / n['extra']:.3f} "
+              f"| {max(o['extra'] - grad_w, 0) / max(n['extra'] - grad_w, 1):.3f} |", flush=True)
+    print(f"\n(grad_W = V x H x 4 bytes = {gib(grad_w):.2f} GiB, part of both columns: "
+          "every method must produce the weight gradient)")
+    # Why this exists: the paper's scale. Tokens per GPU were not published; take one
+    # max-length sequence per GPU (32k for Math/IF, 64k for SWE) and Qwen3-30B-A3B's H = 2048.
+    print("\nComputed, paper scale (V = 151,936, fp32, one max-length sequence per GPU, H = 2048):")
+    for T in (32768, 65536):
+        naive = 2 * T * 151936 * 4  # the two logit matrices alone; naive also keeps log-softmax copies
+        ours = K.DEFAULT_MEM_BUDGET + T * 2048 * 4 + 2 * T * 4  # chunk budget + per-token grad_hidden + outputs
+        print(f"  {T:,} tokens: naive student+teacher logits {gib(naive):.1f} GiB "
+              f"({T:,} x 151,936 x 4 B x 2 models); ours {gib(ours):.2f} GiB "
+              f"(chunk budget + {T:,} x 2048 x 4 B stored grad_hidden)")
+
+
+if __name__ == "__main__":
+    if args.child:
+        child(*args.child)
+    else:
+        main()

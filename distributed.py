@@ -1,0 +1,127 @@
+"""
+Multi-GPU training: the one place where FSDP2 (torch's `fully_shard`) is applied.
+
+- init_distributed(): under torchrun, join the process group (nccl on CUDA, gloo on CPU)
+  with a timeout, so a rank that dies makes the others fail within `timeout_s` instead of
+  hanging forever; with plain `python` (no WORLD_SIZE, or 1) it does nothing.
+- shard(model): fully_shard each decoder layer, then the root (embeddings, final norm,
+  lm_head), the order torchtitan uses: one all-gather per layer in forward and backward,
+  one reduce-scatter per layer for its gradients. Each rank keeps 1/world of every
+  parameter (dim 0). MoE experts are stacked [E, I, H], so dim-0 sharding hands each rank
+  whole experts: with world | E, FSDP's layout *is* expert parallelism.
+  Default precision: the sharded parameters stay fp32 (they are the optimizer's master
+  weights), layers compute in bf16 (cast during the all-gather), gradients are
+  reduce-scattered in fp32. offload=True keeps the sharded parameters and gradients in
+  host memory (FSDP2's CPUOffloadPolicy; the optimizer step then runs on the CPU).
+  activation_checkpointing=True recomputes each layer's activations in backward.
+- teardown(): destroy the process group, if any.
+
+    dist_info = init_distributed()           # first thing in main()
+    model = shard(model)                     # before building the optimizer
+    ...
+    teardown()
+
+Parameters after shard() are DTensors: build the optimizer after sharding, and read a full
+weight with p.full_tensor() (a collective: every rank must call it).
+"""
+
+import datetime
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch 2.4 / 2.5
+    from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+# bf16 compute, fp32 gradient reduction; the sharded (master) parameters keep their own dtype
+BF16_MIXED = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self):  # the rank that logs, evaluates and writes checkpoints
+        return self.rank == 0
+
+
+def init_distributed(timeout_s=1800, backend=None):
+    """
+    Join the torchrun process group; returns DistInfo(rank, world_size, local_rank, device).
+    No-op at world size 1. On CUDA each rank takes GPU LOCAL_RANK. The timeout bounds every
+    collective: a rank that crashed or deadlocked (e.g. ranks calling forward a different
+    number of times) turns into an error on the others after timeout_s, not a silent hang.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo(device="cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{local_rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
+                            timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=torch.device(device) if cuda else None)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(model, mesh=None, mp_policy=BF16_MIXED, reshard_after_forward=True, offload=False,
+          activation_checkpointing=False):
+    """
+    FSDP2 over `mesh` (default: all ranks of the default process group): each of
+    model.layers, then the root. Returns the model (modified in place; its parameters become
+    DTensors sharded on dim 0). Without a process group (plain `python`) nothing is sharded.
+
+    mp_policy: BF16_MIXED (default) or None for full fp32. reshard_after_forward=False keeps
+    each layer gathered from forward to backward (less communication, more memory).
+    offload=True: sharded params/grads live in host memory, copied in per layer (CPUOffloadPolicy).
+    Frozen models (teachers) are sharded the same way; they simply never produce gradients.
+    """
+    if activation_checkpointing:  # before sharding: FSDP's hooks then wrap the checkpointed call
+        for layer in model.layers:
+            layer.forward = _checkpointed(layer.forward)
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
+    if offload:  # pinned host memory makes the per-layer copies asynchronous; needs CUDA
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for layer in model.layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)  # the root: embed_tokens, norm, lm_head (tied or not: one group)
+    return model
+
+
+def _checkpointed(forward):
+    """Keep only the layer's inputs in forward; recompute its activations during backward.
+    Parameter names are unchanged (no wrapper module), so checkpoints keep HF names."""
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def local_bytes(tensors):
+    """Bytes this rank holds of the given (DTensor or plain) tensors: its shards only."""
+    n = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        n += t.numel() * t.element_size()
+    return n

@@ -1,0 +1,650 @@
+"""
+Exact log-probs and KL divergences straight from hidden states, never [tokens x vocab] in memory.
+
+A Qwen3 vocabulary has 151,936 entries: one 4,096-token sequence of fp32 logits is 2.3 GiB,
+and a MOPD step needs the student's and the teacher's. Everything here takes the final hidden
+states [..., H] and the lm_head weight [V, H] (logits = hidden @ weight.T / temperature) and
+walks over the tokens one chunk at a time, so at most [chunk x V] logits exist at once.
+
+What is in this file, top to bottom:
+- token_logprobs(): log p(target) per token, optionally the entropy (RL, the PG form of MOPD).
+- kl(): exact per-token KL(student || teacher) ("reverse", the MOPD direction),
+  KL(teacher || student) ("forward") or the generalised JSD, gradients to the student only.
+- teacher_topk() / topk_kl(): the paper's Eq. 5 (teacher top-k ids and log-probs, then the
+  truncated KL with its "- p_s + p_t" term).
+- The one chunked loop they all share (_fused_linear) and the autograd.Function around it.
+- Triton kernels for the per-row math of token_logprobs and kl (online max/sum over vocab
+  blocks, then the gradient), used automatically on CUDA; plain PyTorch elsewhere.
+- *_ref(): plain, materialise-everything references; the tests and bench/bench_kl.py use them.
+
+How the gradient is made cheap. The naive path costs one matmul forward (logits) and two
+backward (grad_hidden = dz @ W, grad_weight = dz^T @ h). Recomputing the logits in backward
+would cost a fourth. So, like Liger's fused linear cross-entropy, the forward pass computes
+the gradients while it holds a chunk's logits, for a unit gradient on every token:
+  - grad_hidden is stored per token [N, H]; backward multiplies token n by grad_output[n],
+    which is exact for any grad_output (token n's output depends on token n only).
+  - grad_weight [V, H] is a sum over tokens, so the stored sum is exact only when
+    grad_output is the same number for every unmasked token (loss = out.sum(), out.mean(),
+    or a masked mean). Backward checks that; otherwise it recomputes grad_weight chunk by
+    chunk with the true grad_output (exact, but one more logits matmul per model plus the
+    grad_weight matmul).
+Matmuls of [tokens x H x V] per call, forward + backward, student [+ teacher for kl()]; the
+naive path needs 3 [+1]:
+    loss gives every token the same weight (mean, sum):    3 [+1]   precompute_grads=True
+    per-token weights (PG loss -A_t log p, per-seq means): 5 [+2]   precompute_grads=True
+    any loss, forward computes values only:                4 [+2]   precompute_grads=False
+so a loss with per-token weights (MOPD's PG form) should pass precompute_grads=False.
+Inputs may be fp32 or bf16; logits and every sum are fp32 (fp64 when the inputs are fp64, so
+gradcheck works). Outputs are fp32 (fp64 for fp64 inputs). Masked tokens are dropped before
+the matmul: they cost nothing, give 0 and receive 0 gradient.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional: only the CUDA path (and its interpreter tests) needs it
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:
+    triton = tl = None
+    HAS_TRITON = False
+
+DEFAULT_MEM_BUDGET = 256 * 2**20  # bytes for the [chunk x V] temporaries of one call
+KL_KINDS = ("reverse", "forward", "jsd")
+
+# -----------------------------------------------------------------------------
+# Small helpers
+
+def _acc_dtype(x):
+    # fp32 accumulation for fp32/bf16/fp16 inputs; fp64 stays fp64 so gradcheck is meaningful
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def auto_chunk_size(vocab_size, n_buffers, mem_budget_bytes=DEFAULT_MEM_BUDGET, itemsize=4):
+    """Tokens per chunk so that n_buffers [chunk x V] fp32 temporaries fit in the budget."""
+    return max(1, int(mem_budget_bytes // (n_buffers * vocab_size * itemsize)))
+
+
+def _use_triton(backend, x):
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' but triton is not installed")
+        if x.dtype == torch.float64:
+            raise ValueError("the Triton kernels work in fp32; use backend='torch' for fp64")
+        return True
+    if backend == "auto":
+        return HAS_TRITON and x.is_cuda and x.dtype != torch.float64
+    raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+
+
+def _flatten(hidden, mask):
+    """[..., H] -> ([...], [n_valid, H], idx): masked tokens are dropped before any matmul."""
+    lead = hidden.shape[:-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if mask is None:
+        return lead, flat, None
+    if mask.shape != lead:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != hidden leading shape {tuple(lead)}")
+    idx = mask.reshape(-1).bool().nonzero().squeeze(1)
+    return lead, flat.index_select(0, idx), idx  # index_select is differentiable: 0 grad to masked rows
+
+
+def _unflatten(vals, lead, idx, fill=0):
+    """Per-valid-token values [n_valid, *rest] -> [..., *rest], masked tokens = fill."""
+    rest = vals.shape[1:]
+    if idx is None:
+        return vals.reshape(*lead, *rest)
+    n = math.prod(lead)
+    out = vals.new_full((n, *rest), fill).index_put((idx,), vals)  # differentiable w.r.t. vals
+    return out.reshape(*lead, *rest)
+
+
+def _per_token(x, lead, idx):
+    """A per-token tensor [..., *rest] (same leading shape as hidden) -> [n_valid, *rest]."""
+    if x.shape[:len(lead)] != lead:
+        raise ValueError(f"expected leading shape {tuple(lead)}, got {tuple(x.shape)}")
+    flat = x.reshape(-1, *x.shape[len(lead):])
+    return flat if idx is None else flat[idx]
+
+# -----------------------------------------------------------------------------
+# Per-row math, PyTorch. Each takes one chunk of logits z [C, V] (fp32, ours to overwrite),
+# returns the per-token outputs and dz = d(sum_k g_k * out_k)/dz, or None when no g is given.
+# In-place ops keep the temporaries to a few [C, V] buffers (counted in the memory budget).
+
+def _logprob_rows_torch(z, y, g_lp, g_ent, want_entropy):
+    # log p(y) = z_y - logsumexp(z);  entropy = -sum_v p_v log p_v
+    z -= torch.logsumexp(z, dim=1, keepdim=True)          # z now holds log p
+    lp = z.gather(1, y[:, None]).squeeze(1)
+    p = z.exp() if want_entropy else None
+    ent = -(p * z).sum(1) if want_entropy else None
+    outs = (lp, ent) if want_entropy else (lp,)
+    if g_lp is None and g_ent is None:
+        return outs, None
+    # d lp / dz_j = 1[j = y] - p_j          d ent / dz_j = -p_j (log p_j + ent)
+    if g_ent is None:
+        dz = z.exp_().mul_(-g_lp[:, None])               # -g p, in place: log p is no longer needed
+    else:
+        dz = z.add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])
+        if g_lp is not None:
+            dz -= p * g_lp[:, None]
+    if g_lp is not None:
+        dz.scatter_add_(1, y[:, None], g_lp[:, None])
+    return outs, dz
+
+
+def _kl_rows_torch(zs, zt, kind, beta, g):
+    # a = log p_s, b = log p_t (both over the full vocabulary)
+    zs -= torch.logsumexp(zs, dim=1, keepdim=True)
+    zt -= torch.logsumexp(zt, dim=1, keepdim=True)
+    ps = zs.exp()
+    if kind == "reverse":
+        # KL(s||t) = sum_v p_s (a - b);   dKL/dz_s = p_s (a - b - KL)
+        d = zt.neg_().add_(zs)                              # a - b, in place of b
+        out = (ps * d).sum(1)
+        dz = None if g is None else d.sub_(out[:, None]).mul_(ps).mul_(g[:, None])
+    elif kind == "forward":
+        # KL(t||s) = sum_v p_t (b - a);   dKL/dz_s = p_s - p_t
+        pt = zt.exp()
+        out = (pt * (zt - zs)).sum(1)
+        dz = None if g is None else ps.sub_(pt).mul_(g[:, None])
+    else:
+        # JSD_beta = beta KL(t||m) + (1-beta) KL(s||m),   m = (1-beta) p_s + beta p_t
+        # dJSD/dz_s = (1-beta) p_s (a - log m - KL(s||m))   (the d log m terms sum to zero)
+        logm = torch.logaddexp(zs + math.log1p(-beta), zt + math.log(beta))
+        kl_t = (zt.exp() * (zt - logm)).sum(1)
+        kl_s = (ps * (zs - logm)).sum(1)
+        out = beta * kl_t + (1 - beta) * kl_s
+        dz = None if g is None else logm.neg_().add_(zs).sub_(kl_s[:, None]).mul_(ps).mul_((1 - beta) * g[:, None])
+    return (out,), dz
+
+
+def _topk_rows_torch(z, ids, lt, g):
+    # Eq. 5: sum_{v in K} [ p_s(v) (log p_s(v) - log p_t(v)) - p_s(v) + p_t(v) ],
+    # p_s normalised over the FULL vocabulary, the teacher's top-k log-probs not renormalised.
+    z -= torch.logsumexp(z, dim=1, keepdim=True)
+    ls = z.gather(1, ids)
+    ps, pt = ls.exp(), lt.exp()
+    out = (ps * (ls - lt) - ps + pt).sum(1)
+    if g is None:
+        return (out,), None
+    # d out / d log p_s(v) = p_s(v) (ls - lt) =: c_v on K; through log-softmax: dz_j = c_j - p_j sum_v c_v
+    c = ps * (ls - lt) * g[:, None]
+    dz = z.exp_().mul_(-c.sum(1, keepdim=True)).scatter_add_(1, ids, c)
+    return (out,), dz
+
+# -----------------------------------------------------------------------------
+# Per-row math, Triton (CUDA; or CPU under TRITON_INTERPRET=1). One program per token row,
+# looping over blocks of the vocabulary: pass 1 keeps a running max m and a running sum
+# d = sum exp(z - m) (rescaled by exp(m_old - m_new) whenever the max grows, as in flash
+# attention), so each logit is read once for the normaliser; pass 2 writes dz in place.
+
+if HAS_TRITON:
+    @triton.jit
+    def _logprob_rows_kernel(Z, stride_z, Y, G_LP, G_ENT, LP, ENT, V,
+                             BLOCK: tl.constexpr, ENTROPY: tl.constexpr,
+                             GRAD_LP: tl.constexpr, GRAD_ENT: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        z_row = Z + row * stride_z
+        m = float("-inf")  # running max
+        d = 0.0            # running sum exp(z - m)
+        s = 0.0            # running sum exp(z - m) * z   (entropy = lse - s / d)
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            inb = offs < V
+            z = tl.load(z_row + offs, mask=inb, other=0.0)
+            m_new = tl.maximum(m, tl.max(tl.where(inb, z, float("-inf")), axis=0))
+            scale = tl.exp(m - m_new)
+            e = tl.where(inb, tl.exp(z - m_new), 0.0)  # lanes past the end of the vocab add nothing
+            d = d * scale + tl.sum(e, axis=0)
+            if ENTROPY:
+                s = s * scale + tl.sum(e * z, axis=0)
+            m = m_new
+        lse = m + tl.log(d)
+        y = tl.load(Y + row)
+        tl.store(LP + row, tl.load(z_row + y) - lse)
+        ent = 0.0
+        if ENTROPY:
+            ent = lse - s / d
+            tl.store(ENT + row, ent)
+        if GRAD_LP or GRAD_ENT:
+            g_lp = 0.0
+            g_ent = 0.0
+            if GRAD_LP:
+                g_lp = tl.load(G_LP + row)
+            if GRAD_ENT:
+                g_ent = tl.load(G_ENT + row)
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                inb = offs < V
+                logp = tl.load(z_row + offs, mask=inb, other=0.0) - lse
+                p = tl.exp(logp)
+                # g_lp (1[j = y] - p_j) - g_ent p_j (log p_j + ent)
+                dz = tl.where(offs == y, g_lp, 0.0) - g_lp * p - g_ent * p * (logp + ent)
+                tl.store(z_row + offs, dz, mask=inb)
+
+    @triton.jit
+    def _kl_rows_kernel(ZS, ZT, stride_s, stride_t, G, OUT, V, beta, log_beta, log_1m_beta,
+                        KIND: tl.constexpr, BLOCK: tl.constexpr, GRAD: tl.constexpr):
+        # KIND 0: reverse KL(s||t), 1: forward KL(t||s), 2: generalised JSD with 0 < beta < 1
+        row = tl.program_id(0).to(tl.int64)
+        zs_row = ZS + row * stride_s
+        zt_row = ZT + row * stride_t
+        # pass 1: both normalisers, online, plus the cross term of the direction:
+        #   reverse: c = sum exp(zs - ms) (zs - zt)  ->  KL = c / ds - lse_s + lse_t
+        #   forward: c = sum exp(zt - mt) (zt - zs)  ->  KL = c / dt - lse_t + lse_s
+        ms = float("-inf")
+        mt = float("-inf")
+        ds = 0.0
+        dt = 0.0
+        c = 0.0
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            inb = offs < V
+            zs = tl.load(zs_row + offs, mask=inb, other=0.0)
+            zt = tl.load(zt_row + offs, mask=inb, other=0.0)
+            ms_new = tl.maximum(ms, tl.max(tl.where(inb, zs, float("-inf")), axis=0))
+            mt_new = tl.maximum(mt, tl.max(tl.where(inb, zt, float("-inf")), axis=0))
+            es = tl.where(inb, tl.exp(zs - ms_new), 0.0)  # lanes past the end of the vocab add nothing
+            et = tl.where(inb, tl.exp(zt - mt_new), 0.0)
+            if KIND == 0:
+                c = c * tl.exp(ms - ms_new) + tl.sum(es * (zs - zt), axis=0)
+            if KIND == 1:
+                c = c * tl.exp(mt - mt_new) + tl.sum(et * (zt - zs), axis=0)
+            ds = ds * tl.exp(ms - ms_new) + tl.sum(es, axis=0)
+            dt = dt * tl.exp(mt - mt_new) + tl.sum(et, axis=0)
+            ms = ms_new
+            mt = mt_new
+        lse_s = ms + tl.log(ds)
+        lse_t = mt + tl.log(dt)
+        kl = 0.0
+        kl_s = 0.0
+        if KIND == 0:
+            kl = c / ds - lse_s + lse_t
+        if KIND == 1:
+            kl = c / dt - lse_t + lse_s
+        if KIND == 2:
+            # pass 2: the mixture m = (1-beta) p_s + beta p_t needs both final normalisers
+            kl_t = 0.0
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                inb = offs < V
+                a = tl.load(zs_row + offs, mask=inb, other=0.0) - lse_s
+                b = tl.load(zt_row + offs, mask=inb, other=0.0) - lse_t
+                x = log_1m_beta + a
+                w = log_beta + b
+                mx = tl.maximum(x, w)
+                logm = mx + tl.log(tl.exp(x - mx) + tl.exp(w - mx))
+                kl_t += tl.sum(tl.where(inb, tl.exp(b) * (b - logm), 0.0), axis=0)
+                kl_s += tl.sum(tl.where(inb, tl.exp(a) * (a - logm), 0.0), axis=0)
+            kl = beta * kl_t + (1.0 - beta) * kl_s
+        tl.store(OUT + row, kl)
+        if GRAD:
+            g = tl.load(G + row)
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                inb = offs < V
+                a = tl.load(zs_row + offs, mask=inb, other=0.0) - lse_s
+                b = tl.load(zt_row + offs, mask=inb, other=0.0) - lse_t
+                ps = tl.exp(a)
+                if KIND == 0:
+                    dz = g * ps * (a - b - kl)
+                if KIND == 1:
+                    dz = g * (ps - tl.exp(b))
+                if KIND == 2:
+                    x = log_1m_beta + a
+                    w = log_beta + b
+                    mx = tl.maximum(x, w)
+                    logm = mx + tl.log(tl.exp(x - mx) + tl.exp(w - mx))
+                    dz = g * (1.0 - beta) * ps * (a - logm - kl_s)
+                tl.store(zs_row + offs, dz, mask=inb)
+
+
+def _block(V):
+    return min(4096, triton.next_power_of_2(V))
+
+
+def _logprob_rows_triton(z, y, g_lp, g_ent, want_entropy):
+    C, V = z.shape
+    lp = torch.empty(C, dtype=torch.float32, device=z.device)
+    ent = torch.empty_like(lp) if want_entropy else lp
+    # the kernel reads row r of y and g at base + r: make them dense (a grad_output may be an
+    # expanded, stride-0 tensor). Unused pointers get `lp`; the constexpr flags keep them unread.
+    y = y.contiguous()
+    g_lp_ = lp if g_lp is None else g_lp.contiguous()
+    g_ent_ = lp if g_ent is None else g_ent.contiguous()
+    _logprob_rows_kernel[(C,)](z, z.stride(0), y, g_lp_, g_ent_, lp, ent, V, BLOCK=_block(V),
+                               ENTROPY=want_entropy, GRAD_LP=g_lp is not None, GRAD_ENT=g_ent is not None)
+    grad = g_lp is not None or g_ent is not None
+    return ((lp, ent) if want_entropy else (lp,)), (z if grad else None)
+
+
+def _kl_rows_triton(zs, zt, kind, beta, g):
+    C, V = zs.shape
+    out = torch.empty(C, dtype=torch.float32, device=zs.device)
+    kind_id = KL_KINDS.index(kind)
+    log_beta = math.log(beta) if 0 < beta else 0.0
+    log_1m_beta = math.log1p(-beta) if beta < 1 else 0.0
+    g_ = out if g is None else g.contiguous()
+    _kl_rows_kernel[(C,)](zs, zt, zs.stride(0), zt.stride(0), g_, out, V, beta, log_beta, log_1m_beta,
+                          KIND=kind_id, BLOCK=_block(V), GRAD=g is not None)
+    return (out,), (zs if g is not None else None)
+
+# -----------------------------------------------------------------------------
+# The loop every function shares, and its autograd.Function
+
+def _fused_linear(hidden, weight, temperature, rows, chunk_size, grads=None,
+                  need_grad_hidden=False, need_grad_weight=False):
+    """For each chunk c of tokens (hidden: [N, H] valid tokens, weight: [V, H]):
+         z             = hidden[c] @ weight^T / T              [C, V], fp32
+         outs, dz      = rows(z, c, g[c])                        dz = d(sum_k g_k out_k)/dz
+         grad_hidden[c] = dz @ weight / T                        [C, H]
+         grad_weight  += dz^T @ hidden[c] / T                    [V, H]
+    grads: one per-token weight vector (or None) per output of `rows`; None = values only."""
+    N, H = hidden.shape
+    acc = _acc_dtype(hidden)
+    w = weight.to(acc)  # a weight-sized copy only for bf16 weights
+    grad_h = hidden.new_empty(N, H, dtype=acc) if need_grad_hidden else None
+    grad_w = torch.zeros_like(w) if need_grad_weight else None
+    outs = []
+    for start in range(0, N, chunk_size):
+        c = slice(start, min(start + chunk_size, N))
+        h = hidden[c].to(acc) / temperature  # scaling h (C x H) is cheaper than scaling z (C x V)
+        z = h @ w.t()
+        g = None if grads is None else [None if x is None else x[c] for x in grads]
+        out, dz = rows(z, c, g)
+        outs.append(out)
+        if dz is not None:
+            if need_grad_hidden:
+                grad_h[c] = dz @ w
+            if need_grad_weight:
+                grad_w.addmm_(dz.t(), h)
+        del z, dz  # free this chunk's logits before the next chunk's are made
+    if grad_h is not None:
+        grad_h /= temperature
+    outs = [None if o[0] is None else torch.cat(o) for o in zip(*outs)] if outs else None
+    return outs, grad_h, grad_w
+
+
+def _is_uniform(g):
+    return g.numel() == 0 or bool((g == g[0]).all())
+
+
+class _FusedLinearFunction(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H]) -> the per-token outputs of `rows`, see _fused_linear.
+    Forward computes the gradients for a unit grad_output on output 0; backward scales them,
+    or recomputes what a general grad_output needs (see the module docstring for the costs)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, temperature, rows, n_out, chunk_size, precompute_grads):
+        ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        unit = None  # precompute_grads=False: values only now, backward recomputes everything
+        if precompute_grads:
+            unit = [torch.ones(hidden.shape[0], dtype=_acc_dtype(hidden), device=hidden.device)]
+            unit += [None] * (n_out - 1)
+        outs, ctx.grad_h, ctx.grad_w = _fused_linear(hidden, weight, temperature, rows, chunk_size,
+                                                     unit, need_h and precompute_grads,
+                                                     need_w and precompute_grads)
+        ctx.save_for_backward(hidden, weight)
+        ctx.temperature, ctx.rows, ctx.chunk_size = temperature, rows, chunk_size
+        if outs is None:  # no tokens at all
+            outs = [hidden.new_zeros(0, dtype=_acc_dtype(hidden))] * n_out
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        hidden, weight = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if all(g is None for g in grads):
+            return None, None, None, None, None, None, None
+        g0, only_first = grads[0], grads[0] is not None and all(g is None for g in grads[1:])
+        grad_h = grad_w = None
+        # stored per-token grad_hidden: exact for any grad_output of output 0, token by token.
+        # Out of place ([N, H] is small), so a graph kept with retain_graph can use it again.
+        if need_h and only_first and ctx.grad_h is not None:
+            grad_h = ctx.grad_h * g0[:, None]
+        # stored grad_weight is a sum over tokens: exact only for one grad_output for all tokens.
+        # It is weight-sized, so it is scaled in place and handed out once.
+        if need_w and only_first and ctx.grad_w is not None and _is_uniform(g0):
+            grad_w = ctx.grad_w.mul_(g0[0] if g0.numel() else 0.0)
+        ctx.grad_w = None
+        redo_h, redo_w = need_h and grad_h is None, need_w and grad_w is None
+        if redo_h or redo_w:  # general grad_output: recompute, chunk by chunk, with the true g
+            grads = [None if g is None else g.to(_acc_dtype(hidden)) for g in grads]
+            _, gh, gw = _fused_linear(hidden, weight, ctx.temperature, ctx.rows, ctx.chunk_size,
+                                      grads, redo_h, redo_w)
+            grad_h = gh if redo_h else grad_h
+            grad_w = gw if redo_w else grad_w
+        grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def _run(hidden, weight, temperature, rows, n_out, chunk_size, precompute_grads):
+    """Values (and, when autograd needs them, gradients) of `rows` over all valid tokens."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearFunction.apply(hidden, weight, temperature, rows, n_out, chunk_size,
+                                          precompute_grads)
+    outs, _, _ = _fused_linear(hidden, weight, temperature, rows, chunk_size)
+    if outs is None:
+        outs = [hidden.new_zeros(0, dtype=_acc_dtype(hidden))] * n_out
+    return tuple(outs)
+
+
+def _check(hidden, weight, temperature):
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} != weight.shape[1] {weight.shape[1]}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+# -----------------------------------------------------------------------------
+# Public API
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, mask=None, return_entropy=False,
+                   chunk_size=None, mem_budget_bytes=DEFAULT_MEM_BUDGET, backend="auto",
+                   precompute_grads=True):
+    """log p(targets) per token, p = softmax(hidden @ weight.T / temperature) over the full vocab.
+
+    hidden [..., H] (fp32/bf16), weight [V, H], targets [...] (int), mask [...] (bool) or None.
+    Returns fp32 [...] log-probs (and the entropy [...] if return_entropy); masked tokens give 0.
+    Differentiable w.r.t. hidden and weight. backend: "auto" (Triton on CUDA), "torch", "triton".
+    precompute_grads: True suits losses that weight every token alike (out.mean()); for the PG
+    loss, whose per-token advantages make the weights differ, False saves one matmul of five.
+    """
+    _check(hidden, weight, temperature)
+    lead, h, idx = _flatten(hidden, mask)
+    y = _per_token(targets, lead, idx).long()
+    V = weight.shape[0]
+    # live [chunk x V] buffers: the logits and logsumexp's temporary (+ p and p*log p for the entropy)
+    chunk = chunk_size or auto_chunk_size(V, 4 if return_entropy else 2, mem_budget_bytes)
+    use_triton = _use_triton(backend, hidden)
+    row_fn = _logprob_rows_triton if use_triton else _logprob_rows_torch
+
+    def rows(z, c, g):
+        g_lp, g_ent = (None, None) if g is None else (g + [None])[:2]
+        return row_fn(z, y[c], g_lp, g_ent, return_entropy)
+
+    outs = _run(h, weight, temperature, rows, 2 if return_entropy else 1, chunk, precompute_grads)
+    outs = [_unflatten(o, lead, idx) for o in outs]
+    return (outs[0], outs[1]) if return_entropy else outs[0]
+
+
+def kl(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
+       teacher_logits=None, teacher_logprobs=None, kind="reverse", beta=0.5, temperature=1.0,
+       mask=None, chunk_size=None, mem_budget_bytes=DEFAULT_MEM_BUDGET, backend="auto",
+       precompute_grads=True):
+    """Exact per-token divergence between the student's and the teacher's full-vocab distributions.
+
+    kind="reverse": KL(student || teacher) = sum_v p_s (log p_s - log p_t)   (MOPD's direction)
+    kind="forward": KL(teacher || student) = sum_v p_t (log p_t - log p_s)
+    kind="jsd":     generalised JSD as in TRL's GKD: with m = (1-beta) p_s + beta p_t,
+                    JSD = beta KL(t || m) + (1-beta) KL(s || m) for 0 < beta < 1; beta=0 is
+                    exactly forward KL and beta=1 exactly reverse KL (the mixture formula itself
+                    goes to 0 at both ends, so the ends are defined as the two KLs).
+    The teacher comes as teacher_hidden [..., H_t] + teacher_weight [V, H_t] (never
+    materialised), or as teacher_logits [..., V] (divided by temperature like the student's), or
+    as teacher_logprobs [..., V] (used as given: already the teacher's final distribution).
+    Teacher inputs are constants: gradients flow to student_hidden / student_weight only.
+    Returns fp32 [...]; masked tokens give 0.
+    """
+    _check(student_hidden, student_weight, temperature)
+    if kind not in KL_KINDS:
+        raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
+    if kind == "jsd":
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        kind = {0.0: "forward", 1.0: "reverse"}.get(float(beta), "jsd")
+    if sum(x is not None for x in (teacher_hidden, teacher_logits, teacher_logprobs)) != 1:
+        raise ValueError("give exactly one of teacher_hidden (+ teacher_weight), teacher_logits, teacher_logprobs")
+    V = student_weight.shape[0]
+    lead, h, idx = _flatten(student_hidden, mask)
+    acc = _acc_dtype(student_hidden)
+    if teacher_hidden is not None:
+        if teacher_weight is None or teacher_weight.shape[0] != V or teacher_hidden.shape[:-1] != lead:
+            raise ValueError("teacher_hidden/teacher_weight must match the student's tokens and vocabulary "
+                             "(teacher and student must share the tokenizer)")
+        th = _per_token(teacher_hidden.detach(), lead, idx)
+        tw = teacher_weight.detach().to(acc)
+
+        def teacher_rows(c):
+            return (th[c].to(acc) / temperature) @ tw.t()
+    else:
+        given = (teacher_logits if teacher_logits is not None else teacher_logprobs).detach()
+        if given.shape != (*lead, V):
+            raise ValueError(f"teacher logits/logprobs must be {(*lead, V)}, got {tuple(given.shape)}")
+        flat = given.reshape(-1, V)
+        div = temperature if teacher_logits is not None else 1.0
+
+        def teacher_rows(c):
+            rows_ = flat[c] if idx is None else flat[idx[c]]
+            return rows_.to(acc) / div  # always a fresh tensor: the row math overwrites it
+
+    # live [chunk x V] buffers: both logits, p_s, and up to three temporaries (the JSD's mixture)
+    chunk = chunk_size or auto_chunk_size(V, 6, mem_budget_bytes)
+    row_fn = _kl_rows_triton if _use_triton(backend, student_hidden) else _kl_rows_torch
+
+    def rows(z, c, g):
+        return row_fn(z, teacher_rows(c), kind, beta, None if g is None else g[0])
+
+    (out,) = _run(h, student_weight, temperature, rows, 1, chunk, precompute_grads)
+    return _unflatten(out, lead, idx)
+
+
+@torch.no_grad()
+def teacher_topk(hidden, weight, k=64, temperature=1.0, mask=None, chunk_size=None,
+                 mem_budget_bytes=DEFAULT_MEM_BUDGET):
+    """The teacher's top-k token ids and their log-probs, normalised over the FULL vocabulary.
+
+    Returns ids [..., k] (int64) and logprobs [..., k] (fp32), sorted by decreasing probability;
+    masked tokens get ids 0 and logprobs 0 (topk_kl ignores them under the same mask).
+    """
+    _check(hidden, weight, temperature)
+    V = weight.shape[0]
+    if not 1 <= k <= V:
+        raise ValueError(f"k must be in [1, {V}], got {k}")
+    lead, h, idx = _flatten(hidden.detach(), mask)
+    acc = _acc_dtype(hidden)
+    w = weight.detach().to(acc)
+    chunk = chunk_size or auto_chunk_size(V, 2, mem_budget_bytes)
+    ids, lps = [h.new_zeros(0, k, dtype=torch.long)], [h.new_zeros(0, k, dtype=acc)]
+    for start in range(0, h.shape[0], chunk):
+        z = (h[start:start + chunk].to(acc) / temperature) @ w.t()
+        vals, top = z.topk(k, dim=1)
+        lps.append(vals - torch.logsumexp(z, dim=1, keepdim=True))
+        ids.append(top)
+    return _unflatten(torch.cat(ids), lead, idx), _unflatten(torch.cat(lps), lead, idx)
+
+
+def topk_kl(student_hidden, student_weight, topk_ids, teacher_topk_logprobs, temperature=1.0,
+            mask=None, chunk_size=None, mem_budget_bytes=DEFAULT_MEM_BUDGET, precompute_grads=True):
+    """Paper Eq. 5 per token: sum_{v in K} [ p_s(v) log(p_s(v)/p_t(v)) - p_s(v) + p_t(v) ].
+
+    K = topk_ids [..., k] (the teacher's top-k), teacher_topk_logprobs [..., k] as returned by
+    teacher_topk (full-vocab normalised, not renormalised over K). The student's log-probs are
+    normalised over the full vocabulary too. Gradients to the student only. Returns fp32 [...].
+    """
+    _check(student_hidden, student_weight, temperature)
+    V = student_weight.shape[0]
+    lead, h, idx = _flatten(student_hidden, mask)
+    acc = _acc_dtype(student_hidden)
+    ids = _per_token(topk_ids, lead, idx).long()
+    lt = _per_token(teacher_topk_logprobs.detach(), lead, idx).to(acc)
+    chunk = chunk_size or auto_chunk_size(V, 2, mem_budget_bytes)  # logits + logsumexp's temporary
+
+    def rows(z, c, g):
+        return _topk_rows_torch(z, ids[c], lt[c], None if g is None else g[0])
+
+    (out,) = _run(h, student_weight, temperature, rows, 1, chunk, precompute_grads)
+    return _unflatten(out, lead, idx)
+
+# -----------------------------------------------------------------------------
+# References: materialise the logits, write the math as plainly as possible. Used by the tests
+# (in float64) and as the "naive" side of bench/bench_kl.py (in fp32).
+
+def _ref_logits(hidden, weight, temperature):
+    dtype = torch.promote_types(_acc_dtype(hidden), _acc_dtype(weight))
+    return (hidden.to(dtype) @ weight.to(dtype).t()) / temperature
+
+
+def _ref_masked(x, mask):
+    return x if mask is None else torch.where(mask, x, torch.zeros_like(x))
+
+
+def token_logprobs_ref(hidden, weight, targets, temperature=1.0, mask=None, return_entropy=False):
+    logp = F.log_softmax(_ref_logits(hidden, weight, temperature), dim=-1)
+    lp = logp.gather(-1, targets.long().clamp_min(0)[..., None]).squeeze(-1)
+    if not return_entropy:
+        return _ref_masked(lp, mask)
+    ent = -(logp.exp() * logp).sum(-1)
+    return _ref_masked(lp, mask), _ref_masked(ent, mask)
+
+
+def kl_from_logprobs_ref(ls, lt, kind="reverse", beta=0.5):
+    """Per-token divergence from full log-prob tensors ls (student) and lt (teacher), [..., V]."""
+    if kind == "jsd" and beta == 0.0:
+        kind = "forward"
+    if kind == "jsd" and beta == 1.0:
+        kind = "reverse"
+    if kind == "reverse":
+        return (ls.exp() * (ls - lt)).sum(-1)
+    if kind == "forward":
+        return (lt.exp() * (lt - ls)).sum(-1)
+    logm = torch.logsumexp(torch.stack([ls + math.log1p(-beta), lt + math.log(beta)]), dim=0)
+    return beta * (lt.exp() * (lt - logm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - logm)).sum(-1)
+
+
+def kl_ref(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
+           teacher_logits=None, teacher_logprobs=None, kind="reverse", beta=0.5, temperature=1.0,
+           mask=None):
+    zs = _ref_logits(student_hidden, student_weight, temperature)
+    if teacher_hidden is not None:
+        zt = _ref_logits(teacher_hidden, teacher_weight, temperature).detach()
+    elif teacher_logits is not None:
+        zt = teacher_logits.detach().to(zs.dtype) / temperature
+    else:
+        zt = teacher_logprobs.detach().to(zs.dtype)
+    out = kl_from_logprobs_ref(F.log_softmax(zs, -1), F.log_softmax(zt, -1), kind, beta)
+    return _ref_masked(out, mask)
+
+
+def teacher_topk_ref(hidden, weight, k=64, temperature=1.0, mask=None):
+    logp = F.log_softmax(_ref_logits(hidden, weight, temperature), dim=-1)
+    lps, ids = logp.topk(k, dim=-1)
+    if mask is not None:
+        ids, lps = ids * mask[..., None], _ref_masked(lps, mask[..., None])
+    return ids, lps
+
+
+def topk_kl_ref(student_hidden, student_weight, topk_ids, teacher_topk_logprobs, temperature=1.0,
+                mask=None):
+    ls = F.log_softmax(_ref_logits(student_hidden, student_weight, temperature), dim=-1)
+    ls = ls.gather(-1, topk_ids.long())
+    lt = teacher_topk_logprobs.to(ls.dtype)
+    out = (ls.exp() * (ls - lt) - ls.exp() + lt.exp()).sum(-1)
+    return _ref_masked(out, mask)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The toy reproduction of the paper's comparison, end to end on a CPU:
+#   S0 (SFT on noisy demos) -> one RL teacher per domain -> MOPD -> every baseline
+#   (Mix-RL, Cascade RL, off-policy finetune, weight average, task arithmetic)
+#   -> multi-round MOPD -> held-out evaluation, table (OUT/results.md) and chart (OUT/results.png).
+#
+#   bash runs/toy.sh                    # one seed
+#   SEEDS=3 bash runs/toy.sh            # three seeds, mean ± sd
+#   DOMAINS=rev,sort,odd MULTI_ROUND=0 OUT=out/toy bash runs/toy.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SEEDS=${SEEDS:-1}
+DOMAINS=${DOMAINS:-rev,sort,inc}
+OUT=${OUT:-out/toy}
+MULTI_ROUND=${MULTI_ROUND:-1}
+PY=${PY:-python}
+export PYTHONUNBUFFERED=1
+doms=${DOMAINS//,/ }
+t_start=$(date +%s)
+say() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
+
+for seed in $(seq 0 $((SEEDS - 1))); do
+  o=$OUT/seed$seed
+  mkdir -p "$o"
+  run() { local name=$1; shift; say "seed $seed: $name"; "$PY" "$@" > "$o/$name.txt" 2>&1 || { tail -20 "$o/$name.txt"; exit 1; }; }
+
+  run base train_sft.py --preset=toy_base --seed=$seed --out_dir=$o/base
+  teachers=""
+  for d in $doms; do
+    run teacher_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$o/base --domains=$d --out_dir=$o/teacher_$d
+    teachers+="$d=$o/teacher_$d,"
+  done
+  teachers=${teachers%,}
+  run mopd train_mopd.py --preset=toy --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$teachers --out_dir=$o/mopd
+  run mixrl train_teacher_rl.py --preset=toy_mix --seed=$seed --init=$o/base --domains=$DOMAINS --out_dir=$o/mixrl
+  prev=$o/base  # Cascade RL: one domain after another, each from the previous result
+  for d in $doms; do
+    run cascade_$d train_teacher_rl.py --preset=toy_cascade --seed=$seed --init=$prev --domains=$d --out_dir=$o/cascade_$d
+    prev=$o/cascade_$d
+  done
+  run offpolicy train_sft.py --preset=toy_offpolicy --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$teachers --out_dir=$o/offpolicy
+  run merge_avg merge.py --mode=average --base=$o/base --teacher=$teachers --out=$o/merge_avg
+  run merge_ta merge.py --mode=task_arithmetic --base=$o/base --teacher=$teachers --out=$o/merge_ta
+  models=(--model=MOPD=$o/mopd --model=Mix-RL=$o/mixrl --model="Cascade RL=$prev" --model="Off-policy FT=$o/offpolicy"
+          --model="Weight average=$o/merge_avg" --model="Task arithmetic=$o/merge_ta")
+  if [ "$MULTI_ROUND" = 1 ]; then  # round 2: teachers re-trained from the MOPD student, then distil again
+    teachers2=""
+    for d in $doms; do
+      run teacher2_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$o/mopd --domains=$d --out_dir=$o/teacher2_$d
+      teachers2+="$d=$o/teacher2_$d,"
+    done
+    run mopd2 train_mopd.py --preset=toy --seed=$seed --init=$o/mopd --domains=$DOMAINS --teacher=${teachers2%,} --out_dir=$o/mopd2
+    models+=(--model="MOPD round 2=$o/mopd2")
+  fi
+  run eval evaluate.py --domains=$DOMAINS --base=$o/base --teacher=$teachers "${models[@]}" \
+      --curve=MOPD=$o/mopd.log/metrics.jsonl --curve=Mix-RL=$o/mixrl.log/metrics.jsonl --out=$o/results
+  cat "$o/results.md"
+done
+"$PY" evaluate.py --aggregate $OUT/seed*/results.json --out=$OUT/results > /dev/null
+say "done: $OUT/results.md, $OUT/results.png"
+cat "$OUT/results.md"

@@ -1,0 +1,59 @@
+"""merge.py and evaluate.py: the merging formulas, the normalised score, seeds, sample efficiency."""
+import json
+
+import pytest
+import torch
+
+from evaluate import aggregate, markdown, normalised, samples_to_reach
+from merge import average, task_arithmetic
+from model import ModelConfig, Transformer
+
+
+def _model(seed):
+    cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=4)
+    return Transformer(cfg).init_weights(seed=seed)
+
+
+def test_average_and_task_arithmetic():
+    base, a, b = _model(0), _model(1), _model(2)
+    k = "layers.0.mlp.up_proj.weight"
+    avg = average([a, b])
+    assert torch.allclose(avg[k], (a.state_dict()[k] + b.state_dict()[k]) / 2)
+    ta = task_arithmetic(base, [a, b], 0.5)
+    s0 = base.state_dict()[k]
+    assert torch.allclose(ta[k], s0 + 0.5 * ((a.state_dict()[k] - s0) + (b.state_dict()[k] - s0)))
+    assert all(torch.equal(v, base.state_dict()[n]) for n, v in task_arithmetic(base, [a, b], 0.0).items())
+
+
+def test_normalised_score():
+    base = {"a": 0.2, "b": 0.5}
+    teacher = {"a": 0.9, "b": 0.7}
+    per, mean = normalised({"a": 0.55, "b": 0.7}, base, teacher)
+    assert per == pytest.approx({"a": 0.5, "b": 1.0}) and mean == pytest.approx(0.75)
+    per, _ = normalised(teacher, base, teacher)
+    assert per == pytest.approx({"a": 1.0, "b": 1.0})
+
+
+def test_samples_to_reach(tmp_path):
+    p = tmp_path / "m.jsonl"
+    rows = [{"step": 1, "samples": 64, "eval": {"a": 0.3, "b": 0.5}},
+            {"step": 2, "samples": 128, "eval": {"a": 0.85, "b": 0.55}},
+            {"step": 3, "samples": 192, "eval": {"a": 0.5, "b": 0.69}}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # 90% of headroom: a needs 0.2 + 0.9 * 0.7 = 0.83, b needs 0.5 + 0.9 * 0.2 = 0.68
+    assert samples_to_reach(p, {"a": 0.2, "b": 0.5}, {"a": 0.9, "b": 0.7}) == {"a": 128, "b": 192}
+
+
+def test_aggregate_seeds_and_markdown(tmp_path):
+    paths = []
+    for i, x in enumerate((0.4, 0.6)):
+        r = {"domains": ["a"], "accuracy": {"S0": {"a": 0.2}, "MOPD": {"a": x}},
+             "normalised": {"S0": {"a": 0.0, "score": 0.0}, "MOPD": {"a": x, "score": x}}}
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    res = aggregate(paths)
+    assert res["accuracy"]["MOPD"]["a"] == pytest.approx(0.5)
+    assert res["sd"]["normalised"]["MOPD"]["score"] == pytest.approx(0.1414, abs=1e-3)
+    text = markdown(res)
+    assert "| MOPD | 0.500 ± 0.141 | 0.500 ± 0.141 |" in text and "2 seeds" in text

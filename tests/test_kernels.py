@@ -1,0 +1,409 @@
+"""
+kernels.py against plain float64 references: values and gradients of every function, the KL
+direction, the JSD ends, gradcheck, the sampled-token estimator, and the Triton kernels run on
+CPU under TRITON_INTERPRET=1 (in a child process, since the variable must be set before triton
+is imported and other test modules may have imported it already).
+
+Errors are norm-wise: |ours - ref| / |ref| over the whole tensor. Bounds: 1e-5 for fp32 inputs,
+1e-2 for bf16 inputs (the reference then sees the same bf16 values, upcast to float64).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels as K  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def rel_err(ours, ref):
+    ours, ref = ours.double(), ref.double()
+    return ((ours - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def lm_inputs(B, T, H, V, dtype=torch.float32, seed=0, scale=1.0):
+    """hidden [B, T, H] and weight [V, H] whose logits have a standard deviation of about 2*scale,
+    like a trained LM head (peaked but not one-hot), plus a random mask with some tokens off."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (2 * scale / math.sqrt(H))
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[0, 0] = True
+    return hidden.to(dtype), weight.to(dtype), mask
+
+
+def grads_of(fn, tensors, g):
+    """Gradients of sum(out * g) w.r.t. `tensors` (fresh leaves), and out."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    total = out if not isinstance(out, tuple) else out[0] + 0.5 * out[1]
+    return out, torch.autograd.grad((total * g).sum(), leaves)
+
+
+def as64(*tensors):
+    return [t.detach().double() for t in tensors]
+
+
+def per_token_weights(shape, kind, seed=1):
+    """grad_output patterns: 'sum' (one number for every token: the fast path) or 'random'
+    (one number per token, like the PG loss or per-sequence means: the recompute path)."""
+    if kind == "sum":
+        return torch.full(shape, 0.37)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+# -----------------------------------------------------------------------------
+# token_logprobs
+
+
+@pytest.mark.parametrize("V", [1000, 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gkind", ["sum", "random"])
+def test_token_logprobs_vs_fp64(V, dtype, gkind):
+    B, T, H, temp = 2, 9, 32, 0.7
+    h, w, mask = lm_inputs(B, T, H, V, dtype)
+    y = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
+    y[~mask] = -100  # ignore-index style targets on masked tokens must never be looked up
+    g = per_token_weights((B, T), gkind)
+    # several chunks with a ragged last one; the automatic size; gradients recomputed in backward
+    for chunk, pre in ((4, True), (None, True), (4, False)):
+        ours, (gh, gw) = grads_of(lambda a, b: K.token_logprobs(a, b, y, temp, mask, True, chunk,
+                                                                precompute_grads=pre), (h, w), g)
+        ref, (rgh, rgw) = grads_of(lambda a, b: K.token_logprobs_ref(a, b, y, temp, mask, True), as64(h, w), g)
+        for a, b in [(ours[0], ref[0]), (ours[1], ref[1]), (gh, rgh), (gw, rgw)]:
+            assert rel_err(a, b) <= TOL[dtype], (chunk, rel_err(a, b))
+        assert gh.dtype == dtype and gw.dtype == dtype and ours[0].dtype == torch.float32
+        assert (ours[0][~mask] == 0).all() and (gh[~mask] == 0).all()
+
+
+def test_token_logprobs_without_entropy_and_frozen_weight():
+    h, w, mask = lm_inputs(2, 5, 16, 1000)
+    y = torch.randint(0, 1000, (2, 5))
+    g = per_token_weights((2, 5), "random")
+    hl = h.clone().requires_grad_()  # weight frozen (e.g. tied embeddings trained elsewhere)
+    (K.token_logprobs(hl, w, y, mask=mask, chunk_size=3) * g).sum().backward()
+    hr = h.double().requires_grad_()
+    (K.token_logprobs_ref(hr, w.double(), y, mask=mask) * g).sum().backward()
+    assert rel_err(hl.grad, hr.grad) <= 1e-5
+    with torch.no_grad():  # values only: no autograd Function, no gradient work
+        assert rel_err(K.token_logprobs(h, w, y, mask=mask), K.token_logprobs_ref(h.double(), w.double(), y, mask=mask)) <= 1e-5
+
+# -----------------------------------------------------------------------------
+# kl
+
+
+@pytest.mark.parametrize("kind,beta", [("reverse", 0.5), ("forward", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("V", [1000, 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_vs_fp64(kind, beta, V, dtype):
+    B, T, H, temp = 2, 7, 24, 1.3
+    hs, ws, mask = lm_inputs(B, T, H, V, dtype, seed=0)
+    ht, wt, _ = lm_inputs(B, T, 2 * H, V, dtype, seed=1)  # teacher: another hidden size, same vocab
+    for gkind, pre in (("sum", True), ("random", True), ("random", False)):
+        g = per_token_weights((B, T), gkind)
+        ours, (gh, gw) = grads_of(lambda a, b: K.kl(a, b, ht, wt, kind=kind, beta=beta, temperature=temp,
+                                                    mask=mask, chunk_size=3, precompute_grads=pre), (hs, ws), g)
+        ref, (rgh, rgw) = grads_of(lambda a, b: K.kl_ref(a, b, ht.double(), wt.double(), kind=kind, beta=beta,
+                                                         temperature=temp, mask=mask), as64(hs, ws), g)
+        for a, b in [(ours, ref), (gh, rgh), (gw, rgw)]:
+            assert rel_err(a, b) <= TOL[dtype], (gkind, rel_err(a, b))
+        assert (ours[~mask] == 0).all() and (gh[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
+def test_kl_teacher_as_logits_or_logprobs(kind):
+    B, T, H, V, temp = 2, 6, 16, 1000, 0.8
+    hs, ws, mask = lm_inputs(B, T, H, V, seed=3)
+    ht, wt, _ = lm_inputs(B, T, H, V, seed=4)
+    t_logits = ht @ wt.t()
+    t_logprobs = F.log_softmax(t_logits / temp, dim=-1)  # already the tempered distribution
+    g = per_token_weights((B, T), "random")
+    ref, (rgh, rgw) = grads_of(lambda a, b: K.kl_ref(a, b, ht.double(), wt.double(), kind=kind, beta=0.6,
+                                                     temperature=temp, mask=mask), as64(hs, ws), g)
+    for teacher in (dict(teacher_logits=t_logits), dict(teacher_logprobs=t_logprobs)):
+        ours, (gh, gw) = grads_of(lambda a, b: K.kl(a, b, kind=kind, beta=0.6, temperature=temp, mask=mask,
+                                                    chunk_size=5, **teacher), (hs, ws), g)
+        for a, b in [(ours, ref), (gh, rgh), (gw, rgw)]:
+            assert rel_err(a, b) <= 1e-5, (list(teacher), rel_err(a, b))
+
+
+def test_kl_teacher_gets_no_gradient():
+    hs, ws, _ = lm_inputs(1, 4, 8, 100, seed=5)
+    ht, wt, _ = lm_inputs(1, 4, 8, 100, seed=6)
+    hs, ht, wt = hs.requires_grad_(), ht.requires_grad_(), wt.requires_grad_()
+    K.kl(hs, ws, ht, wt).sum().backward()
+    assert hs.grad is not None and ht.grad is None and wt.grad is None
+
+
+def test_kl_direction_by_hand():
+    # p_s = [0.9, 0.1], p_t = [0.5, 0.5]; weight = I, so logits = hidden = log p.
+    ps, pt = torch.tensor([[0.9, 0.1]]), torch.tensor([[0.5, 0.5]])
+    reverse = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)  # KL(s||t) = 0.368064...
+    forward = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # KL(t||s) = 0.510825...
+    eye = torch.eye(2)
+    assert abs(K.kl(ps.log(), eye, pt.log(), eye, kind="reverse").item() - reverse) < 1e-6
+    assert abs(K.kl(ps.log(), eye, pt.log(), eye, kind="forward").item() - forward) < 1e-6
+    # F.kl_div(input, target) is KL(target || input): reverse KL needs input = teacher.
+    assert abs(F.kl_div(pt.log(), ps.log(), reduction="sum", log_target=True).item() - reverse) < 1e-6
+    assert abs(F.kl_div(ps.log(), pt.log(), reduction="sum", log_target=True).item() - forward) < 1e-6
+
+
+def test_kl_direction_on_random_distributions():
+    B, T, H, V = 1, 8, 16, 1000
+    hs, ws, _ = lm_inputs(B, T, H, V, seed=7, scale=0.5)  # flat student
+    ht, wt, _ = lm_inputs(B, T, H, V, seed=8, scale=2.0)  # peaked teacher: the two KLs differ a lot
+    ls = F.log_softmax((hs @ ws.t()).double(), -1)
+    lt = F.log_softmax((ht @ wt.t()).double(), -1)
+    reverse = (ls.exp() * (ls - lt)).sum(-1)
+    forward = (lt.exp() * (lt - ls)).sum(-1)
+    assert ((reverse - forward).abs() > 0.25).all()
+    assert rel_err(K.kl(hs, ws, ht, wt, kind="reverse"), reverse) <= 1e-5
+    assert rel_err(K.kl(hs, ws, ht, wt, kind="forward"), forward) <= 1e-5
+
+
+def test_jsd_ends_and_middle():
+    B, T, H, V = 2, 5, 16, 1000
+    hs, ws, mask = lm_inputs(B, T, H, V, seed=9)
+    ht, wt, _ = lm_inputs(B, T, H, V, seed=10)
+    fwd = K.kl(hs, ws, ht, wt, kind="forward", mask=mask)
+    rev = K.kl(hs, ws, ht, wt, kind="reverse", mask=mask)
+    assert torch.equal(K.kl(hs, ws, ht, wt, kind="jsd", beta=0.0, mask=mask), fwd)  # beta=0: forward KL
+    assert torch.equal(K.kl(hs, ws, ht, wt, kind="jsd", beta=1.0, mask=mask), rev)  # beta=1: reverse KL
+    # beta=0.5 is the textbook symmetric JSD: 0.5 KL(s||m) + 0.5 KL(t||m), m = (p_s + p_t) / 2
+    ls = F.log_softmax((hs @ ws.t()).double(), -1)
+    lt = F.log_softmax((ht @ wt.t()).double(), -1)
+    logm = torch.log((ls.exp() + lt.exp()) / 2)
+    jsd = 0.5 * (ls.exp() * (ls - logm)).sum(-1) + 0.5 * (lt.exp() * (lt - logm)).sum(-1)
+    ours = K.kl(hs, ws, ht, wt, kind="jsd", beta=0.5, mask=mask)
+    assert rel_err(ours, jsd * mask) <= 1e-5
+    assert (ours[mask] <= math.log(2) + 1e-6).all()  # the symmetric JSD is bounded by log 2
+    # the mixture at beta close to 1 is a *scaled* reverse KL that vanishes: why beta=1 is special
+    near = K.kl(hs, ws, ht, wt, kind="jsd", beta=1 - 1e-3, mask=mask)
+    assert (near[mask] < 0.01 * rev[mask]).all()
+
+# -----------------------------------------------------------------------------
+# top-k (paper Eq. 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_topk_and_topk_kl_vs_fp64(dtype):
+    B, T, H, V, k, temp = 2, 6, 24, 4097, 64, 0.9
+    ht, wt, mask = lm_inputs(B, T, H, V, dtype, seed=11)
+    hs, ws, _ = lm_inputs(B, T, H, V, dtype, seed=12)
+    ids, lps = K.teacher_topk(ht, wt, k=k, temperature=temp, mask=mask, chunk_size=5)
+    rids, rlps = K.teacher_topk_ref(ht.double(), wt.double(), k=k, temperature=temp, mask=mask)
+    assert ids.shape == (B, T, k) and ids.dtype == torch.long
+    assert torch.equal(ids, rids)  # random logits: no ties at the k-th place
+    assert rel_err(lps, rlps) <= 1e-5
+    assert (lps[mask].exp().sum(-1) < 1).all()  # normalised over the full vocab, not over the top k
+    for gkind in ("sum", "random"):
+        g = per_token_weights((B, T), gkind)
+        ours, (gh, gw) = grads_of(lambda a, b: K.topk_kl(a, b, ids, lps, temp, mask, chunk_size=4), (hs, ws), g)
+        ref, (rgh, rgw) = grads_of(lambda a, b: K.topk_kl_ref(a, b, ids, lps, temp, mask), as64(hs, ws), g)
+        for a, b in [(ours, ref), (gh, rgh), (gw, rgw)]:
+            assert rel_err(a, b) <= TOL[dtype], (gkind, rel_err(a, b))
+
+
+def test_topk_kl_is_zero_at_the_teacher():
+    ht, wt, mask = lm_inputs(2, 4, 16, 1000, seed=13)
+    ids, lps = K.teacher_topk(ht, wt, k=16)
+    hl = ht.clone().requires_grad_()
+    loss = K.topk_kl(hl, wt, ids, lps, mask=mask)
+    loss.sum().backward()
+    assert loss.abs().max() < 1e-6 and hl.grad.abs().max() < 1e-6  # minimum at p_s = p_t on K
+    hs, ws, _ = lm_inputs(2, 4, 16, 1000, seed=14)
+    assert (K.topk_kl(hs, ws, ids, lps) > 0).all()  # each term p log(p/q) - p + q >= 0
+
+# -----------------------------------------------------------------------------
+# The Qwen3 vocabulary, at a few tokens
+
+
+def test_qwen3_vocab_151936():
+    B, T, H, V = 1, 3, 32, 151936
+    hs, ws, _ = lm_inputs(B, T, H, V, seed=15)
+    ht, wt, _ = lm_inputs(B, T, H, V, seed=16)
+    mask = torch.tensor([[True, False, True]])
+    y = torch.tensor([[5, 0, V - 1]])
+    g = per_token_weights((B, T), "random")
+    hs64, ws64 = as64(hs, ws)
+    ours, grads = grads_of(lambda a, b: K.token_logprobs(a, b, y, 0.7, mask, True), (hs, ws), g)
+    ref, rgrads = grads_of(lambda a, b: K.token_logprobs_ref(a, b, y, 0.7, mask, True), (hs64, ws64), g)
+    for a, b in [(ours[0], ref[0]), (ours[1], ref[1]), *zip(grads, rgrads)]:
+        assert rel_err(a, b) <= 1e-5
+    for kind in ("reverse", "jsd"):
+        ours, grads = grads_of(lambda a, b: K.kl(a, b, ht, wt, kind=kind, temperature=1.5, mask=mask), (hs, ws), g)
+        ref, rgrads = grads_of(lambda a, b: K.kl_ref(a, b, ht.double(), wt.double(), kind=kind, temperature=1.5,
+                                                     mask=mask), (hs64, ws64), g)
+        for a, b in [(ours, ref), *zip(grads, rgrads)]:
+            assert rel_err(a, b) <= 1e-5, kind
+    ids, lps = K.teacher_topk(ht, wt, k=64, mask=mask)
+    ours, grads = grads_of(lambda a, b: K.topk_kl(a, b, ids, lps, mask=mask), (hs, ws), g)
+    ref, rgrads = grads_of(lambda a, b: K.topk_kl_ref(a, b, ids, lps, mask=mask), (hs64, ws64), g)
+    for a, b in [(ours, ref), *zip(grads, rgrads)]:
+        assert rel_err(a, b) <= 1e-5
+
+# -----------------------------------------------------------------------------
+# gradcheck (float64), chunking, retain_graph, empty masks
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    B, T, H, V = 2, 3, 4, 7
+    h = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    ht, wt = torch.randn(B, T, 5, dtype=torch.float64), torch.randn(V, 5, dtype=torch.float64)
+    y = torch.randint(0, V, (B, T))
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    gc = torch.autograd.gradcheck
+    for pre in (True, False):
+        assert gc(lambda a, b: K.token_logprobs(a, b, y, 0.7, mask, True, chunk_size=2, precompute_grads=pre), (h, w))
+    for kind in ("reverse", "forward", "jsd"):
+        assert gc(lambda a, b: K.kl(a, b, ht, wt, kind=kind, beta=0.3, temperature=1.3, mask=mask, chunk_size=2), (h, w))
+    ids, lps = K.teacher_topk(ht, wt, k=3)
+    assert gc(lambda a, b: K.topk_kl(a, b, ids, lps, temperature=0.8, mask=mask, chunk_size=2), (h, w))
+
+
+def test_chunks_never_exceed_the_budget(monkeypatch):
+    """Every logits tensor the row math sees is [chunk x V], never [tokens x V]."""
+    seen = []
+    real = K._kl_rows_torch
+    monkeypatch.setattr(K, "_kl_rows_torch", lambda zs, zt, *a: seen.append((zs.shape, zt.shape)) or real(zs, zt, *a))
+    B, T, H, V = 4, 16, 8, 1000
+    hs, ws, _ = lm_inputs(B, T, H, V)
+    ht, wt, _ = lm_inputs(B, T, H, V, seed=1)
+    budget = 6 * 8 * V * 4  # six [8 x V] fp32 buffers
+    assert K.auto_chunk_size(V, 6, budget) == 8
+    out = K.kl(hs.requires_grad_(), ws, ht, wt, mem_budget_bytes=budget, backend="torch")
+    out.mean().backward()
+    assert len(seen) == B * T // 8 and all(s == (8, V) and t == (8, V) for s, t in seen)
+    assert rel_err(out, K.kl_ref(hs.double(), ws.double(), ht.double(), wt.double())) <= 1e-5
+    # the default budget at the Qwen3 vocabulary
+    c = K.auto_chunk_size(151936, 6)
+    assert c * 6 * 151936 * 4 <= K.DEFAULT_MEM_BUDGET < (c + 1) * 6 * 151936 * 4
+
+
+def test_retain_graph_and_second_backward():
+    """The fast path hands out its stored weight gradient once; a second backward recomputes."""
+    h, w, mask = lm_inputs(2, 5, 8, 300)
+    y = torch.randint(0, 300, (2, 5))
+    h, w = h.requires_grad_(), w.requires_grad_()
+    out = K.token_logprobs(h, w, y, mask=mask)
+    first = torch.autograd.grad(out.mean(), (h, w), retain_graph=True)
+    second = torch.autograd.grad(out.mean(), (h, w), retain_graph=True)
+    third = torch.autograd.grad((out * per_token_weights((2, 5), "random")).sum(), (h, w))
+    ref = torch.autograd.grad(K.token_logprobs_ref(h, w, y, mask=mask).mean(), (h, w))
+    for a, b in zip(first + second, ref + ref):
+        assert rel_err(a, b) <= 1e-5
+    assert third[0].shape == h.shape
+
+
+def test_all_tokens_masked():
+    h, w, _ = lm_inputs(1, 3, 8, 50)
+    h = h.requires_grad_()
+    mask = torch.zeros(1, 3, dtype=torch.bool)
+    out = K.kl(h, w, h.detach(), w, mask=mask)
+    out.sum().backward()
+    assert out.shape == (1, 3) and (out == 0).all() and (h.grad == 0).all()
+
+# -----------------------------------------------------------------------------
+# The sampled-token (PG) estimate agrees with the exact reverse KL, value and gradient
+
+
+def test_sampled_estimate_matches_exact_reverse_kl():
+    N, H, V, M = 3, 16, 1000, 20000
+    hs, ws, _ = lm_inputs(1, N, H, V, seed=17, scale=0.8)
+    ht, wt, _ = lm_inputs(1, N, H, V, seed=18, scale=1.5)
+    hs, ht = hs[0], ht[0]
+    exact = K.kl(hs, ws, ht, wt, kind="reverse")
+    forward = K.kl(hs, ws, ht, wt, kind="forward")
+    probs = torch.softmax(hs @ ws.t(), dim=-1)
+    y = torch.multinomial(probs, M, replacement=True, generator=torch.Generator().manual_seed(19))  # [N, M]
+    leaf = hs.clone().requires_grad_()
+    lp_s = K.token_logprobs(leaf[:, None].expand(N, M, H), ws, y)
+    lp_t = K.token_logprobs(ht[:, None].expand(N, M, H), wt, y)
+    ratio = (lp_s - lp_t).detach()  # per-token estimator of KL(s||t): log p_s(y) - log p_t(y), y ~ p_s
+    est, stderr = ratio.mean(1), ratio.std(1) / math.sqrt(M)
+    assert ((est - exact).abs() < 4 * stderr).all(), (est, exact, stderr)
+    assert ((est - forward).abs() > 10 * stderr).all()  # and it is not the forward KL
+    # MOPD's PG form: the gradient of mean(-A * log p_s(y)) with A = sg[log p_t - log p_s] is an
+    # unbiased estimate of the gradient of the exact reverse KL
+    (pg,) = torch.autograd.grad((ratio * lp_s).mean(1).sum(), leaf)
+    leaf2 = hs.clone().requires_grad_()
+    (exact_grad,) = torch.autograd.grad(K.kl(leaf2, ws, ht, wt).sum(), leaf2)
+    # its standard error, from the per-sample terms ratio_i * d log p_s(y_i)/dh = ratio_i (w_{y_i} - E_p[w])
+    per_sample = ratio.double()[..., None] * (ws.double()[y] - (probs.double() @ ws.double())[:, None])
+    se = per_sample.std(1) / math.sqrt(M)  # [N, H]
+    assert rel_err(per_sample.mean(1), pg) <= 1e-5  # autograd through token_logprobs = the analytic terms
+    assert ((pg - exact_grad).abs() < 5 * se).all(), ((pg - exact_grad) / se).abs().max()
+
+# -----------------------------------------------------------------------------
+# Triton kernels, on CPU through the interpreter, against the same float64 references
+
+
+def _triton_checks():
+    """Runs in a child with TRITON_INTERPRET=1; prints one JSON line of worst errors per case."""
+    results = {}
+    cases = [(1000, torch.float32, 5), (4097, torch.float32, 5), (4097, torch.bfloat16, 5), (151936, torch.float32, 2)]
+    for V, dtype, T in cases:
+        hs, ws, mask = lm_inputs(1, T, 16, V, dtype, seed=20)
+        ht, wt, _ = lm_inputs(1, T, 16, V, dtype, seed=21)
+        y = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(22))
+        g = per_token_weights((1, T), "random")
+        hs64, ws64 = as64(hs, ws)
+        ours, grads = grads_of(lambda a, b: K.token_logprobs(a, b, y, 0.7, mask, True, backend="triton"), (hs, ws), g)
+        ref, rgrads = grads_of(lambda a, b: K.token_logprobs_ref(a, b, y, 0.7, mask, True), (hs64, ws64), g)
+        errs = [rel_err(a, b) for a, b in [(ours[0], ref[0]), (ours[1], ref[1]), *zip(grads, rgrads)]]
+        results[f"token_logprobs V={V} {dtype}"] = max(errs)
+        for kind, beta in [("reverse", 0.5), ("forward", 0.5), ("jsd", 0.3)]:
+            for gkind in ("sum", "random"):
+                gg = per_token_weights((1, T), gkind)
+                ours, grads = grads_of(lambda a, b: K.kl(a, b, ht, wt, kind=kind, beta=beta, temperature=1.3,
+                                                         mask=mask, backend="triton"), (hs, ws), gg)
+                ref, rgrads = grads_of(lambda a, b: K.kl_ref(a, b, ht.double(), wt.double(), kind=kind, beta=beta,
+                                                             temperature=1.3, mask=mask), (hs64, ws64), gg)
+                errs = [rel_err(a, b) for a, b in [(ours, ref), *zip(grads, rgrads)]]
+                results[f"kl {kind} {gkind} V={V} {dtype}"] = max(errs)
+    # out.sum() without a mask hands backward a stride-0 (expanded) grad_output; with
+    # precompute_grads=False it reaches the kernels, which must not read past its one element
+    hs, ws, _ = lm_inputs(2, 3, 16, 1000, seed=23)
+    ht, wt, _ = lm_inputs(2, 3, 16, 1000, seed=24)
+    y = torch.randint(0, 1000, (2, 3), generator=torch.Generator().manual_seed(25))
+    pairs = [(lambda a, b: K.token_logprobs(a, b, y, backend="triton", precompute_grads=False),
+              lambda a, b: K.token_logprobs_ref(a, b, y)),
+             (lambda a, b: K.kl(a, b, ht, wt, backend="triton", precompute_grads=False),
+              lambda a, b: K.kl_ref(a, b, ht.double(), wt.double()))]
+    for i, (fn, ref_fn) in enumerate(pairs):
+        errs = []
+        for f, ins in ((fn, (hs, ws)), (ref_fn, as64(hs, ws))):
+            leaves = [t.clone().requires_grad_() for t in ins]
+            out = f(*leaves)
+            errs.append((out, *torch.autograd.grad(out.sum(), leaves)))
+        results[f"expanded grad_output {i}"] = max(rel_err(a, b) for a, b in zip(*errs))
+    print(json.dumps(results))
+
+
+def test_triton_kernels_under_interpreter():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not installed (pip install -r requirements-test.txt)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 4 * 7 + 2
+    for name, err in results.items():
+        assert err <= (1e-2 if "bfloat16" in name else 1e-5), (name, err)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_triton_kernels_under_interpreter"
+    torch.set_num_threads(2)
+    _triton_checks()
