@@ -86,10 +86,11 @@ def shard(model, mesh=None, mp_policy=BF16_MIXED, reshard_after_forward=True, of
     """
     FSDP2 over `mesh` (default: all ranks of the default process group): each of
     model.layers, then the root. Returns the model (modified in place; its parameters become
-    DTensors sharded on dim 0). Without a process group (plain `python`) nothing is sharded.
+    DTensors sharded on dim 0). Without a process group (plain `python`) nothing is sharded
+    (activation checkpointing, if asked for, still applies).
 
     mp_policy: BF16_MIXED (default) or None for full fp32. reshard_after_forward=False keeps
-    each layer gathered from forward to backward (less communication, more memory).
+    each decoder layer gathered from forward to backward (less communication, more memory).
     offload=True: sharded params/grads live in host memory, copied in per layer (CPUOffloadPolicy).
     Frozen models (teachers) are sharded the same way; they simply never produce gradients.
     """
@@ -98,14 +99,18 @@ def shard(model, mesh=None, mp_policy=BF16_MIXED, reshard_after_forward=True, of
             layer.forward = _checkpointed(layer.forward)
     if not (dist.is_available() and dist.is_initialized()):
         return model
-    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    kw = dict(mesh=mesh)
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
     if offload:  # pinned host memory makes the per-layer copies asynchronous; needs CUDA
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in model.layers:
-        fully_shard(layer, **kw)
-    fully_shard(model, **kw)  # the root: embed_tokens, norm, lm_head (tied or not: one group)
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    # The root (embed_tokens, norm, lm_head; tied or not, one group) keeps torch's default: it
+    # stays gathered after forward, because our callers use lm_head *after* model(...) returns
+    # (kernels.py on the hidden states, rollout.py's model.lm_head). After a no_grad forward
+    # nothing reshards it: call model.reshard() when done (e.g. a teacher after scoring).
+    fully_shard(model, **kw)
     return model
 
 

@@ -52,7 +52,7 @@ except ImportError:
     triton = tl = None
     HAS_TRITON = False
 
-DEFAULT_MEM_BUDGET = 256 * 2**20  # bytes for the [chunk x V] temporaries of one call
+DEFAULT_MEM_BUDGET = 192 * 2**20  # bytes for the [chunk x V] buffers of one call (see bench/bench_kl.py)
 KL_KINDS = ("reverse", "forward", "jsd")
 
 # -----------------------------------------------------------------------------
@@ -66,6 +66,13 @@ def _acc_dtype(x):
 def auto_chunk_size(vocab_size, n_buffers, mem_budget_bytes=DEFAULT_MEM_BUDGET, itemsize=4):
     """Tokens per chunk so that n_buffers [chunk x V] fp32 temporaries fit in the budget."""
     return max(1, int(mem_budget_bytes // (n_buffers * vocab_size * itemsize)))
+
+
+def _logsumexp(z, rows_at_once=32):
+    """torch.logsumexp(z, dim=1, keepdim=True), a few rows at a time: its internal temporary is
+    then [32 x V] instead of another whole [C x V] buffer."""
+    return torch.cat([torch.logsumexp(z[i:i + rows_at_once], dim=1, keepdim=True)
+                      for i in range(0, z.shape[0], rows_at_once)])
 
 
 def _use_triton(backend, x):
@@ -114,59 +121,72 @@ def _per_token(x, lead, idx):
 # -----------------------------------------------------------------------------
 # Per-row math, PyTorch. Each takes one chunk of logits z [C, V] (fp32, ours to overwrite),
 # returns the per-token outputs and dz = d(sum_k g_k * out_k)/dz, or None when no g is given.
-# In-place ops keep the temporaries to a few [C, V] buffers (counted in the memory budget).
+# The ops are in place wherever a buffer is dead, so the live [C, V] buffers stay few; the
+# public functions count them when they turn the memory budget into a chunk size.
 
 def _logprob_rows_torch(z, y, g_lp, g_ent, want_entropy):
-    # log p(y) = z_y - logsumexp(z);  entropy = -sum_v p_v log p_v
-    z -= torch.logsumexp(z, dim=1, keepdim=True)          # z now holds log p
-    lp = z.gather(1, y[:, None]).squeeze(1)
-    p = z.exp() if want_entropy else None
-    ent = -(p * z).sum(1) if want_entropy else None
+    # log p_v = z_v - m - log s,  m = max_v z_v,  s = sum_v exp(z_v - m)
+    # Without the entropy this lives in z alone: z -> z - m -> p -> dz.
+    m = z.amax(dim=1, keepdim=True)
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    z -= m
+    p = z.exp() if want_entropy else z.exp_()  # the entropy needs z - m as well
+    s = p.sum(1, keepdim=True)
+    p /= s
+    log_s = s.log()
+    lp = z_y - (m + log_s).squeeze(1)
+    ent = None
+    if want_entropy:  # entropy = -sum_v p_v log p_v = log s - sum_v p_v (z_v - m)
+        ent = log_s.squeeze(1) - (p * z).sum(1)
     outs = (lp, ent) if want_entropy else (lp,)
     if g_lp is None and g_ent is None:
         return outs, None
     # d lp / dz_j = 1[j = y] - p_j          d ent / dz_j = -p_j (log p_j + ent)
     if g_ent is None:
-        dz = z.exp_().mul_(-g_lp[:, None])               # -g p, in place: log p is no longer needed
+        dz = p.mul_(-g_lp[:, None])
     else:
-        dz = z.add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])
+        dz = z.sub_(log_s).add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])  # log p_j = z_j - m - log s
         if g_lp is not None:
-            dz -= p * g_lp[:, None]
+            dz.addcmul_(p, g_lp[:, None], value=-1)
     if g_lp is not None:
         dz.scatter_add_(1, y[:, None], g_lp[:, None])
     return outs, dz
 
 
 def _kl_rows_torch(zs, zt, kind, beta, g):
-    # a = log p_s, b = log p_t (both over the full vocabulary)
-    zs -= torch.logsumexp(zs, dim=1, keepdim=True)
-    zt -= torch.logsumexp(zt, dim=1, keepdim=True)
-    ps = zs.exp()
+    # a = log p_s, b = log p_t over the full vocabulary
+    zs -= _logsumexp(zs)
+    zt -= _logsumexp(zt)
     if kind == "reverse":
         # KL(s||t) = sum_v p_s (a - b);   dKL/dz_s = p_s (a - b - KL)
-        d = zt.neg_().add_(zs)                              # a - b, in place of b
-        out = (ps * d).sum(1)
-        dz = None if g is None else d.sub_(out[:, None]).mul_(ps).mul_(g[:, None])
+        terms = zt.neg_().add_(zs)                       # a - b, in place of b
+        ps = zs.exp_()                                   # p_s, in place of a
+        out = terms.mul_(ps).sum(1)                      # terms: p_s (a - b)
+        dz = None if g is None else terms.addcmul_(ps, out[:, None], value=-1).mul_(g[:, None])
     elif kind == "forward":
         # KL(t||s) = sum_v p_t (b - a);   dKL/dz_s = p_s - p_t
         pt = zt.exp()
-        out = (pt * (zt - zs)).sum(1)
-        dz = None if g is None else ps.sub_(pt).mul_(g[:, None])
+        out = zt.sub_(zs).mul_(pt).sum(1)                # p_t (b - a), in place of b
+        dz = None if g is None else zs.exp_().sub_(pt).mul_(g[:, None])
     else:
         # JSD_beta = beta KL(t||m) + (1-beta) KL(s||m),   m = (1-beta) p_s + beta p_t
         # dJSD/dz_s = (1-beta) p_s (a - log m - KL(s||m))   (the d log m terms sum to zero)
-        logm = torch.logaddexp(zs + math.log1p(-beta), zt + math.log(beta))
-        kl_t = (zt.exp() * (zt - logm)).sum(1)
-        kl_s = (ps * (zs - logm)).sum(1)
+        logm = zs + math.log1p(-beta)
+        torch.logaddexp(logm, zt + math.log(beta), out=logm)  # log m, in log space: no underflow
+        pt = zt.exp()
+        kl_t = zt.sub_(logm).mul_(pt).sum(1)             # sum p_t (b - log m), in place of b
+        ps = torch.exp(zs, out=pt)                       # p_s, in place of p_t
+        diff = zs.sub_(logm)                             # a - log m, in place of a
+        kl_s = torch.mul(diff, ps, out=logm).sum(1)      # sum p_s (a - log m), in place of log m
         out = beta * kl_t + (1 - beta) * kl_s
-        dz = None if g is None else logm.neg_().add_(zs).sub_(kl_s[:, None]).mul_(ps).mul_((1 - beta) * g[:, None])
+        dz = None if g is None else diff.sub_(kl_s[:, None]).mul_(ps).mul_((1 - beta) * g[:, None])
     return (out,), dz
 
 
 def _topk_rows_torch(z, ids, lt, g):
     # Eq. 5: sum_{v in K} [ p_s(v) (log p_s(v) - log p_t(v)) - p_s(v) + p_t(v) ],
     # p_s normalised over the FULL vocabulary, the teacher's top-k log-probs not renormalised.
-    z -= torch.logsumexp(z, dim=1, keepdim=True)
+    z -= _logsumexp(z)
     ls = z.gather(1, ids)
     ps, pt = ls.exp(), lt.exp()
     out = (ps * (ls - lt) - ps + pt).sum(1)
@@ -454,15 +474,17 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, mask=None, return_e
     hidden [..., H] (fp32/bf16), weight [V, H], targets [...] (int), mask [...] (bool) or None.
     Returns fp32 [...] log-probs (and the entropy [...] if return_entropy); masked tokens give 0.
     Differentiable w.r.t. hidden and weight. backend: "auto" (Triton on CUDA), "torch", "triton".
+    chunk_size: tokens per chunk; None = as many as mem_budget_bytes allows ([chunk x V] fp32).
     precompute_grads: True suits losses that weight every token alike (out.mean()); for the PG
     loss, whose per-token advantages make the weights differ, False saves one matmul of five.
+    Under torch.no_grad() (or with inputs that need no grad) only the values are computed.
     """
     _check(hidden, weight, temperature)
     lead, h, idx = _flatten(hidden, mask)
     y = _per_token(targets, lead, idx).long()
     V = weight.shape[0]
-    # live [chunk x V] buffers: the logits and logsumexp's temporary (+ p and p*log p for the entropy)
-    chunk = chunk_size or auto_chunk_size(V, 4 if return_entropy else 2, mem_budget_bytes)
+    # live [chunk x V] buffers: the logits only (+ p and p * log p for the entropy)
+    chunk = chunk_size or auto_chunk_size(V, 3 if return_entropy else 1, mem_budget_bytes)
     use_triton = _use_triton(backend, hidden)
     row_fn = _logprob_rows_triton if use_triton else _logprob_rows_torch
 
@@ -491,7 +513,8 @@ def kl(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
     materialised), or as teacher_logits [..., V] (divided by temperature like the student's), or
     as teacher_logprobs [..., V] (used as given: already the teacher's final distribution).
     Teacher inputs are constants: gradients flow to student_hidden / student_weight only.
-    Returns fp32 [...]; masked tokens give 0.
+    Returns fp32 [...]; masked tokens give 0. chunk_size, mem_budget_bytes, backend and
+    precompute_grads are as in token_logprobs (False suits per-sequence means, see the top).
     """
     _check(student_hidden, student_weight, temperature)
     if kind not in KL_KINDS:
@@ -525,8 +548,8 @@ def kl(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
             rows_ = flat[c] if idx is None else flat[idx[c]]
             return rows_.to(acc) / div  # always a fresh tensor: the row math overwrites it
 
-    # live [chunk x V] buffers: both logits, p_s, and up to three temporaries (the JSD's mixture)
-    chunk = chunk_size or auto_chunk_size(V, 6, mem_budget_bytes)
+    # live [chunk x V] buffers: both logits, plus p_t (forward), plus log m (jsd)
+    chunk = chunk_size or auto_chunk_size(V, {"reverse": 2, "forward": 3, "jsd": 4}[kind], mem_budget_bytes)
     row_fn = _kl_rows_triton if _use_triton(backend, student_hidden) else _kl_rows_torch
 
     def rows(z, c, g):
@@ -551,12 +574,12 @@ def teacher_topk(hidden, weight, k=64, temperature=1.0, mask=None, chunk_size=No
     lead, h, idx = _flatten(hidden.detach(), mask)
     acc = _acc_dtype(hidden)
     w = weight.detach().to(acc)
-    chunk = chunk_size or auto_chunk_size(V, 2, mem_budget_bytes)
+    chunk = chunk_size or auto_chunk_size(V, 1, mem_budget_bytes)  # the logits
     ids, lps = [h.new_zeros(0, k, dtype=torch.long)], [h.new_zeros(0, k, dtype=acc)]
     for start in range(0, h.shape[0], chunk):
         z = (h[start:start + chunk].to(acc) / temperature) @ w.t()
         vals, top = z.topk(k, dim=1)
-        lps.append(vals - torch.logsumexp(z, dim=1, keepdim=True))
+        lps.append(vals - _logsumexp(z))
         ids.append(top)
     return _unflatten(torch.cat(ids), lead, idx), _unflatten(torch.cat(lps), lead, idx)
 
@@ -575,7 +598,7 @@ def topk_kl(student_hidden, student_weight, topk_ids, teacher_topk_logprobs, tem
     acc = _acc_dtype(student_hidden)
     ids = _per_token(topk_ids, lead, idx).long()
     lt = _per_token(teacher_topk_logprobs.detach(), lead, idx).to(acc)
-    chunk = chunk_size or auto_chunk_size(V, 2, mem_budget_bytes)  # logits + logsumexp's temporary
+    chunk = chunk_size or auto_chunk_size(V, 1, mem_budget_bytes)  # the logits
 
     def rows(z, c, g):
         return _topk_rows_torch(z, ids[c], lt[c], None if g is None else g[0])

@@ -7,9 +7,10 @@ Per-GPU memory plan and projected throughput of a MOPD run (student + teachers) 
 
 What is in this file, top to bottom:
 - Config: every knob, defaults = the chosen preset (Qwen3-30B-A3B student + 3 same-size
-  teachers on 8 H100s, the paper's batch shape: 2048 prompts x 1 rollout, 32k tokens).
-- param_counts(): parameter counts straight from the HF config (total, per FSDP unit,
-  experts, active per token).
+  teachers on 8 H100s, the paper's batch shape: 2048 prompts x 1 rollout, up to 64k tokens
+  per sequence, one 64k-token micro-batch per GPU).
+- param_shapes() / param_counts(): every parameter's shape straight from the HF config, hence
+  the total, the padded dim-0 shard each rank stores, per FSDP unit, experts, active per token.
 - layer_activation_bytes(): the bytes one decoder layer saves for backward per token, written
   out tensor by tensor for model.py's Block (tests check it against autograd's saved tensors).
 - plan(): one row per memory item, its formula, bytes, host or GPU, and the phases it is
@@ -83,37 +84,61 @@ class Config:
     hbm_tbps: float = 3.35
     hbm_eff: float = 0.7              # fraction of HBM bandwidth reached by decoding (assumed)
     pcie_gbps: float = 25.0           # host<->GPU per GPU, all 8 copying at once (assumed)
-    nvlink_gbps: float = 150.0        # effective all-to-all for MoE token dispatch in decoding (assumed)
+    nvlink_gbps: float = 150.0        # effective NVLink rate of collectives: FSDP, MoE all-to-all (assumed)
     host_gbps: float = 20.0           # host memory traffic per rank: CPU AdamW, grad accumulation (assumed)
     # Mode
     dry_run: bool = False             # also build + shard on meta over a fake world_size-rank group
 
 
 def model_config(cfg):
+    if not cfg.config and cfg.model not in MODELS:
+        raise SystemExit(f"error: --model={cfg.model}: unknown; built in: {', '.join(MODELS)} (or --config=PATH)")
     return ModelConfig.from_hf(cfg.config if cfg.config else MODELS[cfg.model])
 
 # -----------------------------------------------------------------------------
 # Counting parameters and activations from the config
 
-def param_counts(mc):
-    """Parameter counts of model.py's Transformer for config mc (no model is built)."""
+def param_shapes(mc):
+    """{FSDP unit: [parameter shapes]} of model.py's Transformer, from the config alone:
+    'layers.i' per decoder layer, 'root' = embeddings + final norm (+ lm_head when untied)."""
     H, V, hd = mc.hidden_size, mc.vocab_size, mc.head_dim
     q, kv = mc.num_heads * hd, mc.num_kv_heads * hd
-    attn = H * (q + 2 * kv) + q * H + (q + 2 * kv + H if mc.attention_bias else 0) + (2 * hd if mc.qk_norm else 0)
-    layers, experts, active = [], 0, 0
+    units = {}
     for i in range(mc.num_layers):
-        if mc.is_moe_layer(i):
-            e = 3 * mc.num_experts * mc.moe_intermediate_size * H
-            mlp, experts = mc.num_experts * H + e, experts + e
-            mlp_active = mc.num_experts * H + 3 * mc.num_experts_per_tok * mc.moe_intermediate_size * H
+        s = [(H,), (H,), (q, H), (kv, H), (kv, H), (H, q)]  # 2 norms, q/k/v/o
+        s += [(q,), (kv,), (kv,), (H,)] if mc.attention_bias else []
+        s += [(hd,), (hd,)] if mc.qk_norm else []
+        if mc.is_moe_layer(i):  # router, then the stacked experts
+            E, I = mc.num_experts, mc.moe_intermediate_size
+            s += [(E, H), (E, I, H), (E, I, H), (E, H, I)]
         else:
-            mlp = mlp_active = 3 * H * mc.intermediate_size
-        layers.append(attn + 2 * H + mlp)
-        active += attn + 2 * H + mlp_active
-    embed, head = V * H, (0 if mc.tie_word_embeddings else V * H)
-    root = embed + head + H  # the root FSDP unit: embeddings, final norm, lm_head
-    return dict(total=sum(layers) + root, layer_max=max(layers), root=root, head=V * H, experts=experts,
-                active=active + V * H)  # per token: the layers' active weights + lm_head (embedding is a lookup)
+            s += [(mc.intermediate_size, H)] * 2 + [(H, mc.intermediate_size)]
+        units[f"layers.{i}"] = s
+    units["root"] = [(V, H), (H,)] + ([] if mc.tie_word_embeddings else [(V, H)])
+    return units
+
+
+def shard_numel(shapes, W):
+    """Elements each rank stores: FSDP2 cuts dim 0 into W chunks padded to ceil(dim0 / W) rows."""
+    return sum(math.ceil(s[0] / W) * math.prod(s[1:]) for s in shapes)
+
+
+def param_counts(mc, W=1):
+    """Parameter counts (no model is built): total, per rank (padded shards), the largest FSDP
+    unit, the root, the experts, and the weights one token uses (active)."""
+    units = param_shapes(mc)
+    n = {u: sum(math.prod(s) for s in shapes) for u, shapes in units.items()}
+    expert_shapes = [s for shapes in units.values() for s in shapes if len(s) == 3]
+    experts = sum(math.prod(s) for s in expert_shapes)
+    k_over_e = mc.num_experts_per_tok / mc.num_experts if mc.num_experts else 0
+    total = sum(n.values())
+    return dict(total=total, shard=sum(shard_numel(s, W) for s in units.values()),
+                layer_max=max(v for u, v in n.items() if u != "root"), root=n["root"],
+                head=mc.vocab_size * mc.hidden_size, experts=experts,
+                experts_shard=shard_numel(expert_shapes, W),
+                # per token: every weight but the embedding lookup and the experts it is not routed to
+                active=total - mc.vocab_size * mc.hidden_size * (0 if mc.tie_word_embeddings else 1)
+                - experts * (1 - k_over_e))
 
 
 def layer_activation_bytes(mc, i=None, kv_repeat=False):
@@ -158,19 +183,19 @@ class Row:
 
 def plan(cfg, mc=None):
     mc = mc or model_config(cfg)
-    pc = param_counts(mc)
-    W, N, H, V, L = cfg.world_size, pc["total"], mc.hidden_size, mc.vocab_size, mc.num_layers
+    W, H, V, L = cfg.world_size, mc.hidden_size, mc.vocab_size, mc.num_layers
+    pc = param_counts(mc, W)
+    N, Nr = pc["total"], pc["shard"]  # Nr: elements per rank, ~N/W (dim-0 chunks padded)
     T_mb = cfg.micro_batch * cfg.seq_len  # tokens in one training (and teacher-scoring) micro-batch
     a = layer_activation_bytes(mc)
     opt_at = "host" if cfg.optimizer_offload else "gpu"
     t_at = "host" if cfg.teacher_offload else "gpu"
     chunk = 256 * 2**20  # kernels.DEFAULT_MEM_BUDGET: the [chunk x V] logits of one call
     rows = [
-        Row("params", "student params (fp32 master shard)", "4*N/W", 4 * N / W, opt_at, "RST"),
-        Row("grads", "student grads (fp32 shard)", "4*N/W", 4 * N / W, opt_at, "T"),
-        Row("adam", "AdamW exp_avg + exp_avg_sq (fp32 shard)", "8*N/W", 8 * N / W, opt_at, "RST"),
-        Row("teachers", f"{cfg.teachers} teachers (bf16 shards)", "teachers*2*N/W", cfg.teachers * 2 * N / W,
-            t_at, "RST"),
+        Row("params", "student params (fp32 master shard)", "4*Nr", 4 * Nr, opt_at, "RST"),
+        Row("grads", "student grads (fp32 shard)", "4*Nr", 4 * Nr, opt_at, "T"),
+        Row("adam", "AdamW exp_avg + exp_avg_sq (fp32 shard)", "8*Nr", 8 * Nr, opt_at, "RST"),
+        Row("teachers", f"{cfg.teachers} teachers (bf16 shards)", "teachers*2*Nr", cfg.teachers * 2 * Nr, t_at, "RST"),
         Row("gather", "FSDP all-gather: 2 layers + root (bf16)", "2*2*P_layer + 2*P_root",
             2 * 2 * pc["layer_max"] + 2 * pc["root"], "gpu", "ST"),
         Row("reduce", "FSDP reduce-scatter: bf16 grads + fp32 copy", "max(6*P_root, 2*P_head + 6*P_layer)",
@@ -190,8 +215,8 @@ def plan(cfg, mc=None):
             "gpu", "T"),
         Row("prefill", "teacher prefill, one micro-batch", "a*T_mb + 4*H*T_mb + 4*V*H + chunk",
             a * T_mb + 4 * H * T_mb + 4 * V * H + chunk, "gpu", "S"),
-        Row("rollout", "rollout copy of student (bf16, EP layout)", "2*(N - P_exp) + 2*P_exp/W",
-            2 * (N - pc["experts"]) + 2 * pc["experts"] / W, "gpu", "R"),
+        Row("rollout", "rollout copy of student (bf16, EP layout)", "2*(N - P_exp) + 2*P_exp_r",
+            2 * (N - pc["experts"]) + 2 * pc["experts_shard"], "gpu", "R"),
         Row("workspace", "decode workspace (logits, sampling)", "1 GiB (assumed)", 1 * GiB, "gpu", "R"),
         Row("reserve", "reserve: CUDA ctx, NCCL, fragmentation", f"{cfg.reserve_gib:g} GiB (assumed)",
             cfg.reserve_gib * GiB, "gpu", "RST"),
@@ -224,10 +249,11 @@ def summarize(cfg, rows, mc):
 
 
 def print_plan(cfg, rows, s, mc):
-    pc = param_counts(mc)
     W = cfg.world_size
+    pc = param_counts(mc, W)
     print(f"model: {cfg.config or cfg.model}  N = {pc['total']/1e9:.3f}B params ({pc['experts']/1e9:.2f}B in experts), "
-          f"{pc['active']/1e9:.2f}B active/token; P_layer = {pc['layer_max']/1e6:.0f}M, P_root = {pc['root']/1e6:.0f}M")
+          f"{pc['active']/1e9:.2f}B active/token; Nr = {pc['shard']/1e9:.3f}B per rank; "
+          f"P_layer = {pc['layer_max']/1e6:.0f}M, P_root = {pc['root']/1e6:.0f}M")
     print(f"world {W}, {cfg.prompts_per_step} prompts x {cfg.rollouts} rollouts = "
           f"{cfg.prompts_per_step * cfg.rollouts // W} sequences/GPU/step; T_mb = {cfg.micro_batch} x {cfg.seq_len} "
           f"tokens per micro-batch; {cfg.teachers} teachers; optimizer_offload={cfg.optimizer_offload}, "
@@ -245,8 +271,10 @@ def print_plan(cfg, rows, s, mc):
     fixed = s["phases"]["R"] - s["kv"]
     print(f"(rollout phase without the KV cache: {fixed / GiB:.2f} GiB; the KV cache takes what is left)")
     verdict = "fits" if s["fits"] else "DOES NOT FIT"
-    print(f"\nper-GPU peak: {s['peak'] / GiB:.2f} GiB ({names[s['peak_phase']]}) vs budget {cfg.gpu_gib:g} GiB: {verdict}")
-    print(f"host memory: {s['host'] / GiB:.1f} GiB per rank, {s['host'] * min(W, 8) / GiB:.0f} GiB per 8-GPU node (pinned)")
+    print(f"\nper-GPU peak: {s['peak'] / GiB:.2f} GiB ({names[s['peak_phase']]}) vs budget {cfg.gpu_gib:g} GiB: "
+          f"{verdict}")
+    print(f"host memory: {s['host'] / GiB:.1f} GiB per rank, {s['host'] * min(W, 8) / GiB:.0f} GiB per 8-GPU node "
+          f"(pinned)")
     print(f"KV cache {s['kv'] / GiB:.1f} GiB -> {s['decode_rows']} concurrent rows at the mean length "
           f"{cfg.prompt_mean + cfg.response_mean} (paged), {s['decode_rows_prealloc']} at seq_len {cfg.seq_len} "
           f"(preallocated like model.KVCache)")
@@ -254,6 +282,9 @@ def print_plan(cfg, rows, s, mc):
 
 def print_assumptions(cfg, mc):
     a = layer_activation_bytes(mc)
+    ep = (" in the expert-parallel layout (dense weights replicated,\n"
+          "  E/W whole experts per GPU: exactly FSDP's dim-0 shard of the stacked [E, I, H] experts,\n"
+          "  so refitting the experts moves nothing between GPUs)" if mc.num_experts else " (replicated)")
     print(f"""
 assumptions:
 - N from the config; W = world_size; P_layer / P_root = largest decoder layer / root (embed + norm + lm_head).
@@ -270,8 +301,8 @@ assumptions:
 - fused head (kernels.py): fp32 copy of the bf16 lm_head (4VH), fp32 grad_W (4VH) and its bf16 cast (2VH),
   grad_hidden fp32 (4H*T_mb), the 256 MiB [chunk x V] logits budget; never [T_mb x V] logits.
 - teacher scoring: no_grad prefill of one micro-batch; one layer's transients bounded by a*T_mb.
-- rollouts: a bf16 copy of the student in the expert-parallel layout (dense weights replicated, E/W whole
-  experts per GPU: exactly FSDP's dim-0 shard of the stacked [E, I, H] experts), KV cache paged.
+- rollouts: a bf16 copy of the student{ep};
+  KV cache paged (rows hold their actual length, not seq_len).
 - phases do not overlap: rollout (R), teacher scoring (S), training (T); the total is the peak phase.""")
 
 # -----------------------------------------------------------------------------
@@ -282,14 +313,15 @@ def fwd_flops_per_token(mc, pc, ctx):
     return 2 * pc["active"] + 4 * mc.num_layers * mc.num_heads * mc.head_dim * ctx
 
 
-def throughput(cfg, mc, decode_rows, score_fwds=1):
+def throughput(cfg, mc, decode_rows, score_fwds=1, fsdp=True):
     """
     Seconds per step per GPU of each phase and prompt+response tokens/s/GPU (NeMo-RL's metric)
     for cfg's shape. score_fwds: prefill passes per sequence besides training (MOPD: the one
     teacher of its domain; GRPO in NeMo-RL: policy + reference log-probs = 2).
     """
-    pc = param_counts(mc)
-    W, N, L, k = cfg.world_size, pc["total"], mc.num_layers, mc.num_experts_per_tok
+    W, L, k = cfg.world_size, mc.num_layers, mc.num_experts_per_tok
+    pc = param_counts(mc, W)
+    N, Nr = pc["total"], pc["shard"]
     P, R = cfg.prompt_mean, cfg.response_mean
     T, S = P + R, cfg.prompts_per_step * cfg.rollouts / W  # tokens per sequence, sequences per GPU
     flops = cfg.peak_tflops * 1e12 * cfg.mfu
@@ -299,29 +331,34 @@ def throughput(cfg, mc, decode_rows, score_fwds=1):
     out["prompt prefill"] = S * P * fwd_flops_per_token(mc, pc, P / 2) / flops
     B = max(1, min(decode_rows, S))
     touched = 1 - (1 - k / mc.num_experts) ** (B * W) if mc.num_experts else 1.0  # local experts some row hits
-    w_read = 2 * (N - pc["experts"]) + 2 * pc["experts"] / W * touched  # bf16 rollout copy, EP layout
+    w_read = 2 * (N - pc["experts"]) + 2 * pc["experts_shard"] * touched  # bf16 rollout copy, EP layout
     a2a = 2 * B * k * mc.hidden_size * 2 * L / (cfg.nvlink_gbps * 1e9) if mc.num_experts and W > 1 else 0
     step_s = max((w_read + B * (P + R / 2) * kv_tok) / hbm, B * fwd_flops_per_token(mc, pc, P + R / 2) / flops) + a2a
     tail_s = (w_read + (P + R) * kv_tok) / hbm  # the longest response decodes alone at the end
     out["decode"] = max(S * R / B * step_s, (cfg.seq_len - P) * tail_s)
     # teacher scoring: prefill only
     n_micro = math.ceil(S * T / (cfg.micro_batch * cfg.seq_len))
-    out["teacher prefill"] = S * T * score_fwds * fwd_flops_per_token(mc, pc, T / 2) / flops
+    # FSDP collectives per micro-batch, overlapped with compute (the slower of the two counts):
+    # bf16 all-gathers receive (W-1)/W of the model, fp32 reduce-scatters send (W-1)/W of it
+    gather = 2 * N * (W - 1) / W / (cfg.nvlink_gbps * 1e9) if fsdp else 0.0
+    out["teacher prefill"] = max(S * T * score_fwds * fwd_flops_per_token(mc, pc, T / 2) / flops,
+                                 n_micro * score_fwds * gather)
     if cfg.teacher_offload:  # each micro-batch streams the teacher's bf16 shard in (overlaps compute)
-        out["teacher prefill"] = max(out["teacher prefill"], n_micro * 2 * N / W / pcie)
+        out["teacher prefill"] = max(out["teacher prefill"], n_micro * 2 * Nr / pcie)
     # training: forward + backward (2 forwards) + the recomputed forward when checkpointing
     n_fwd = 4 if cfg.activation_checkpointing else 3
-    out["train fwd+bwd"] = S * T * n_fwd * fwd_flops_per_token(mc, pc, T / 2) / flops
+    out["train fwd+bwd"] = max(S * T * n_fwd * fwd_flops_per_token(mc, pc, T / 2) / flops,
+                               n_micro * 4 * gather)  # gather in fwd and bwd, fp32 reduce-scatter = 2 gathers
     if cfg.optimizer_offload:
         # per micro-batch: fp32 shards copied in for forward and again for backward (overlaps
         # compute); when accumulating, FSDP2 copies each grad shard out *blocking* and adds it
         # into the host grad on the CPU (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py)
-        out["train fwd+bwd"] = max(out["train fwd+bwd"], n_micro * 2 * 4 * N / W / pcie)
-        out["grads out + CPU add"] = n_micro * (4 * N / W / pcie + 12 * N / W / host)
-        out["AdamW on CPU"] = 28 * N / W / host  # read p, g, m, v; write p, m, v (fp32)
-        out["refit rollout copy"] = 2 * N / W / pcie + 2 * (N - pc["experts"]) / (cfg.nvlink_gbps * 1e9)
+        out["train fwd+bwd"] = max(out["train fwd+bwd"], n_micro * 2 * 4 * Nr / pcie)
+        out["grads out + CPU add"] = n_micro * (4 * Nr / pcie + 12 * Nr / host)
+        out["AdamW on CPU"] = 28 * Nr / host  # read p, g, m, v; write p, m, v (fp32)
+        out["refit rollout copy"] = 2 * Nr / pcie + 2 * (N - pc["experts"]) / (cfg.nvlink_gbps * 1e9)
     else:
-        out["AdamW on GPU"] = 28 * N / W / hbm
+        out["AdamW on GPU"] = 28 * Nr / hbm
         out["refit rollout copy"] = 2 * (N - pc["experts"]) / (cfg.nvlink_gbps * 1e9)
     total = sum(out.values())
     return dict(phases=out, step_s=total, tokens_per_s_gpu=S * T / total, rows=B, step_ms=step_s * 1e3,
@@ -340,25 +377,38 @@ def nemo_rl_setup(cfg):
 def print_throughput(cfg, mc, s):
     pc = param_counts(mc)
     tp = throughput(cfg, mc, s["decode_rows"])
-    print(f"""
-projected throughput (tokens = prompt + response; per GPU, like NeMo-RL's tokens/s/GPU)
-  forward FLOPs/token = 2*N_active + 4*L*nh*hd*ctx = 2*{pc['active']/1e9:.2f}B + attention (ctx = mean position
-  attended); training = {4 if cfg.activation_checkpointing else 3} forwards (fwd + bwd{' + recompute' if cfg.activation_checkpointing else ''}), teacher = 1 forward per scored token,
-  all at {cfg.mfu:.0%} of {cfg.peak_tflops:g} TFLOP/s (assumed MFU). decode step = (bf16 weights read + KV read) / ({cfg.hbm_eff:.0%} of
-  {cfg.hbm_tbps} TB/s) + MoE all-to-all at {cfg.nvlink_gbps:g} GB/s; {tp['rows']} rows in flight -> {tp['step_ms']:.1f} ms/step. Host<->GPU
-  {cfg.pcie_gbps:g} GB/s, host memory {cfg.host_gbps:g} GB/s per rank. Mean prompt {cfg.prompt_mean} + response {cfg.response_mean} tokens
-  (assumed), {tp['sequences']:.0f} sequences/GPU/step, {tp['micro_batches']} micro-batches of {cfg.micro_batch * cfg.seq_len} tokens.""")
+    ac = cfg.activation_checkpointing
+    if not s["fits"]:
+        print("\n(this configuration does not fit: the projection below is for comparison only)")
+    print("\nprojected throughput (tokens = prompt + response, per GPU: NeMo-RL's tokens/s/GPU)")
+    for line in [
+        f"forward FLOPs/token = 2*N_active + 4*L*nh*hd*ctx = 2*{pc['active'] / 1e9:.2f}B + attention "
+        f"(ctx = mean position attended)",
+        f"training = {4 if ac else 3} forwards (fwd + bwd{' + recompute' if ac else ''}); teacher = 1 forward per "
+        f"scored token; both at {cfg.mfu:.0%} of {cfg.peak_tflops:g} TFLOP/s (assumed MFU)",
+        f"decode step = (bf16 weights + KV read) / ({cfg.hbm_eff:.0%} of {cfg.hbm_tbps} TB/s) + MoE all-to-all "
+        f"at {cfg.nvlink_gbps:g} GB/s: {tp['rows']} rows in flight -> {tp['step_ms']:.1f} ms/step",
+        f"host<->GPU {cfg.pcie_gbps:g} GB/s, host memory {cfg.host_gbps:g} GB/s per rank, FSDP collectives "
+        f"{cfg.nvlink_gbps:g} GB/s (all assumed)",
+        f"mean prompt {cfg.prompt_mean} + response {cfg.response_mean} tokens (assumed), "
+        f"{tp['sequences']:.0f} sequences/GPU/step, {tp['micro_batches']} micro-batches of "
+        f"{cfg.micro_batch * cfg.seq_len} tokens",
+    ]:
+        print("  " + line)
     for k, v in tp["phases"].items():
         print(f"  {k:<24} {v:8.1f} s")
     print(f"  {'step':<24} {tp['step_s']:8.1f} s  -> {tp['tokens_per_s_gpu']:.0f} tokens/s/GPU (model)")
     ref = NEMO_RL
-    nemo = throughput(nemo_rl_setup(cfg), mc, 10**9, score_fwds=2)  # all their rows fit in KV at once
+    nemo = throughput(nemo_rl_setup(cfg), mc, 10**9, score_fwds=2, fsdp=False)  # all rows fit in KV at once
     eff = ref["tokens_per_s_gpu"] / nemo["tokens_per_s_gpu"]
-    print(f"""  calibration: the same model on NeMo-RL's Qwen3-30B-A3B GRPO run ({ref['gpus']} H100, {ref['rollouts']} rollouts of mean
-  {ref['mean_len']} tokens, max {ref['seq_len']}; prompt 256 assumed; policy + reference log-prob passes; no offload, no
-  recompute) predicts {nemo['tokens_per_s_gpu']:.0f} tokens/s/GPU ({nemo['step_s']:.0f} s/step); they measured {ref['tokens_per_s_gpu']} ({ref['step_s']} s/step),
-  {eff:.0%} of the model. With that factor the MOPD preset is ~{tp['tokens_per_s_gpu'] * eff:.0f} tokens/s/GPU,
-  ~{tp['step_s'] / eff / 60:.0f} min per step of {cfg.prompts_per_step * cfg.rollouts} rollouts.""")
+    print(f"  calibration: the same model on NeMo-RL's Qwen3-30B-A3B GRPO run ({ref['gpus']} H100, "
+          f"{ref['rollouts']} rollouts of mean {ref['mean_len']} tokens, max {ref['seq_len']};\n"
+          f"  prompt 256 assumed; policy + reference log-prob passes; no offload, recompute or FSDP traffic) "
+          f"predicts {nemo['tokens_per_s_gpu']:.0f}\n"
+          f"  tokens/s/GPU ({nemo['step_s']:.0f} s/step); they measured {ref['tokens_per_s_gpu']} "
+          f"({ref['step_s']} s/step): {eff:.0%} of the model.")
+    print(f"  calibrated MOPD preset: ~{tp['tokens_per_s_gpu'] * eff:.0f} tokens/s/GPU, "
+          f"~{tp['step_s'] / eff / 60:.0f} min per step of {cfg.prompts_per_step * cfg.rollouts} rollouts")
     return tp, eff
 
 
@@ -386,7 +436,7 @@ def dry_run(cfg, mc=None):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import distributed
-    from model import Transformer
+    from model import MoE, Transformer
     mc = mc or model_config(cfg)
     if dist.is_initialized():
         raise RuntimeError("dry_run needs a fresh process (a process group is already initialized)")
@@ -418,7 +468,7 @@ def dry_run(cfg, mc=None):
         counts["teachers"] = teachers
         everything = params + [p.grad for p in params] + states
         assert {t.to_local().device.type for t in everything} == {"meta"}
-        moe = next((m for m in student.modules() if hasattr(m, "gate_proj") and m.gate_proj.dim() == 3), None)
+        moe = next((m for m in student.modules() if isinstance(m, MoE)), None)
         counts["local experts"] = moe.gate_proj.to_local().shape[0] if moe is not None else 0
     finally:
         dist.destroy_process_group()
@@ -432,16 +482,16 @@ def compare(cfg, rows, counts):
     planned = {"student params": by["params"], "student grads": by["grads"], "AdamW states": by["adam"],
                "teachers": by["teachers"]}
     print(f"\ndry run: meta-device FSDP2 over a fake {cfg.world_size}-rank process group, bytes owned by rank 0")
-    print(f"| {'item':<16} | {'plan GiB':>9} | {'counted GiB':>11} | {'diff':>7} |")
-    print(f"|{'-' * 18}|{'-' * 11}|{'-' * 13}|{'-' * 9}|")
+    print(f"| {'item':<16} | {'plan bytes':>14} | {'counted bytes':>14} | {'plan GiB':>9} | {'diff':>7} |")
+    print(f"|{'-' * 18}|{'-' * 16}|{'-' * 16}|{'-' * 11}|{'-' * 9}|")
     worst = 0.0
     for k, p in planned.items():
         c = counts[k]
         err = abs(p - c) / c if c else (0.0 if p == 0 else 1.0)
         worst = max(worst, err)
-        print(f"| {k:<16} | {p / GiB:9.3f} | {c / GiB:11.3f} | {100 * err:6.2f}% |")
+        print(f"| {k:<16} | {p:14,.0f} | {c:14,} | {p / GiB:9.3f} | {100 * err:6.2f}% |")
     tp, tc = sum(planned.values()), sum(counts[k] for k in planned)
-    print(f"| {'sum':<16} | {tp / GiB:9.3f} | {tc / GiB:11.3f} | {100 * abs(tp - tc) / tc:6.2f}% |")
+    print(f"| {'sum':<16} | {tp:14,.0f} | {tc:14,} | {tp / GiB:9.3f} | {100 * abs(tp - tc) / tc:6.2f}% |")
     print(f"experts per rank: {counts['local experts']} whole experts of a stacked [E, I, H] tensor; "
           f"process RSS grew {counts['rss growth MiB']:.0f} MiB (everything stayed on meta)")
     return worst

@@ -1,7 +1,8 @@
 """
 Hand-written KV-cached sampling: the student's rollouts for RL and for MOPD.
 
-- generate(): prefill each prompt once, copy its cache rows n times, then decode all
+- generate(): prefill each prompt once (a prefix shared by all prompts, such as a chat
+  template's system prompt, only once in all), copy its cache rows n times, then decode all
   rows together, one token per step, with per-row positions (prompts are right-padded, so
   row b's token at position p sits in cache slot p; a ragged batch cannot garble).
 - sampling_logprobs(): the one place that turns logits into the distribution we sample
@@ -119,11 +120,18 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     ids = torch.full((P, pmax), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, :len(p)] = torch.tensor(p, device=device)
-    # q/k/v and gate/up as one matmul each while sampling (a snapshot; see model.py)
-    with model.fused_projections():
-        cache = KVCache(cfg, P, pmax + max_new_tokens, dtype, device)
-        hidden = model(ids, cache=cache, return_hidden=True)
-        last = hidden[torch.arange(P, device=device), plens - 1]  # each prompt's own last token
+    # the weights in a layout made for inference, a snapshot for this call (see model.py)
+    with model.inference_weights():
+        # a prefix every prompt shares (a chat template's system prompt) is prefilled once, in
+        # one row, and copied: its keys/values are the same in every row. Each prompt keeps
+        # at least its last token for the second prefill, which gives the first logits.
+        shared = _shared_prefix_len(prompts) if P > 1 else 0
+        cache = KVCache(cfg, 1 if shared else P, pmax + max_new_tokens, dtype, device)
+        if shared:
+            model(ids[:1, :shared], cache=cache, return_hidden=True)
+            cache.repeat_rows(P)
+        hidden = model(ids[:, shared:], cache=cache, return_hidden=True)
+        last = hidden[torch.arange(P, device=device), plens - shared - 1]  # each prompt's last token
         cache.lengths = plens.clone()
         cache.repeat_rows(n)
         last = last.repeat_interleave(n, dim=0)
@@ -134,7 +142,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         out = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
         out_lp = torch.zeros(R, max_new_tokens, device=device)
         rlens = torch.zeros(R, dtype=torch.long, device=device)
-        logits = model.lm_head(last)
+        logits = model.logits(last)
         steps = range(max_new_tokens)
         if progress:
             from tqdm import tqdm
@@ -160,7 +168,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             # shape, and under torch.distributed every rank makes the same number of calls
             hidden = model(tok[:, None], positions=pos[:, None], cache=cache, return_hidden=True)
             pos += 1
-            logits = model.lm_head(hidden[:, 0])
+            logits = model.logits(hidden[:, 0])
 
     # assemble [R, L] = prompt then response per row, right-padded
     T = int(rlens.max())
@@ -180,6 +188,15 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     stopped = done if len(stop) else torch.zeros_like(done)
     return Rollout(tokens, prep, rlens, mask, logprobs,
                    [i for i in range(P) for _ in range(n)], stopped)
+
+
+def _shared_prefix_len(prompts):
+    """Length of the longest prefix all prompts share, short of the shortest prompt's end."""
+    n = min(len(p) for p in prompts) - 1
+    for i in range(n):
+        if any(p[i] != prompts[0][i] for p in prompts):
+            return i
+    return max(n, 0)
 
 
 def _all_done(done):

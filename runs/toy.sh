@@ -5,7 +5,9 @@
 #   -> multi-round MOPD -> held-out evaluation, table (OUT/results.md) and chart (OUT/results.png).
 #
 #   bash runs/toy.sh                    # one seed
-#   SEEDS=3 bash runs/toy.sh            # three seeds, mean ± sd
+#   SEEDS=3 bash runs/toy.sh            # three seeds, one after another, mean ± sd
+#   SEED_LIST="1 2" bash runs/toy.sh    # just these seeds (e.g. in parallel shells); the table
+#                                       # aggregates every OUT/seed*/results.json present
 #   DOMAINS=rev,sort,odd MULTI_ROUND=0 OUT=out/toy bash runs/toy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,8 @@ doms=${DOMAINS//,/ }
 t_start=$(date +%s)
 say() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
 
-for seed in $(seq 0 $((SEEDS - 1))); do
+SEED_LIST=${SEED_LIST:-$(seq 0 $((SEEDS - 1)))}
+for seed in $SEED_LIST; do
   o=$OUT/seed$seed
   mkdir -p "$o"
   run() { local name=$1; shift; say "seed $seed: $name"; "$PY" "$@" > "$o/$name.txt" 2>&1 || { tail -20 "$o/$name.txt"; exit 1; }; }

@@ -164,3 +164,40 @@ def test_cli(hf_dirs, tmp_path, capsys):
                   "--max_new_tokens", "5", "--seed", "0"])
     out = capsys.readouterr().out
     assert out.count("--- prompt") == 4 and "what is 2+3?" in out
+
+
+def test_shared_prefix_is_prefilled_once_and_changes_nothing(tiny_model):
+    """Prompts sharing a prefix (a chat template's system prompt) prefill it once, in one row."""
+    prefix = _prompts([10], seed=5)[0]
+    prompts = [prefix + p for p in _prompts([3, 1, 6], seed=6)]
+    shapes = []
+    hook = tiny_model.embed_tokens.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    try:
+        batch = generate(tiny_model, prompts, max_new_tokens=12, seed=3, n=2)
+    finally:
+        hook.remove()
+    assert shapes[:2] == [(1, 10), (3, 6)]  # the prefix in one row, then each prompt's own tokens
+    for i, p in enumerate(prompts):
+        alone = generate(tiny_model, [p], max_new_tokens=12, seed=3 + i, n=2)
+        for j in range(2):
+            assert batch.response_ids[2 * i + j] == alone.response_ids[j]
+            assert torch.allclose(torch.tensor(batch.response_logprobs[2 * i + j]),
+                                  torch.tensor(alone.response_logprobs[j]), atol=1e-5)
+
+
+def test_inference_weights_are_a_fresh_snapshot_per_call(tiny_model):
+    """generate() sees a weight update made between two calls, and leaves no snapshot behind."""
+    import copy
+    model = copy.deepcopy(tiny_model)
+    prompts = _prompts([7, 4])
+    before = generate(model, prompts, max_new_tokens=10, temperature=0)
+    with torch.no_grad():
+        model.layers[0].mlp.down_proj.weight.mul_(-3.0)  # what an optimizer step does: in place
+        model.layers[1].self_attn.k_proj.weight.mul_(2.0)
+    after = generate(model, prompts, max_new_tokens=10, temperature=0)
+    assert after.response_ids != before.response_ids
+    with torch.no_grad():
+        logits = model(after.tokens[:, :-1])
+    for r, p in enumerate([7, 4]):  # greedy tokens are the argmax of the *updated* model
+        assert (logits.argmax(-1)[r, p - 1:p + 9] == after.tokens[r, p:p + 10]).all()
+    assert model.lm_head_t is None and all(l.self_attn.wt is None and l.mlp.wt is None for l in model.layers)

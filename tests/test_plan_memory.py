@@ -1,0 +1,187 @@
+"""
+The scale plan and the FSDP2 entry point (distributed.py):
+- the Qwen3-30B-A3B + 3 teachers preset, sharded for real (on the meta device, over torch's
+  fake 8-rank process group): the plan's bytes agree with what rank 0 owns, and it fits 75 GiB;
+- the activation formula agrees with the tensors autograd actually saves for one layer;
+- distributed.shard at world size 1 (gloo) and 2 (two processes, uneven shards) computes
+  what the unsharded model computes: logits, gradients, the fused head outside forward.
+Every test that joins a process group destroys it, so other tests are unaffected.
+"""
+import datetime
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distributed
+import kernels
+import plan_memory
+from model import ModelConfig, Transformer, rope_cos_sin
+
+GiB = 2**30
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: with 2 intra-op threads on a loaded 2-core machine, every small MoE op
+    # (index_add_) waits on the other thread, ~100x slower; restored after each test
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_qwen3_30b_a3b_dry_run_matches_plan_and_fits():
+    cfg = plan_memory.Config()  # the chosen preset: 8 x H100, 2048 x 1 rollouts, 64k tokens per micro-batch
+    mc = plan_memory.model_config(cfg)
+    assert (mc.hidden_size, mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.num_experts,
+            mc.num_experts_per_tok, mc.moe_intermediate_size, mc.vocab_size) == \
+        (2048, 48, 32, 4, 128, 128, 8, 768, 151936)
+    rows = plan_memory.plan(cfg, mc)
+    s = plan_memory.summarize(cfg, rows, mc)
+    assert s["fits"] and s["peak"] <= 75 * GiB
+    assert max(s["phases"].values()) <= 75 * GiB
+
+    counts = plan_memory.dry_run(cfg, mc)  # real fully_shard on meta, fake 8-rank group
+    by = {r.key: r.bytes for r in rows}
+    for key, name in [("params", "student params"), ("grads", "student grads"), ("adam", "AdamW states"),
+                      ("teachers", "teachers")]:
+        assert abs(by[key] - counts[name]) <= 0.05 * counts[name], (name, by[key], counts[name])
+    assert counts["student params"] / 4 == pytest.approx(30.53e9 / 8, rel=1e-3)  # 30.5B params, fp32 shards
+    assert counts["local experts"] == 128 // 8  # dim-0 sharding of stacked experts = expert parallelism
+    assert counts["rss growth MiB"] < 1024      # nothing real was allocated (fp32 student alone: 114 GiB)
+    assert not dist.is_initialized()
+
+
+def test_without_offload_the_preset_cannot_fit():
+    # student fp32 params + grads + AdamW (16 B/param) + 3 bf16 teachers over 8 ranks: 78 GiB of
+    # state before any activation, which is why the preset offloads the student's optimizer
+    cfg = plan_memory.Config(optimizer_offload=False, teacher_offload=False)
+    rows = plan_memory.plan(cfg)
+    state = sum(r.bytes for r in rows if r.key in ("params", "grads", "adam", "teachers"))
+    assert state > 75 * GiB
+    assert not plan_memory.summarize(cfg, rows, plan_memory.model_config(cfg))["fits"]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3"])
+def test_activation_formula_matches_saved_tensors(arch):
+    """layer_activation_bytes == the bytes autograd saves for one bf16 Block (CPU flash SDPA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cfg = ModelConfig(arch=arch, vocab_size=64, hidden_size=128, intermediate_size=192, num_layers=1,
+                      num_heads=8, num_kv_heads=2, head_dim=16, num_experts=8 if arch == "qwen3_moe" else 0,
+                      num_experts_per_tok=2, moe_intermediate_size=48)
+    model = Transformer(cfg).init_weights(seed=0).to(torch.bfloat16)
+    T = 256
+    x = torch.randn(1, T, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_cos_sin(model._inv_freq, torch.arange(T)[None], torch.bfloat16)
+    skip = {t.untyped_storage().data_ptr() for t in [x, cos, sin, *model.parameters()]}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers[0](x, cos, sin)
+    measured = sum(saved.values()) / T
+    # on CPU SDPA repeats K/V to every head (flash-attn on CUDA does not: kv_repeat=False there)
+    assert measured == pytest.approx(plan_memory.layer_activation_bytes(cfg, 0, kv_repeat=True), rel=0.02)
+
+
+def test_init_distributed_is_a_noop_at_world_size_1(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = distributed.init_distributed(timeout_s=10)
+    assert (info.rank, info.world_size, info.is_main) == (0, 1, True) and not dist.is_initialized()
+
+
+def _tiny(arch, tie, vocab=128, experts=8):
+    return ModelConfig(arch=arch, vocab_size=vocab, hidden_size=64, intermediate_size=96, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=tie,
+                       num_experts=experts if arch == "qwen3_moe" else 0, num_experts_per_tok=2,
+                       moe_intermediate_size=32)
+
+
+def _copy(ref):
+    m = Transformer(ref.config)
+    m.load_state_dict(ref.state_dict())
+    if ref.config.tie_word_embeddings:
+        m.lm_head.weight = m.embed_tokens.weight
+    return m
+
+
+def _loss(model, ids):
+    """The way the trainers use the model: hidden states, then the fused head outside forward."""
+    h = model(ids[:, :-1], return_hidden=True)
+    return -kernels.token_logprobs(h, model.lm_head_weight, ids[:, 1:]).mean()
+
+
+@pytest.mark.parametrize("arch,tie", [("qwen3", True), ("qwen3_moe", False)])
+def test_shard_world_size_1_matches_unsharded(arch, tie, tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        ref = Transformer(_tiny(arch, tie)).init_weights(seed=0)
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        want_logits = ref(ids)
+        _loss(ref, ids).backward()
+        for kw in [dict(mp_policy=None), dict(mp_policy=None, activation_checkpointing=True)]:
+            m = distributed.shard(_copy(ref), **kw)
+            assert type(m.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"
+            assert list(m.state_dict()) == list(ref.state_dict())  # HF names survive sharding and AC
+            assert (m.lm_head.weight is m.embed_tokens.weight) == tie
+            assert torch.equal(m(ids), want_logits)
+            _loss(m, ids).backward()  # lm_head used after forward: the root stays gathered
+            for (name, p), q in zip(ref.named_parameters(), m.parameters()):
+                torch.testing.assert_close(q.grad.full_tensor(), p.grad, rtol=1e-5, atol=1e-6, msg=name)
+        # default policy: bf16 compute == the unsharded model cast to bf16
+        m16 = distributed.shard(_copy(ref))
+        ref16 = _copy(ref).to(torch.bfloat16)
+        if tie:
+            ref16.lm_head.weight = ref16.embed_tokens.weight
+        torch.testing.assert_close(m16(ids), ref16(ids), rtol=0, atol=0)
+        with torch.no_grad():  # rollout.py's path: forward to hidden, then model.lm_head
+            h = m16(ids, return_hidden=True)
+            torch.testing.assert_close(m16.lm_head(h[:, -1]), ref16(ids)[:, -1], rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_worker(rank, port, out_dir):
+    """One of two torchrun-like ranks: env vars, init_distributed, shard, compare with unsharded."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = distributed.init_distributed(timeout_s=60)
+    try:
+        assert dist.get_world_size() == 2 and info.rank == rank
+        cfg = _tiny("qwen3_moe", tie=False, vocab=97, experts=3)  # odd sizes: uneven, padded shards
+        ref = Transformer(cfg).init_weights(seed=0)
+        batches = [torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(r)) for r in range(2)]
+        for b in batches:  # data parallel: the gradient is the mean over both ranks' batches
+            (_loss(ref, b) / 2).backward()
+        m = distributed.shard(_copy(ref), mp_policy=None)
+        assert m.layers[0].mlp.gate_proj.to_local().shape[0] == (2 if rank == 0 else 1)
+        torch.testing.assert_close(m(batches[rank]), ref(batches[rank]), rtol=1e-5, atol=1e-6)
+        _loss(m, batches[rank]).backward()
+        for (name, p), q in zip(ref.named_parameters(), m.parameters()):
+            torch.testing.assert_close(q.grad.full_tensor(), p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+    finally:
+        distributed.teardown()
+
+
+def test_shard_two_ranks_matches_unsharded():
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_two_rank_worker, args=(_free_port(), out), nprocs=2, join=True)
+        assert sorted(os.listdir(out)) == ["ok0", "ok1"]
