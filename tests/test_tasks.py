@@ -487,10 +487,19 @@ def test_sandbox_as_unprivileged_caller(tmp_path):
     python = "/usr/bin/python3"
     if not (shutil.which("setpriv") and os.path.exists(python)):
         pytest.skip("needs setpriv and /usr/bin/python3")
-    repo, tag, secret = str(Path(tasks.__file__).resolve().parent), uuid.uuid4().hex, uuid.uuid4().hex
-    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
-                          _UNPRIVILEGED_SCRIPT, repo, tag], capture_output=True, text=True, timeout=60,
-                         env={"PATH": "/usr/bin:/bin", "MOPD_TEST_SECRET": secret}, cwd="/")
+    import tempfile
+    tag, secret = uuid.uuid4().hex, uuid.uuid4().hex
+    # a copy of tasks.py that nobody can read (the clone itself may sit in a 0700 directory)
+    repo = tempfile.mkdtemp(prefix="mopd_tasks_", dir="/tmp")
+    os.chmod(repo, 0o755)
+    shutil.copy(tasks.__file__, repo)
+    os.chmod(os.path.join(repo, "tasks.py"), 0o644)
+    try:
+        res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
+                              _UNPRIVILEGED_SCRIPT, repo, tag], capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin", "MOPD_TEST_SECRET": secret}, cwd="/")
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
     evil = f"/tmp/mopd_evil_{tag}"
     exists = os.path.exists(evil)
     if exists:
