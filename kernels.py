@@ -15,6 +15,11 @@ What is in this file, top to bottom:
 - The one chunked loop they all share (_fused_linear) and the autograd.Function around it.
 - Triton kernels for the per-row math of token_logprobs and kl (online max/sum over vocab
   blocks, then the gradient), used automatically on CUDA; plain PyTorch elsewhere.
+  The matmuls stay with cuBLAS / MKL in both cases: per chunk, z = h @ W^T, then the row math
+  (one pass for the normaliser, one to write dz in place of z), then dz @ W and dz^T @ h.
+  Each chunk holds whole rows of z because the gradient needs p = exp(z - logsumexp(z)) for
+  every logit, i.e. the row's final normaliser first: with the row at hand each logit is
+  computed once (one matmul); blocking the vocabulary too would mean computing it twice.
 - *_ref(): plain, materialise-everything references; the tests and bench/bench_kl.py use them.
 
 How the gradient is made cheap. The naive path costs one matmul forward (logits) and two
@@ -68,11 +73,18 @@ def auto_chunk_size(vocab_size, n_buffers, mem_budget_bytes=DEFAULT_MEM_BUDGET, 
     return max(1, int(mem_budget_bytes // (n_buffers * vocab_size * itemsize)))
 
 
-def _logsumexp(z, rows_at_once=32):
-    """torch.logsumexp(z, dim=1, keepdim=True), a few rows at a time: its internal temporary is
-    then [32 x V] instead of another whole [C x V] buffer."""
-    return torch.cat([torch.logsumexp(z[i:i + rows_at_once], dim=1, keepdim=True)
-                      for i in range(0, z.shape[0], rows_at_once)])
+def _logsumexp(z, rows_at_once=8):
+    """torch.logsumexp(z, dim=1, keepdim=True) for z [C, V], with one reused [8 x V] scratch
+    buffer: torch.logsumexp itself would allocate a second whole [C x V] temporary."""
+    C = z.shape[0]
+    m = z.amax(dim=1, keepdim=True)
+    s = torch.empty_like(m)
+    scratch = z.new_empty(min(rows_at_once, C), z.shape[1])
+    for i in range(0, C, rows_at_once):
+        r = slice(i, min(i + rows_at_once, C))
+        e = torch.sub(z[r], m[r], out=scratch[:r.stop - i]).exp_()  # exp(z - m) for these rows
+        s[r] = e.sum(dim=1, keepdim=True)
+    return m + s.log()
 
 
 def _use_triton(backend, x):

@@ -212,11 +212,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # in fp32, then cast back before the weight (the order transformers uses); F.rms_norm
-        # is one kernel instead of five, and in fp32 the weight can go in the same call
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps):
+    """
+    weight * x / rms(x) over the last dim: normalised in fp32, cast back, then the weight (the
+    order transformers uses). One F.rms_norm call in fp32; `weight` may also be [..., d]
+    (per-head weights stacked, see Attention).
+    """
+    if x.dtype == torch.float32 and weight.dim() == 1:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -231,20 +238,25 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-        self.wt = None  # {"qkv": (W^T, b), "o": (W^T, b)} inside Transformer.inference_weights()
+        # {"qkv": (W^T, b), "o": (W^T, b), "qk_norm": [nh + nkv, d]} inside inference_weights()
+        self.wt = None
 
     def forward(self, x, cos, sin, cache=None, layer=0, positions=None, mask=None):
         B, T, _ = x.shape
-        if self.wt is not None:  # one matmul for q, k and v (see Transformer.inference_weights)
-            qkv = linear_t(x, self.wt["qkv"]).view(B, T, self.nh + 2 * self.nkv, self.hd)
-            q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=2)
-        else:
+        if self.wt is None:
             q = self.q_proj(x).view(B, T, self.nh, self.hd)
             k = self.k_proj(x).view(B, T, self.nkv, self.hd)
             v = self.v_proj(x).view(B, T, self.nkv, self.hd)
-        if hasattr(self, "q_norm"):  # Qwen3: per-head norm *before* RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, T, H, d]
+            if hasattr(self, "q_norm"):  # Qwen3: per-head norm *before* RoPE
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, T, H, d]
+        else:  # the inference snapshot: q, k, v from one matmul; q and k normed and rotated
+            # together (the same ops per head, half the calls: decoding is call-bound)
+            qkv = linear_t(x, self.wt["qkv"]).view(B, T, self.nh + 2 * self.nkv, self.hd)
+            qk, v = qkv.split([self.nh + self.nkv, self.nkv], dim=2)
+            if hasattr(self, "q_norm"):
+                qk = rms_norm(qk, self.wt["qk_norm"], self.q_norm.eps)
+            q, k = apply_rope(qk, cos, sin).split([self.nh, self.nkv], dim=2)
         if cache is not None:  # write this step's keys/values at each row's own positions
             kc, vc = cache.update(layer, k, v, positions)  # the filled prefix, [B, nkv, used, d]
         if mask is not None:  # decoding: attend to the cache (slots 0..p of its row for position p)
@@ -286,7 +298,7 @@ def cached_attention(q, k, v, mask):
 
 def transposed(*linears):
     """(W^T, b) of nn.Linear layers stacked along the output: one [in, out] contiguous matrix."""
-    w = torch.cat([l.weight for l in linears]).t().contiguous()
+    w = torch.cat([l.weight.t() for l in linears], dim=1)  # one copy, contiguous
     return w, None if linears[0].bias is None else torch.cat([l.bias for l in linears])
 
 
@@ -509,6 +521,9 @@ class Transformer(nn.Module):
                 for attn, mlp in blocks:
                     attn.wt = {"qkv": transposed(attn.q_proj, attn.k_proj, attn.v_proj),
                                "o": transposed(attn.o_proj)}
+                    if hasattr(attn, "q_norm"):  # one weight row per q head, then per k head
+                        attn.wt["qk_norm"] = torch.cat([attn.q_norm.weight.expand(attn.nh, -1),
+                                                        attn.k_norm.weight.expand(attn.nkv, -1)])
                     if isinstance(mlp, MLP):  # MoE experts keep their own loop
                         mlp.wt = {"gate_up": transposed(mlp.gate_proj, mlp.up_proj),
                                   "down": transposed(mlp.down_proj)}

@@ -5,9 +5,10 @@ Hand-written KV-cached sampling: the student's rollouts for RL and for MOPD.
   template's system prompt, only once in all), copy its cache rows n times, then decode all
   rows together, one token per step, with per-row positions (prompts are right-padded, so
   row b's token at position p sits in cache slot p; a ragged batch cannot garble).
-- sampling_logprobs(): the one place that turns logits into the distribution we sample
-  from (temperature, then top-k, then top-p). The sampler and any later re-scoring use it,
-  so `response_logprobs` are exactly the log-probs of the distribution that was sampled.
+- sampling_logits(): the one place that turns logits into the distribution we sample from
+  (temperature, then top-k, then top-p). The sampler and any later re-scoring
+  (sampling_logprobs) use it, so `response_logprobs` are the log-probs of the distribution
+  that was sampled.
 - Randomness is per row: row (prompt i, sample j) draws its uniforms from a generator
   seeded by (seed + i, j), so a row's tokens do not depend on what else is in the batch.
 - A command line, like nanoGPT's sample.py:
@@ -15,6 +16,7 @@ Hand-written KV-cached sampling: the student's rollouts for RL and for MOPD.
 """
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -44,17 +46,14 @@ class Rollout:
                 enumerate(zip(self.prompt_lens.tolist(), self.response_lens.tolist()))]
 
 
-def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
+def sampling_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     """
-    log pi(v) of the distribution we actually sample from, over the last dim, in fp32:
-    softmax(logits / T) restricted to the top-k logits, then to the smallest set of tokens
-    whose probability reaches top_p (the nucleus), renormalised. Excluded tokens get -inf.
-    temperature == 0 means greedy; there is no sampling distribution then, so we return the
-    plain log-softmax (T = 1) and generate() takes the argmax.
+    The logits of the distribution we actually sample from, over the last dim, in fp32:
+    logits / T restricted to the top-k logits, then to the smallest set of tokens whose
+    probability reaches top_p (the nucleus); excluded tokens get -inf. Its softmax is what
+    generate() samples from, its log-softmax is sampling_logprobs().
     """
     logits = logits.float()
-    if temperature == 0:
-        return F.log_softmax(logits, dim=-1)
     if temperature != 1.0:  # x / 1 == x exactly: skip a pass over [rows x vocab]
         logits = logits / temperature
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -67,7 +66,18 @@ def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
         drop = (probs.cumsum(-1) - probs) >= top_p
         drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return F.log_softmax(logits, dim=-1)
+    return logits
+
+
+def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """
+    log pi(v) of the distribution we actually sample from (see sampling_logits), fp32.
+    temperature == 0 means greedy; there is no sampling distribution then, so we return the
+    plain log-softmax (T = 1) and generate() takes the argmax.
+    """
+    if temperature == 0:
+        return F.log_softmax(logits.float(), dim=-1)
+    return F.log_softmax(sampling_logits(logits, temperature, top_k, top_p), dim=-1)
 
 
 def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, n):
@@ -120,8 +130,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     ids = torch.full((P, pmax), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, :len(p)] = torch.tensor(p, device=device)
-    # the weights in a layout made for inference, a snapshot for this call (see model.py)
-    with model.inference_weights():
+    # decode from a snapshot of the weights laid out for batched inference (model.py); one
+    # row decodes with matrix-vector products, about as fast on the modules' own layout, so
+    # it skips the copy (which costs about as much as ten such steps)
+    with model.inference_weights() if R > 1 else contextlib.nullcontext():
         # a prefix every prompt shares (a chat template's system prompt) is prefilled once, in
         # one row, and copied: its keys/values are the same in every row. Each prompt keeps
         # at least its last token for the second prefill, which gives the first logits.
@@ -148,15 +160,17 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             from tqdm import tqdm
             steps = tqdm(steps, desc="sampling", leave=False)
         for t in steps:
-            logp = sampling_logprobs(logits, temperature, top_k, top_p)
             if temperature == 0:
+                logp = sampling_logprobs(logits, temperature)
                 tok = logp.argmax(-1)
-            else:
-                cdf = logp.exp().cumsum(-1)
+                lp = logp.gather(-1, tok[:, None])[:, 0]
+            else:  # probabilities, not log-probs: one pass over [rows x vocab] fewer
+                probs = F.softmax(sampling_logits(logits, temperature, top_k, top_p), dim=-1)
+                cdf = probs.cumsum(-1)
                 # right=True never lands on a zero-probability (filtered) token
                 tok = torch.searchsorted(cdf, (uniforms[:, t] * cdf[:, -1])[:, None], right=True)[:, 0]
-                tok = tok.clamp_(max=logp.shape[-1] - 1)
-            lp = logp.gather(-1, tok[:, None])[:, 0]
+                tok = tok.clamp_(max=probs.shape[-1] - 1)
+                lp = probs.gather(-1, tok[:, None])[:, 0].log()  # == sampling_logprobs(...)[tok]
             out[:, t] = torch.where(done, pad_id, tok)
             out_lp[:, t] = torch.where(done, 0.0, lp)
             rlens += (~done).long()

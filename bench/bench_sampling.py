@@ -27,7 +27,6 @@ at the FLOP limit, each decode step at max(FLOPs / FLOP/s, weight bytes / bandwi
     python bench/bench_sampling.py                 # the full run, prints a markdown table
     python bench/bench_sampling.py --quick         # fewer tokens, one timed run: a smoke test
     python bench/bench_sampling.py --skip_smollm   # the tiny model only
-    python bench/bench_sampling.py --compile       # opt-in: also time ours under torch.compile
 
 Timings on a shared machine are only as good as its idleness: the load average is printed
 before and after; other busy processes make everything (ours most, OpenMP threads wait on
@@ -46,14 +45,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import Transformer, num_params  # noqa: E402
-from rollout import generate  # noqa: E402
+from rollout import _shared_prefix_len, generate  # noqa: E402
 
 ap = argparse.ArgumentParser(description="Sampling throughput: ours vs transformers.")
 ap.add_argument("--quick", action="store_true", help="fewer new tokens and one timed run")
 ap.add_argument("--skip_smollm", action="store_true", help="only the tiny random model")
 ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
 ap.add_argument("--threads", type=int, default=2, help="torch threads (this machine: 2 cores)")
-ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile (opt-in)")
 ap.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/mopd"),
                 help="where the SmolLM2 GGUF is converted to an HF dir, once")
 
@@ -154,7 +152,7 @@ def ours_generate(model, prompts, n_new):
 # One case: both implementations on one model and one batch
 
 
-def bench_case(name, hf_dir, prompts, n_new, limits, repeats, compile_ours=False):
+def bench_case(name, hf_dir, prompts, n_new, limits, repeats):
     from transformers import AutoModelForCausalLM
     flops, bw = limits
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -170,11 +168,6 @@ def bench_case(name, hf_dir, prompts, n_new, limits, repeats, compile_ours=False
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     fns = {"transformers": lambda: hf_generate(hf, prompts, n_new),
            "ours": lambda: ours_generate(ours, prompts, n_new)}
-    if compile_ours:
-        compiled = Transformer.from_pretrained(hf_dir, dtype=torch.float32)
-        compiled.forward = torch.compile(compiled.forward, dynamic=True)
-        fns["ours + torch.compile"] = lambda: ours_generate(compiled, prompts, n_new)
-        fns["ours + torch.compile"]()  # compiles: an extra warm-up
     t = median_times(fns, repeats)
     t_prefill = median_times({"p": lambda: generate(ours, prompts, max_new_tokens=1)}, repeats)["p"]
     # the roofline under the same accounting: prefill FLOP-bound, each decode step bound by
@@ -190,8 +183,10 @@ def bench_case(name, hf_dir, prompts, n_new, limits, repeats, compile_ours=False
                          flop=tps * 2 * matmul_params / flops,
                          bw=tps * weight_bytes / bw if B == 1 else None))
     bound_tps = B * n_new / t_bound
-    note = (f"{name}: {num_params(ours) / 1e6:.1f}M params, {weight_bytes / 1e6:.0f} MB, "
-            f"max |logit diff| ours vs transformers {diff:.1e}; ours: prefill {1e3 * t_prefill:.0f} ms "
+    note = (f"{name}: {num_params(ours) / 1e6:.1f}M params, {weight_bytes / 1e6:.0f} MB, prompts "
+            f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens "
+            f"(shared prefix {_shared_prefix_len(prompts) if B > 1 else 0}), "
+            f"max |logit diff| vs transformers {diff:.1e}; ours: prefill {1e3 * t_prefill:.0f} ms "
             f"of {1e3 * t['ours']:.0f} ms; bound {bound_tps:,.0f} tokens/s = "
             f"{100 * bound_tps * 2 * matmul_params / flops:.0f}% FLOP"
             + (f", {100 * bound_tps * weight_bytes / bw:.0f}% BW" if B == 1 else ""))
@@ -213,8 +208,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         n_new = 32 if args.quick else 128
         prompts = torch.randint(1, 4096, (64, 32), generator=g).tolist()
-        r, n = bench_case("tiny Qwen3, B=64", tiny_qwen3_dir(tmp), prompts, n_new, limits, repeats,
-                          args.compile)
+        r, n = bench_case("tiny Qwen3, B=64", tiny_qwen3_dir(tmp), prompts, n_new, limits, repeats)
         rows += r
         notes.append(n)
     if not args.skip_smollm:
@@ -229,8 +223,7 @@ def main(argv=None):
                 for t in topics]
         n_new = 16 if args.quick else 64
         for B in (1, 16):
-            r, n = bench_case(f"SmolLM2-135M fp32, B={B}", d, chat[:B], n_new, limits, repeats,
-                              args.compile)
+            r, n = bench_case(f"SmolLM2-135M fp32, B={B}", d, chat[:B], n_new, limits, repeats)
             rows += r
             notes.append(n)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}\n")
