@@ -132,7 +132,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         ids[i, :len(p)] = torch.tensor(p, device=device)
     # decode from a snapshot of the weights laid out for batched inference (model.py); one
     # row decodes with matrix-vector products, about as fast on the modules' own layout, so
-    # it skips the copy (which costs about as much as ten such steps)
+    # it skips the copy (which costs as much as several such steps)
     with model.inference_weights() if R > 1 else contextlib.nullcontext():
         # a prefix every prompt shares (a chat template's system prompt) is prefilled once, in
         # one row, and copied: its keys/values are the same in every row. Each prompt keeps
