@@ -154,7 +154,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         out = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
         out_lp = torch.zeros(R, max_new_tokens, device=device)
         rlens = torch.zeros(R, dtype=torch.long, device=device)
-        logits = model.logits(last)
+        logits = model.lm_head(last)
         steps = range(max_new_tokens)
         if progress:
             from tqdm import tqdm
@@ -182,7 +182,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             # shape, and under torch.distributed every rank makes the same number of calls
             hidden = model(tok[:, None], positions=pos[:, None], cache=cache, return_hidden=True)
             pos += 1
-            logits = model.logits(hidden[:, 0])
+            logits = model.lm_head(hidden[:, 0])
 
     # assemble [R, L] = prompt then response per row, right-padded
     T = int(rlens.max())
