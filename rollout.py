@@ -130,10 +130,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     ids = torch.full((P, pmax), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, :len(p)] = torch.tensor(p, device=device)
-    # decode from a snapshot of the weights laid out for batched inference (model.py); one
-    # row decodes with matrix-vector products, about as fast on the modules' own layout, so
-    # it skips the copy (which costs as much as several such steps)
-    with model.inference_weights() if R > 1 else contextlib.nullcontext():
+    # inference_mode: ~5% less per-op overhead than no_grad, and decoding is call-bound.
+    # Weights from a snapshot laid out for batched inference (model.py); one row decodes
+    # with matrix-vector products, about as fast on the modules' own layout, so it skips
+    # the copy (which costs as much as several such steps)
+    with torch.inference_mode(), model.inference_weights() if R > 1 else contextlib.nullcontext():
         # a prefix every prompt shares (a chat template's system prompt) is prefilled once, in
         # one row, and copied: its keys/values are the same in every row. Each prompt keeps
         # at least its last token for the second prefill, which gives the first logits.
@@ -183,6 +184,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             hidden = model(tok[:, None], positions=pos[:, None], cache=cache, return_hidden=True)
             pos += 1
             logits = model.lm_head(hidden[:, 0])
+
+    # ordinary tensors again (inference tensors cannot be used by autograd in training)
+    out, out_lp, rlens, done = out.clone(), out_lp.clone(), rlens.clone(), done.clone()
 
     # assemble [R, L] = prompt then response per row, right-padded
     T = int(rlens.max())

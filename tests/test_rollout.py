@@ -201,3 +201,13 @@ def test_inference_weights_are_a_fresh_snapshot_per_call(tiny_model):
     for r, p in enumerate([7, 4]):  # greedy tokens are the argmax of the *updated* model
         assert (logits.argmax(-1)[r, p - 1:p + 9] == after.tokens[r, p:p + 10]).all()
     assert all(l.self_attn.wt is None and l.mlp.wt is None for l in model.layers)
+
+
+def test_rollout_tensors_are_ordinary_tensors(tiny_model):
+    """generate() samples under inference_mode but returns tensors that training can use."""
+    res = generate(tiny_model, _prompts([5, 3]), max_new_tokens=4, seed=0, stop_token_ids=[7])
+    for t in (res.tokens, res.prompt_lens, res.response_lens, res.response_mask, res.logprobs, res.stopped):
+        assert not t.is_inference()
+    w = torch.ones((), requires_grad=True)
+    (res.logprobs * w).sum().backward()  # would raise on an inference tensor
+    assert w.grad is not None
