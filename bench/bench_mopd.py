@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rl import (IgnoreEOS, Ours, add_common_args, bench_domain, check_lengths, instrumented,  # noqa: E402
                       load_label, make_checkpoint, make_prompts, matmul_params, num_params,
-                      print_results, run_alternating, trl_common_args)
+                      print_results, run_alternating, trl_common_args, _trl_version)
 
 LOSSES = ("pg", "reverse_kl")
 
@@ -132,11 +132,6 @@ def main(argv=None):
          f"full-vocab reverse KL, the objective of our loss=reverse_kl row. "
          f"{len(ours[0].times)} timed steps each after {args.warmup} warm-up, alternating in one process; "
          f"{load_label()} at the end."])
-
-
-def _trl_version():
-    import trl
-    return trl.__version__
 
 
 if __name__ == "__main__":
