@@ -15,6 +15,15 @@ Multi-GPU training: the one place where FSDP2 (torch's `fully_shard`) is applied
   host memory (FSDP2's CPUOffloadPolicy; the optimizer step then runs on the CPU).
   activation_checkpointing=True recomputes each layer's activations in backward.
 - teardown(): destroy the process group, if any.
+- Data parallelism, the few collectives the trainers need: rank_range (this rank's slice of
+  a step's prompts), gather_list (per-row values from every rank, in rank order, so every
+  rank computes the same global metrics), all_sum / global_max, grad_scale, barrier.
+
+One rule makes FSDP safe with routing and ragged batches: a sharded model's forward (and
+backward) is a collective, so every rank must call it the same number of times. Decoding
+keeps stepping finished rows (rollout._all_done); micro-batch loops run global_max(...)
+iterations, a rank with nothing left running a zero-weight dummy; every teacher is called
+on every rank each step, on a dummy row when that rank has none of its domain.
 
     dist_info = init_distributed()           # first thing in main()
     model = shard(model)                     # before building the optimizer
@@ -28,6 +37,7 @@ weight with p.full_tensor() (a collective: every rank must call it).
 import datetime
 import functools
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +86,68 @@ def init_distributed(timeout_s=1800, backend=None):
     return DistInfo(rank, world, local_rank, device)
 
 
+def world():
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_range(n):
+    """This rank's contiguous [start, stop) of n items (torch.chunk sizes: ceil(n / world)).
+    Contiguous, so that rank order == single-process order for everything gathered back."""
+    rank, ws = world()
+    if n < ws:
+        raise ValueError(f"{n} prompts per step cannot be split over {ws} ranks (need >= 1 per rank)")
+    per = -(-n // ws)
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+def gather_list(xs):
+    """Concatenate a list of Python values from every rank, in rank order (identity at world 1)."""
+    rank, ws = world()
+    if ws == 1:
+        return list(xs)
+    parts = [None] * ws
+    dist.all_gather_object(parts, list(xs))
+    return [x for p in parts for x in p]
+
+
+def all_sum(t):
+    """Sum a tensor over ranks (a new tensor; the input at world 1)."""
+    if world()[1] == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def global_max(n, op="max"):
+    """The largest int n over ranks (op="min": the smallest); e.g. how many times every rank
+    must call a sharded model."""
+    if world()[1] == 1:
+        return n
+    t = torch.tensor(n, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return int(t)
+
+
+def _device():  # where collectives' scratch tensors live: NCCL only moves CUDA tensors
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+
+
+def grad_scale():
+    """FSDP averages gradients over ranks, but our losses are already divided by the *global*
+    batch counts (so that micro-batches and ranks add up to the loss of the whole batch): each
+    rank multiplies its loss by the world size, and the average becomes the sum."""
+    return world()[1]
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
 def teardown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -112,6 +184,30 @@ def shard(model, mesh=None, mp_policy=BF16_MIXED, reshard_after_forward=True, of
     # nothing reshards it: call model.reshard() when done (e.g. a teacher after scoring).
     fully_shard(model, **kw)
     return model
+
+
+@contextmanager
+def gathered(model, on=True):
+    """
+    Sampling under FSDP, two ways. Default (on=False): every decode step all-gathers each
+    layer again, as training does: no extra memory, but each rank receives (W-1)/W of the
+    model's bf16 bytes *per generated token* (Qwen3-30B-A3B on 8 GPUs: ~53 GB per step, about
+    0.35 s at 150 GB/s: far slower than the decode math). on=True: inside this block each
+    layer stays gathered after its first forward, so the whole rollout costs one all-gather
+    per layer, for the memory of a full copy of the weights (61 GB in bf16 for 30B; at scale
+    a rollout copy with experts kept sharded, i.e. expert parallelism, or a separate inference
+    engine is the real answer; plan_memory.py plans that). Resharded on exit (layers sharded
+    with shard()'s default reshard_after_forward=True).
+    """
+    layers = [l for l in model.layers if hasattr(l, "set_reshard_after_forward")] if on else []
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+            layer.reshard()
 
 
 def _checkpointed(forward):

@@ -6,7 +6,8 @@ Held-out evaluation and the paper's table.
         --model=MOPD=out/toy/mopd --model=Mix-RL=out/toy/mixrl ... --out=out/toy/results
     python evaluate.py --aggregate out/seed0/results.json out/seed1/results.json --out=out/toy/results
 
-Per-domain accuracy = mean reward of greedy responses on the domain's held-out split.
+Per-domain accuracy = pass@1: the mean reward of 4 samples per prompt at T = 1 on the
+domain's held-out split (train_utils.evaluate).
 The paper's normalised score (SFT = 0, teacher = 1):
       norm_d = (acc_d(method) - acc_d(S0)) / (acc_d(teacher_d) - acc_d(S0)),  score = mean_d norm_d
 The "RL teacher" row is each domain's own teacher on its own column (1.0 by definition).
@@ -110,7 +111,7 @@ def markdown(res):
                      + f" | {cell('normalised', label, 'score')} |")
     text = head + "\n".join(lines) + "\n"
     if res.get("seeds", 1) > 1:
-        text += f"\nmean ± sd over {res['seeds']} seeds; accuracy = greedy, held-out split.\n"
+        text += f"\nmean ± sd over {res['seeds']} seeds; accuracy = pass@1 at T = 1 (4 samples per held-out prompt).\n"
     if "samples_to_90pct" in res:
         text += "\nSampled responses until 90% of the teacher headroom (per domain; None = not reached):\n\n"
         for m, v in res["samples_to_90pct"].items():

@@ -14,6 +14,8 @@ What is in this file, top to bottom:
   from_pretrained() / save_pretrained() read and write HF safetensors directories;
   inference_weights(): what generate() runs under on a CPU, a per-call snapshot of the
   blocks' weights with q/k/v and gate/up fused and transposed (faster small GEMMs).
+  Sharded (FSDP2) models: from_pretrained(shard_fn=...) has each rank read only its own
+  slices of the files; save_pretrained() is then a collective that gathers one file at a time.
 
 Notes on fidelity: every op follows transformers' own implementation order (RMSNorm in
 fp32, q/k norm before RoPE, router softmax in fp32 before top-k) so our logits match
@@ -29,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -445,6 +448,10 @@ class Transformer(nn.Module):
     def lm_head_weight(self):
         return self.lm_head.weight
 
+    def is_sharded(self):
+        """Whether some parameter is now an FSDP2 shard (a DTensor; see distributed.shard)."""
+        return any(_is_shard(p) for p in self.parameters())
+
     def init_weights(self, std=0.02, seed=None):
         """Random init for training from scratch (normal(0, std), norms at 1)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -510,9 +517,10 @@ class Transformer(nn.Module):
         optimizer updates the model between two generate() calls; meanwhile it costs one
         more copy of the weights. Parameters, names and the HF mapping are untouched. No
         gradient reaches the snapshot: inference only. On a GPU this is a no-op (cuBLAS is as
-        fast on nn.Linear's layout, and GPU memory is the scarcer resource).
+        fast on nn.Linear's layout, and GPU memory is the scarcer resource). Also a no-op on
+        a sharded model: outside forward each rank holds only its shards of the weights.
         """
-        if self.lm_head.weight.device.type != "cpu":
+        if self.lm_head.weight.device.type != "cpu" or self.is_sharded():
             yield self
             return
         blocks = [(layer.self_attn, layer.mlp) for layer in self.layers]
@@ -541,30 +549,39 @@ class Transformer(nn.Module):
 
     # ---- Hugging Face checkpoints ---------------------------------------------------------
 
+    def _hf_layout(self, keep_vars=False):
+        """[(our name, tensor, [(hf key, expert index or None)])] in state_dict order; a tied
+        lm_head is left out (HF stores it once, as the embedding)."""
+        return [(n, t, _expert_keys(n, t.shape[0] if t.dim() == 3 else 0))
+                for n, t in self.state_dict(keep_vars=keep_vars).items()
+                if not (n == "lm_head.weight" and self.config.tie_word_embeddings)]
+
     def hf_state_dict(self):
-        """Our parameters under HF names: 'model.' prefix, experts unstacked per expert."""
-        out = {}
-        for name, t in self.state_dict().items():
-            if name == "lm_head.weight":
-                if not self.config.tie_word_embeddings:
-                    out[name] = t
-                continue
-            for hf, e in _expert_keys(name, t.shape[0] if t.dim() == 3 else 0):
-                out[hf] = t[e] if e is not None else t
-        return out
+        """Our parameters under HF names: 'model.' prefix, experts unstacked per expert
+        (unsharded models; a sharded one is saved with the collective save_pretrained)."""
+        return {hf: t if e is None else t[e] for _, t, keys in self._hf_layout() for hf, e in keys}
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu"):
+    def from_pretrained(cls, path, dtype=None, device="cpu", shard_fn=None):
         """
         Load an HF directory (config.json + model.safetensors, or a sharded
         model.safetensors.index.json). Built on the meta device first, so no memory is
         spent on a random init; each tensor is then read straight from its shard.
+
+        shard_fn (e.g. functools.partial(distributed.shard, mp_policy=None)) shards the model
+        before any weight exists: FSDP2 shards the meta parameters without allocating,
+        to_empty() allocates only this rank's shards on `device`, and each rank reads only
+        its own slices of the files, so no rank ever holds a whole parameter (a 30B model
+        loads in 1/world of its size per rank). Every rank must call it.
         """
         cfg = ModelConfig.from_hf(path)
         with torch.device("meta"):
             model = cls(cfg)
         if dtype is None:
             dtype = getattr(torch, str(cfg.extra.get("torch_dtype") or cfg.extra.get("dtype") or "float32").replace("torch.", ""))
+        if shard_fn is not None:  # shards keep the dtype their parameters had when sharded
+            model = shard_fn(model.to(dtype))
+            model.to_empty(device=device)
         model.load_hf_weights(path, dtype=dtype, device=device)
         model.source_dir = os.path.abspath(path)
         return model.eval()
@@ -573,17 +590,21 @@ class Transformer(nn.Module):
         """
         Read every parameter of this model (or those named in `only`) from the HF directory
         `path` and assign it (works on a meta-device model). Errors name the file and tensor.
+        Sharded parameters (DTensors, allocated by to_empty) are filled in place instead, in
+        their own dtype and device: each rank reads only its slice of each tensor (for stacked
+        MoE weights, only its experts' tensors).
         """
         from safetensors import safe_open
         files = _weight_files(path)  # hf key -> file
         handles = {}
 
-        def read(key):
+        def read(key, shape, index=None):
+            """Tensor `key`, checked to have `shape`; only its part `index` (slices) if given."""
             if key not in files:
                 raise KeyError(f"{path}: missing tensor {key!r} in checkpoint")
             fname = files[key]
+            full = os.path.join(path, fname)
             if fname not in handles:
-                full = os.path.join(path, fname)
                 if not os.path.exists(full):
                     raise FileNotFoundError(f"{full}: shard listed in the index is missing (needed for {key!r})")
                 try:
@@ -591,27 +612,43 @@ class Transformer(nn.Module):
                 except Exception as e:
                     raise ValueError(f"{full}: unreadable or truncated safetensors file ({e})") from None
             try:
-                return handles[fname].get_tensor(key)
+                part = handles[fname].get_slice(key)  # reads only the header
+                got = tuple(part.get_shape())
+                if got == tuple(shape):
+                    return part[index] if index is not None else handles[fname].get_tensor(key)
             except Exception as e:
-                raise ValueError(f"{os.path.join(path, fname)}: cannot read tensor {key!r} ({e})") from None
+                raise ValueError(f"{full}: cannot read tensor {key!r} ({e})") from None
+            raise ValueError(f"{path}/{fname}: tensor {key!r} has shape {got}, model expects {tuple(shape)}")
 
         sd = {}
-        for name, p in self.state_dict(keep_vars=True).items():
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
+        for name, p, keys in self._hf_layout(keep_vars=True):
             if only is not None and name not in only:
                 continue
-            keys = _expert_keys(name, p.shape[0] if p.dim() == 3 else 0)
-            parts = [read(hf) for hf, _ in keys]
-            t = torch.stack(parts) if len(keys) > 1 or keys[0][1] is not None else parts[0]
-            if t.shape != p.shape:
-                raise ValueError(f"{path}/{files[keys[0][0]]}: tensor {keys[0][0]!r} has shape "
-                                 f"{tuple(t.shape)}, model expects {tuple(p.shape)}")
-            sd[name] = t.to(device=device, dtype=dtype)
-        self.load_state_dict(sd, strict=only is None and not self.config.tie_word_embeddings, assign=True)
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        self._inv_freq = rope_inv_freq(self.config)
+            stacked = keys[0][1] is not None  # MoE experts: [E, ...] from E tensors of shape [...]
+            if _is_shard(p):
+                try:
+                    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+                except ImportError:  # torch 2.4
+                    from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+                local = p.to_local()
+                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                if tuple(shape) != tuple(local.shape):  # would silently read the wrong rows
+                    raise RuntimeError(f"{name}: local shard {tuple(local.shape)}, expected {tuple(shape)}")
+                index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+                with torch.no_grad():
+                    if stacked:
+                        for j, (hf, _) in enumerate(keys[index[0]]):
+                            local[j].copy_(read(hf, p.shape[1:], index[1:]))
+                    else:
+                        local.copy_(read(keys[0][0], p.shape, index))
+                continue
+            parts = [read(hf, p.shape[1:] if stacked else p.shape) for hf, _ in keys]
+            sd[name] = (torch.stack(parts) if stacked else parts[0]).to(device=device, dtype=dtype)
+        if sd:
+            self.load_state_dict(sd, strict=only is None and not self.config.tie_word_embeddings, assign=True)
+        if self.config.tie_word_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+            self.lm_head.weight = self.embed_tokens.weight  # assign=True replaced the shared one
+        self._inv_freq = rope_inv_freq(self.config)  # built on meta; to_empty leaves it there
         return self
 
     def save_pretrained(self, path, tokenizer_dir=None, max_shard_bytes=5 * 2**30):
@@ -620,50 +657,84 @@ class Transformer(nn.Module):
         under a temporary name beside `path`, then renamed, so a crash never leaves a
         half-written checkpoint under the final name. Tokenizer files are copied from
         `tokenizer_dir` (default: the directory this model was loaded from).
+
+        On a sharded model this is a collective: every rank calls it. Which parameter goes
+        to which file is planned from shapes alone (so all ranks agree), then each file is
+        gathered parameter by parameter (full_tensor(), the same order on every rank), written
+        by rank 0 and freed: rank 0 holds at most about one file plus one parameter. Only rank
+        0 writes; every rank returns once the directory is in place. (Should rank 0 fail to
+        write, the others fail at their next collective, after the process group's timeout.)
         """
         from safetensors.torch import save_file
         path = os.path.abspath(path)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+        layout = self._hf_layout(keep_vars=True)  # sharded: FSDP's state_dict hook reshards first
+        sharded = any(_is_shard(t) for _, t, _ in layout)
+        writer = not sharded or dist.get_rank() == 0
+        files, size, total = [[]], 0, 0  # the entries of `layout` per file; a parameter is never split
+        for entry in layout:
+            n = entry[1].numel() * entry[1].dtype.itemsize
+            if files[-1] and size + n > max_shard_bytes:
+                files.append([])
+                size = 0
+            files[-1].append(entry)
+            size, total = size + n, total + n
+        names = (["model.safetensors"] if len(files) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
+        tmp = None
         try:
-            sd = {k: v.detach().contiguous().cpu() for k, v in self.hf_state_dict().items()}
-            dtype = next(iter(sd.values())).dtype
-            hf = self.config.to_hf()
-            hf.pop("torch_dtype", None)
-            hf["dtype"] = str(dtype).replace("torch.", "")
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(hf, f, indent=2)
-            shards, cur, size = [], {}, 0
-            for k, v in sd.items():
-                n = v.numel() * v.element_size()
-                if cur and size + n > max_shard_bytes:
-                    shards.append(cur)
-                    cur, size = {}, 0
-                cur[k] = v
-                size += n
-            shards.append(cur)
-            if len(shards) == 1:
-                save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            else:
-                weight_map = {}
-                for i, shard in enumerate(shards):
-                    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                    weight_map.update({k: name for k in shard})
-                total = sum(v.numel() * v.element_size() for v in sd.values())
-                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-            src = tokenizer_dir or self.source_dir
-            if src and os.path.isdir(src):
-                for name in TOKENIZER_FILES:
-                    if os.path.exists(os.path.join(src, name)):
-                        shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-            replace_dir(tmp, path)
+            if writer:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+                hf = self.config.to_hf()
+                hf.pop("torch_dtype", None)
+                hf["dtype"] = str(layout[0][1].dtype).replace("torch.", "")
+                with open(os.path.join(tmp, "config.json"), "w") as f:
+                    json.dump(hf, f, indent=2)
+            weight_map = {}
+            for fname, entries in zip(names, files):
+                shard = {}
+                for _, t, keys in entries:
+                    with torch.no_grad():
+                        t = _full_tensor(t.detach()) if _is_shard(t) else t.detach()
+                    if writer:
+                        t = t.contiguous().cpu()
+                        shard.update((hf, t if e is None else t[e]) for hf, e in keys)
+                if writer:
+                    save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                    weight_map.update(dict.fromkeys(shard, fname))
+            if writer:
+                if len(files) > 1:
+                    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+                src = tokenizer_dir or self.source_dir
+                if src and os.path.isdir(src):
+                    for name in TOKENIZER_FILES:
+                        if os.path.exists(os.path.join(src, name)):
+                            shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+                replace_dir(tmp, path)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if sharded:
+            dist.barrier()  # so that on every rank the directory exists on return
         return path
+
+
+def _is_shard(t):
+    """Whether t is a DTensor (an FSDP2 shard). Duck-typed, like distributed.py: importing
+    torch.distributed.tensor would add ~1 s to every process that imports this file."""
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
+def _full_tensor(t):
+    """The whole of a sharded tensor, on every rank (a collective). A CPU-offloaded shard
+    (CPUOffloadPolicy) goes through its mesh's device: NCCL only gathers GPU tensors."""
+    local = t.to_local()
+    if local.device.type != t.device_mesh.device_type:
+        t = type(t).from_local(local.to(t.device_mesh.device_type), t.device_mesh, t.placements,
+                               shape=t.shape, stride=t.stride())
+    return t.full_tensor()
 
 
 def replace_dir(tmp, path):

@@ -12,7 +12,9 @@ and everything per token is aligned with the *predicted* token, i.e. with tokens
 
 import torch
 
+import distributed
 import kernels
+from teachers import each_domain
 
 # -----------------------------------------------------------------------------
 # log-probs of the policy
@@ -94,72 +96,80 @@ def pg_token_loss(logp, old_logp, adv, mask, ratio_mode="clip", eps_low=0.2, eps
     return loss * mask, frac
 
 
-def aggregate(token_loss, mask, mode, num_seqs=None, num_tokens=None):
+def aggregate(token_loss, mask, mode, num_seqs=None, num_tokens=None, max_len=None):
     """
     Reduce a per-token loss [R, L-1] to a scalar:
       "token-mean":          sum_all L_t / (number of response tokens)       (DAPO; RL default)
       "seq-mean-token-mean": mean over sequences of (1/|y|) sum_t L_t       (GRPO; the MOPD paper)
       "seq-mean-token-sum":  mean over sequences of sum_t L_t / L_max       (Dr. GRPO, no length bias)
-    num_seqs / num_tokens are the whole batch's counts, so that micro-batches add up to the
-    loss of the whole batch.
+    num_seqs / num_tokens are the whole batch's counts (over micro-batches and ranks) and
+    max_len a constant (the generation budget; default the mask's width), so that
+    micro-batches and ranks add up to the loss of the whole batch.
     """
     num_seqs = num_seqs or token_loss.shape[0]
+    max_len = max_len or mask.shape[1]
     if mode == "token-mean":
         return token_loss.sum() / (num_tokens or mask.sum().clamp(min=1))
     if mode == "seq-mean-token-mean":
         return (token_loss.sum(1) / mask.sum(1).clamp(min=1)).sum() / num_seqs
     if mode == "seq-mean-token-sum":
-        return token_loss.sum() / (mask.shape[1] * num_seqs)
+        return token_loss.sum() / (max_len * num_seqs)
     raise ValueError(f"loss_agg={mode!r}; expected token-mean, seq-mean-token-mean or seq-mean-token-sum")
 
 
 def pg_update(model, batch, adv_fn, cfg, micro_batch=64):
     """
     The policy-gradient update shared by RL and MOPD: for each micro-batch of rows, the
-    policy's log-probs, per-token advantages from adv_fn(rows, logp) (detached by us), the
-    surrogate loss, backward. The caller steps the optimiser.
+    policy's log-probs, per-token advantages from adv_fn(rows, logp, width) (detached by us),
+    the surrogate loss, backward. The caller steps the optimiser.
 
     batch: dict with tokens [R, L], mask [R, L-1] (response tokens), old_logp [R, L-1] (the
     sampler's log-probs); optional ref_logp [R, L-1] for a k3 KL penalty (cfg.kl_coef).
-    cfg fields used: temperature, ratio_mode, eps_low, eps_high, loss_agg, kl_coef.
+    cfg fields used: temperature, ratio_mode, eps_low, eps_high, loss_agg, kl_coef, max_new_tokens.
+    Under torchrun each rank passes its own rows; the loss is normalised by the whole batch's
+    counts over all ranks, and the metrics are sums over all ranks.
     Returns a dict of metrics (means over the batch).
     """
     tokens, mask, old = batch["tokens"], batch["mask"], batch["old_logp"]
     R = tokens.shape[0]
-    n_tok = mask.sum().clamp(min=1)
-    sums = dict(loss=0.0, clip_frac=0.0, ratio_mean=0.0, ratio_absdev=0.0, kl=0.0)
-    for s in range(0, R, micro_batch):
-        rows = slice(s, min(s + micro_batch, R))
+    counts = distributed.all_sum(torch.tensor([R, mask.sum().item()], dtype=torch.float64, device=mask.device))
+    num_seqs, n_tok = counts[0].item(), max(1.0, counts[1].item())
+    sums = torch.zeros(5, dtype=torch.float64, device=mask.device)  # loss, clipped, ratio, |ratio-1|, kl
+    scale = distributed.grad_scale()
+    for i in range(distributed.global_max(-(-R // micro_batch))):
+        dummy = i * micro_batch >= R  # this rank has no rows left: a zero-weight pass keeps FSDP in step
+        rows = slice(0, 1) if dummy else slice(i * micro_batch, min((i + 1) * micro_batch, R))
         m = mask[rows]
         # drop right padding that no row of this micro-batch uses
         width = int(m.any(0).nonzero().max()) + 2 if m.any() else 2
         tok, m, o = tokens[rows, :width], m[:, :width - 1], old[rows, :width - 1]
         logp = policy_logprobs(model, tok, m, cfg.temperature, uniform_weights=False)
-        adv = adv_fn(rows, logp.detach(), width - 1)  # sg[...]: advantages carry no gradient
-        token_loss, frac = pg_token_loss(logp, o, adv.detach(), m, cfg.ratio_mode, cfg.eps_low, cfg.eps_high)
+        # sg[...]: advantages carry no gradient
+        adv = torch.zeros_like(logp) if dummy else adv_fn(rows, logp.detach(), width - 1).detach()
+        token_loss, frac = pg_token_loss(logp, o, adv, m, cfg.ratio_mode, cfg.eps_low, cfg.eps_high)
+        kl = torch.zeros(())
         if cfg.kl_coef and "ref_logp" in batch:
             kl = k3_kl(logp, batch["ref_logp"][rows, :width - 1]) * m
             token_loss = token_loss + cfg.kl_coef * kl
-            sums["kl"] += kl.sum().item()
-        loss = aggregate(token_loss, m, cfg.loss_agg, num_seqs=R, num_tokens=n_tok)
-        loss.backward()
-        with torch.no_grad():
-            ratio = torch.exp(logp - o)[m]
-            sums["loss"] += loss.item()
-            sums["clip_frac"] += frac.item() * m.sum().item()
-            sums["ratio_mean"] += ratio.sum().item()
-            sums["ratio_absdev"] += (ratio - 1).abs().sum().item()
-    n = n_tok.item()
+        loss = aggregate(token_loss, m, cfg.loss_agg, num_seqs=num_seqs, num_tokens=n_tok,
+                         max_len=cfg.max_new_tokens)
+        (loss * (0.0 if dummy else scale)).backward()
+        if not dummy:
+            with torch.no_grad():
+                ratio = torch.exp(logp - o)[m]
+                sums += torch.stack([loss.detach(), frac * m.sum(), ratio.sum(), (ratio - 1).abs().sum(),
+                                     kl.sum()]).double()
+    loss, clipped, ratio, absdev, kl = distributed.all_sum(sums).tolist()
     # ratio_mean is the training/sampling importance weight: exactly 1 only when the sampler
     # and the trainer compute identical log-probs (it drifts with kernels, dtypes, MoE routing)
-    return dict(loss=sums["loss"], clip_frac=sums["clip_frac"] / n, ratio_mean=sums["ratio_mean"] / n,
-                ratio_absdev=sums["ratio_absdev"] / n, kl=sums["kl"] / n)
+    return dict(loss=loss, clip_frac=clipped / n_tok, ratio_mean=ratio / n_tok, ratio_absdev=absdev / n_tok,
+                kl=kl / n_tok)
 
 
 # -----------------------------------------------------------------------------
 # the full-distribution forms (ablations): top-k (Eq. 5), exact reverse / forward KL, JSD
 
-def distill_update(model, tokens, mask, groups, teachers, cfg):
+def distill_update(model, tokens, mask, groups, teachers, cfg, domains):
     """
     Backward of a divergence computed over the vocabulary rather than through the sampled token:
       "topk" (paper Eq. 5, K_t = the teacher's top-k ids, no renormalisation):
@@ -167,14 +177,17 @@ def distill_update(model, tokens, mask, groups, teachers, cfg):
       "reverse_kl": sum_v p_theta(v) log(p_theta(v) / p_T(v))   (the dense limit of both forms)
       "forward_kl": sum_v p_T(v) log(p_T(v) / p_theta(v));  "jsd": generalised JSD (cfg.beta)
     Teachers score each micro-batch just in time (top-k ids or hidden states, never logits),
-    then the loss is aggregated per sequence like the PG form. The caller steps the optimiser.
+    then the loss is aggregated per sequence like the PG form. `domains`: every domain name, in
+    one order on all ranks. The caller steps the optimiser.
     """
-    R = tokens.shape[0]
-    n_tok = mask.sum().clamp(min=1)
-    total = 0.0
-    for d, rows in groups.items():
-        for s in range(0, len(rows), cfg.micro_batch):
-            r = rows[s:s + cfg.micro_batch]
+    counts = distributed.all_sum(torch.tensor([tokens.shape[0], mask.sum().item()], dtype=torch.float64,
+                                              device=mask.device))
+    num_seqs, n_tok = counts[0].item(), max(1.0, counts[1].item())
+    total = torch.zeros((), dtype=torch.float64, device=mask.device)
+    for d, rows, real in each_domain(groups, domains):
+        for i in range(distributed.global_max(-(-len(rows) // cfg.micro_batch) if real else 0)):
+            dummy = not real or i * cfg.micro_batch >= len(rows)  # keep FSDP's collectives in step
+            r = rows[:1] if dummy else rows[i * cfg.micro_batch:(i + 1) * cfg.micro_batch]
             tok, m = tokens[r], mask[r]
             hidden = model(tok[:, :-1], return_hidden=True)
             if cfg.loss == "topk":
@@ -185,7 +198,9 @@ def distill_update(model, tokens, mask, groups, teachers, cfg):
                 kind = {"reverse_kl": "reverse", "forward_kl": "forward", "jsd": "jsd"}[cfg.loss]
                 per_tok = kernels.kl(hidden, model.lm_head_weight, th, tw, kind=kind, beta=cfg.beta,
                                      temperature=cfg.temperature, mask=m)
-            loss = aggregate(per_tok * m, m, cfg.loss_agg, num_seqs=R, num_tokens=n_tok)
-            loss.backward()
-            total += loss.item()
-    return {"loss": total}
+            loss = aggregate(per_tok * m, m, cfg.loss_agg, num_seqs=num_seqs, num_tokens=n_tok,
+                             max_len=cfg.max_new_tokens)
+            (loss * (0.0 if dummy else distributed.grad_scale())).backward()
+            if not dummy:
+                total += loss.detach().double()
+    return {"loss": distributed.all_sum(total).item()}

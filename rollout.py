@@ -20,8 +20,10 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+import distributed
 from model import KVCache, Transformer
 
 
@@ -130,15 +132,20 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     ids = torch.full((P, pmax), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, :len(p)] = torch.tensor(p, device=device)
-    # inference_mode: ~5% less per-op overhead than no_grad, and decoding is call-bound.
+    # inference_mode: ~5% less per-op overhead than no_grad, and decoding is call-bound; but not
+    # for an FSDP-sharded model, whose gathered weights outlive this call and must stay
+    # ordinary tensors for the training step that follows.
     # Weights from a snapshot laid out for batched inference (model.py); one row decodes
     # with matrix-vector products, about as fast on the modules' own layout, so it skips
     # the copy (which costs as much as several such steps)
-    with torch.inference_mode(), model.inference_weights() if R > 1 else contextlib.nullcontext():
+    sharded = hasattr(model, "reshard")  # an FSDP2 module
+    with torch.inference_mode(not sharded), model.inference_weights() if R > 1 else contextlib.nullcontext():
         # a prefix every prompt shares (a chat template's system prompt) is prefilled once, in
         # one row, and copied: its keys/values are the same in every row. Each prompt keeps
         # at least its last token for the second prefill, which gives the first logits.
         shared = _shared_prefix_len(prompts) if P > 1 else 0
+        if dist.is_available() and dist.is_initialized():  # the same number of forward calls on every rank
+            shared = distributed.global_max(shared, op="min")
         cache = KVCache(cfg, 1 if shared else P, pmax + max_new_tokens, dtype, device)
         if shared:
             model(ids[:1, :shared], cache=cache, return_hidden=True)
@@ -220,9 +227,9 @@ def _shared_prefix_len(prompts):
 def _all_done(done):
     """True when every row everywhere is done (an all-reduce under torch.distributed)."""
     flag = done.all()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         flag = flag.to(torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag)
 
 

@@ -10,17 +10,22 @@ The teachers of MOPD: one frozen checkpoint per domain, and how they score the s
   and special tokens (not just the same length), same vocab/embedding size. MOPD's signal
   log pi_T(y_t) - log pi_theta(y_t) compares two distributions over the *same* token ids;
   a different tokenizer makes it silently meaningless.
+- Under torchrun, teachers are sharded like the student (distributed.shard, frozen, no
+  mixed-precision cast: they are stored in the dtype they compute in); offload then means
+  FSDP2's CPU offload on a GPU. load_frozen() is also how RL loads its KL reference model.
 - score(): prefill only (teachers never generate), batched per teacher, keeping only what
   the chosen loss needs: per-token log-probs of the student's tokens (PG form), or the
   teacher's top-k ids and log-probs (Eq. 5), or its final hidden states (exact KL). Never
   [tokens x vocab] logits: kernels.py computes all three from hidden states.
 """
 
+import functools
 import json
 import os
 
 import torch
 
+import distributed
 import kernels
 from model import Transformer
 
@@ -78,12 +83,29 @@ def validate(student_tok, student_model, teacher_dir, domain):
 # -----------------------------------------------------------------------------
 # the pool of teachers
 
+def load_frozen(path, dtype, device, offload=False):
+    """A frozen, eval-mode model: sharded over the ranks under torchrun (each rank reads only
+    its shard), else whole. With offload its (shards of) weights are kept in CPU memory: FSDP2's
+    CPU offload copies each layer in when sharded (torchtitan's rule: materialise on the CPU),
+    Teachers.score moves a whole single-process teacher in and out."""
+    shard_fn = None
+    if distributed.world()[1] > 1:
+        shard_fn = functools.partial(distributed.shard, mp_policy=None,
+                                     offload=offload and torch.cuda.is_available())
+    m = Transformer.from_pretrained(path, dtype=dtype, device="cpu" if offload else device,
+                                    shard_fn=shard_fn)
+    m.requires_grad_(False)
+    return m.eval()
+
+
 class Teachers:
     """domain -> frozen teacher, loaded on first use."""
 
     def __init__(self, registry, device="cpu", dtype=torch.float32, offload=False):
         self.registry, self.device, self.dtype, self.offload = dict(registry), device, dtype, offload
         self.models = {}
+        # single process: offload = move the whole teacher in and out; sharded: FSDP does it per layer
+        self.move = offload and distributed.world()[1] == 1
 
     def check_domains(self, domains):
         missing = [d for d in domains if d not in self.registry]
@@ -93,10 +115,7 @@ class Teachers:
     def get(self, domain):
         self.check_domains([domain])
         if domain not in self.models:
-            m = Transformer.from_pretrained(self.registry[domain], dtype=self.dtype,
-                                            device="cpu" if self.offload else self.device)
-            m.requires_grad_(False)
-            self.models[domain] = m.eval()
+            self.models[domain] = load_frozen(self.registry[domain], self.dtype, self.device, self.offload)
         return self.models[domain]
 
     @torch.no_grad()
@@ -109,7 +128,8 @@ class Teachers:
           "hidden":   (final hidden states [R, L-1, H_T], lm_head weight [V, H_T])
         """
         m = self.get(domain)
-        if self.offload:
+        sharded = hasattr(m, "reshard")  # an FSDP2 module
+        if self.move:
             m.to(self.device)
         try:
             hidden = m(tokens[:, :-1], return_hidden=True)
@@ -119,11 +139,14 @@ class Teachers:
             if what == "topk":
                 return kernels.teacher_topk(hidden, W, k=k, temperature=temperature, mask=mask)
             if what == "hidden":
-                return hidden * mask[..., None], (W.clone() if self.offload else W)
+                # the weight outlives this call: copy it before it moves away or is resharded
+                return hidden * mask[..., None], (W.clone() if self.move or sharded else W)
             raise ValueError(f"score: what={what!r}; expected logprobs, topk or hidden")
         finally:
-            if self.offload:
+            if self.move:
                 m.to("cpu")
+            if sharded:  # FSDP keeps the root (embeddings, lm_head) gathered after forward: free it
+                m.reshard()
 
 
 def route(row_domains):
@@ -132,3 +155,16 @@ def route(row_domains):
     for r, d in enumerate(row_domains):
         out.setdefault(d, []).append(r)
     return out
+
+
+def each_domain(groups, domains):
+    """
+    (domain, rows, real) over `domains` in their given order. A sharded teacher's forward is a
+    collective, so under torchrun a rank with no row of a domain still calls its teacher, on
+    row 0, and drops the result (real=False); a single process just skips the domain.
+    """
+    multi = distributed.world()[1] > 1
+    for d in domains:
+        rows = groups.get(d, [])
+        if rows or multi:
+            yield d, rows or [0], bool(rows)

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+import distributed
 import kernels
 import mopd
 from tasks import get_domains
-from teachers import Teachers, parse_registry, route, validate
-from train_utils import (cli, load_for_training, parse_config, parse_weights, print_config, sample_and_reward,
+from teachers import Teachers, each_domain, parse_registry, route, validate
+from train_utils import (cli, clip_and_step, load_for_training, parse_config, parse_weights, print_config, sample_and_reward,
                          set_seed, train_loop)
 
 
@@ -39,6 +40,7 @@ class Config:
     data_dir: str = ""
     teacher: str = ""              # "rev=DIR,sort=DIR,..." or a JSON file {"rev": "DIR", ...}
     teacher_offload: bool = False  # keep teachers in CPU memory, on the device only while scoring
+    teacher_dtype: str = "float32" # frozen teachers compute in this dtype (bfloat16 at scale)
     # rollouts
     steps: int = 300
     prompts_per_step: int = 64
@@ -73,21 +75,36 @@ class Config:
     ckpt_every: int = 25
     resume: bool = False
     seed: int = 0
-    device: str = "cpu"
+    # scale: under torchrun the model is sharded with FSDP2 (distributed.py); see README "Scale"
+    bf16: bool = False             # bf16 compute, fp32 master weights and gradient reduction
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward
+    optimizer_offload: bool = False  # sharded params, grads and AdamW state in host memory
+    rollout_gather: bool = False   # keep layers gathered for a whole rollout (distributed.gathered)
+    device: str = "auto"           # auto: this rank's GPU if there is one, else cpu
 
 
 PRESETS = {
     "toy": {},
     "tiny": dict(steps=3, prompts_per_step=8, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1,
                  exact_kl_rows=4, exact_kl_every=1),
+    # The paper's Stage 3 on one 8xH100 node (memory: `python plan_memory.py`): Qwen3-30B-A3B
+    # student and teachers, 2048 prompts x 1 rollout per step, mix 0.35/0.35/0.30, 32k tokens.
+    # Give --init, --teacher and --domains=math:FILE,if:FILE,code:FILE (+ --data_dir).
+    "qwen3-30b-a3b-8xh100": dict(steps=200, prompts_per_step=2048, n=1, max_new_tokens=32768,
+                                 domain_weights="0.35,0.35,0.3", lr=1e-6, min_lr=1e-6, micro_batch=1,
+                                 eval_every=20, eval_limit=256, ckpt_every=10, exact_kl_rows=2, exact_kl_every=20,
+                                 bf16=True, activation_checkpointing=True, optimizer_offload=True,
+                                 teacher_dtype="bfloat16"),
 }
 LOSSES = ("pg", "topk", "reverse_kl", "forward_kl", "jsd")
 
 
 def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
-    """Student rollouts -> each routed to its domain's teacher -> scored -> one update."""
+    """Student rollouts -> each routed to its domain's teacher -> scored -> one update.
+    Under torchrun each rank does this on its own prompts; the metrics are over all ranks."""
     t_start = time.time()
     roll, rows_ex, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step)
+    names = [d.name for d in domains]
     row_dom = [e.domain for e in rows_ex]
     tokens, mask, mu = roll.tokens, roll.response_mask[:, 1:], roll.logprobs[:, 1:]
     groups = route(row_dom)
@@ -95,21 +112,22 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
     # the teacher's log-prob of every sampled token: the PG signal, and the sampled KL estimate
     t0 = time.time()
     t_logp = torch.zeros_like(mu)
-    for d, rows in groups.items():
-        t_logp[rows] = teachers.score(d, tokens[rows], mask[rows], "logprobs", cfg.temperature)
+    for d, rows, real in each_domain(groups, names):
+        lp = teachers.score(d, tokens[rows], mask[rows], "logprobs", cfg.temperature)
+        if real:
+            t_logp[rows] = lp
     t_score = time.time() - t0
 
-    # per-domain metrics: sampled reverse-KL estimate E[log mu - log pi_T], exact KL on a few rows
-    # (before the update, so both describe the policy that sampled)
-    per = {}
-    for d, rows in groups.items():
-        mk = mask[rows]
-        per[d] = {"kl_est": ((mu[rows] - t_logp[rows]) * mk).sum().item() / max(1, mk.sum().item()),
-                  "reward": sum(rewards[r] for r in rows) / len(rows),
-                  "response_len": roll.response_lens[rows].float().mean().item()}
-        if cfg.exact_kl_rows and (step + 1) % cfg.exact_kl_every == 0:
-            sub = rows[:cfg.exact_kl_rows]
-            per[d]["kl_exact"] = exact_reverse_kl(model, teachers, d, tokens[sub], mask[sub], cfg.temperature)
+    # per-row numbers from every rank, in order; per-domain metrics from them: reward, length,
+    # the sampled reverse-KL estimate E[log mu - log pi_T], and its exact value on the first
+    # exact_kl_rows rows of each domain (before the update, so all describe the sampler)
+    kl_sum = ((mu - t_logp) * mask).sum(1).tolist()
+    all_rows = distributed.gather_list(zip(row_dom, rewards, kl_sum, mask.sum(1).tolist(),
+                                           roll.response_lens.tolist()))
+    exact = {}
+    if cfg.exact_kl_rows and (step + 1) % cfg.exact_kl_every == 0:
+        exact = exact_kl_subsample(model, teachers, groups, names, tokens, mask, all_rows, len(row_dom), cfg)
+
     opt.zero_grad(set_to_none=True)
     if cfg.loss == "pg":
         a_orm = None
@@ -123,30 +141,57 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
             return a if a_orm is None else a + cfg.orm_alpha * a_orm[r, None]
         batch = {"tokens": tokens, "mask": mask, "old_logp": mu}
         m = mopd.pg_update(model, batch, adv_fn, cfg, cfg.micro_batch)
-        m = {**m, "adv_clip_frac": sum(clip_hits) / max(1, mask.sum().item()), "band_drop_frac": m.pop("clip_frac")}
+        hits = sum(distributed.gather_list([sum(clip_hits)]))
+        m = {**m, "adv_clip_frac": hits / max(1, sum(r[3] for r in all_rows)), "band_drop_frac": m.pop("clip_frac")}
     else:
-        m = mopd.distill_update(model, tokens, mask, groups, teachers, cfg)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-    opt.step()
+        m = mopd.distill_update(model, tokens, mask, groups, teachers, cfg, names)
+    gnorm = clip_and_step(model, opt, cfg.grad_clip)
 
-    n_tok = int(roll.response_lens.sum())
-    return {**m, "grad_norm": gnorm, "reward": sum(rewards) / len(rewards),
-            "kl_est": ((mu - t_logp) * mask).sum().item() / max(1, mask.sum().item()),
-            "by_domain": per, "samples": (step + 1) * len(rewards), "response_len": n_tok / len(rewards),
-            "tokens_per_s": n_tok / (time.time() - t_start), "sample_s": t_sample,
-            "score_s": t_score}
+    per = {}
+    for d in names:
+        rs = [r for r in all_rows if r[0] == d]
+        if rs:
+            per[d] = {"kl_est": sum(r[2] for r in rs) / max(1, sum(r[3] for r in rs)),
+                      "reward": sum(r[1] for r in rs) / len(rs),
+                      "response_len": sum(r[4] for r in rs) / len(rs), **exact.get(d, {})}
+    n_rows, n_tok = len(all_rows), sum(r[4] for r in all_rows)
+    return {**m, "grad_norm": gnorm, "reward": sum(r[1] for r in all_rows) / n_rows,
+            "kl_est": sum(r[2] for r in all_rows) / max(1, sum(r[3] for r in all_rows)),
+            "by_domain": per, "samples": (step + 1) * n_rows, "response_len": n_tok / n_rows,
+            "tokens_per_s": n_tok / (time.time() - t_start), "sample_s": t_sample, "score_s": t_score}
+
+
+def exact_kl_subsample(model, teachers, groups, names, tokens, mask, all_rows, n_local, cfg):
+    """{domain: {"kl_exact": ...}}: the exact KL(pi_theta || pi_T) per response token on the first
+    cfg.exact_kl_rows rows of each domain in the whole batch (whichever ranks hold them)."""
+    rank = distributed.world()[0]
+    first = sum(distributed.gather_list([n_local])[:rank])  # global index of this rank's row 0
+    seen = {}
+    for dom, *_ in all_rows[:first]:  # rows of each domain on the ranks before this one
+        seen[dom] = seen.get(dom, 0) + 1
+    sub = {d: rows[:max(0, cfg.exact_kl_rows - seen.get(d, 0))] for d, rows in groups.items()}
+    sub = {d: rows for d, rows in sub.items() if rows}
+    out = {}
+    for d, rows, real in each_domain(sub, names):
+        k = exact_reverse_kl(model, teachers, d, tokens[rows], mask[rows], cfg.temperature)
+        n = mask[rows].sum().item()
+        tot = distributed.all_sum(torch.tensor([k if real else 0.0, n if real else 0.0], dtype=torch.float64,
+                                               device=mask.device)).tolist()
+        if tot[1]:
+            out[d] = {"kl_exact": tot[0] / tot[1]}
+    return out
 
 
 @torch.no_grad()
 def exact_reverse_kl(model, teachers, domain, tokens, mask, temperature):
-    """Mean over response tokens of the exact KL(pi_theta || pi_T) over the full vocabulary."""
+    """Sum over response tokens of the exact KL(pi_theta || pi_T) over the full vocabulary."""
     was = model.training
     model.eval()
     h = model(tokens[:, :-1], return_hidden=True)
     th, tw = teachers.score(domain, tokens, mask, "hidden", temperature)
     k = kernels.kl(h, model.lm_head_weight, th, tw, kind="reverse", temperature=temperature, mask=mask)
     model.train(was)
-    return k.sum().item() / max(1, mask.sum().item())
+    return k.sum().item()
 
 
 def main(argv=None):
@@ -164,7 +209,8 @@ def main(argv=None):
         registry = parse_registry(cfg.teacher)
     except ValueError as e:
         raise SystemExit(f"error: --teacher: {e}")
-    teachers = Teachers(registry, device=cfg.device, offload=cfg.teacher_offload)
+    teachers = Teachers(registry, device=cfg.device, dtype=getattr(torch, cfg.teacher_dtype),
+                        offload=cfg.teacher_offload)
     teachers.check_domains([d.name for d in domains])
     for d in domains:  # before any step: every teacher must share the student's tokenizer
         validate(tok, model, registry[d.name], d.name)

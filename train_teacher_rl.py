@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from model import Transformer
+import distributed
 from mopd import group_advantages, pg_update, policy_logprobs
 from tasks import get_domains
-from train_utils import (cli, load_for_training, parse_config, parse_weights, print_config, sample_and_reward,
+from teachers import load_frozen
+from train_utils import (cli, clip_and_step, load_for_training, parse_config, parse_weights, print_config, sample_and_reward,
                          set_seed, train_loop)
 
 
@@ -66,7 +67,12 @@ class Config:
     ckpt_every: int = 25
     resume: bool = False
     seed: int = 0
-    device: str = "cpu"
+    # scale: under torchrun the model is sharded with FSDP2 (distributed.py); see README "Scale"
+    bf16: bool = False             # bf16 compute, fp32 master weights and gradient reduction
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward
+    optimizer_offload: bool = False  # sharded params, grads and AdamW state in host memory
+    rollout_gather: bool = False   # keep layers gathered for a whole rollout (distributed.gathered)
+    device: str = "auto"           # auto: this rank's GPU if there is one, else cpu
 
 
 PRESETS = {
@@ -74,11 +80,16 @@ PRESETS = {
     "toy_mix": dict(steps=300, eval_every=25),    # Mix-RL over all domains: the teachers' total samples
     "toy_cascade": dict(steps=100),               # one stage of Cascade RL
     "tiny": dict(steps=3, prompts_per_step=4, n=4, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1),
+    # a domain teacher from Qwen3-30B-A3B on one 8xH100 node: 256 prompts x 8 samples per step
+    "qwen3-30b-a3b-8xh100": dict(steps=300, prompts_per_step=256, n=8, max_new_tokens=32768, lr=1e-6, min_lr=1e-6,
+                                 micro_batch=1, eval_every=20, eval_limit=256, ckpt_every=10, bf16=True,
+                                 activation_checkpointing=True, optimizer_offload=True),
 }
 
 
 def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
-    """Sample a batch, score it with each prompt's domain reward, one policy-gradient update."""
+    """Sample a batch, score it with each prompt's domain reward, one policy-gradient update.
+    Under torchrun each rank does this on its own prompts; the metrics are over all ranks."""
     t0 = time.time()
     roll, rows, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step)
     adv = group_advantages(rewards, cfg.n, cfg.std_norm).to(roll.tokens.device)
@@ -86,15 +97,19 @@ def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
     if ref is not None:
         with torch.no_grad():
             batch["ref_logp"] = policy_logprobs(ref, roll.tokens, batch["mask"], cfg.temperature)
+        if hasattr(ref, "reshard"):  # sharded: free its root, which FSDP keeps gathered after forward
+            ref.reshard()
     opt.zero_grad(set_to_none=True)
     # one advantage per sequence, broadcast over its tokens
     m = pg_update(model, batch, lambda r, logp, w: adv[r, None].expand(-1, w), cfg, cfg.micro_batch)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-    opt.step()
-    n_tok = int(roll.response_lens.sum())
+    gnorm = clip_and_step(model, opt, cfg.grad_clip)
+    # every rank's rows, in order: the same metrics on every rank (rank 0 logs them)
+    rewards = distributed.gather_list(rewards)
+    doms = distributed.gather_list([e.domain for e in rows])
+    n_tok = sum(distributed.gather_list(roll.response_lens.tolist()))
     per_domain = {}
     for d in domains:
-        rs = [r for r, e in zip(rewards, rows) if e.domain == d.name]
+        rs = [r for r, dom in zip(rewards, doms) if dom == d.name]
         if rs:
             per_domain[d.name] = sum(rs) / len(rs)
     return {**m, "reward": sum(rewards) / len(rewards), "reward_by_domain": per_domain, "grad_norm": gnorm,
@@ -110,7 +125,7 @@ def main(argv=None):
     domains = get_domains(cfg.domains, cfg.data_dir or None)
     weights = parse_weights(cfg.domain_weights, domains)
     tok, model, opt, start, src = load_for_training(cfg)
-    ref = Transformer.from_pretrained(cfg.init, dtype=torch.float32, device=cfg.device) if cfg.kl_coef else None
+    ref = load_frozen(cfg.init, torch.float32, cfg.device) if cfg.kl_coef else None
     train_loop(cfg, model, opt, tok, domains, lambda step: rl_step(model, opt, tok, domains, weights, cfg, step, ref),
                start, src, desc="rl", postfix=("reward", "ratio_mean"))
 

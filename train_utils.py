@@ -4,21 +4,29 @@ What every training script shares, so that each of them reads as its own loop:
 - prompt/response glue: encode_prompt, stop_ids, decode.
 - evaluate: greedy accuracy on each domain's held-out split.
 - checkpoints: one format for every script, an HF model directory (transformers loads it)
-  plus trainer_state.pt (optimiser, step, config), written atomically; resume from it is
-  bit-identical because every step's randomness is derived from (seed, step).
+  plus trainer_state.pt (step, config) plus optimizer/ (a torch.distributed.checkpoint of
+  AdamW's state, one file per rank that wrote it; it loads at any world size), written
+  atomically; resume from it is bit-identical because every step's randomness is derived
+  from (seed, step).
 - MetricsLog: JSONL metrics, truncated back to the resumed step on --resume.
+Under torchrun every rank runs all of this: each takes its own slice of a step's prompts
+(distributed.rank_range), the sharded model and checkpoints are collective, rank 0 alone
+prints and writes the log.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
 import sys
 import time
+import warnings
 
 import torch
 
+import distributed
 from model import replace_dir
 from rollout import generate
 
@@ -120,15 +128,20 @@ def sample_and_reward(model, tok, domains, weights, cfg, step):
     """
     The on-policy half of an RL or MOPD step: cfg.prompts_per_step prompts by the domain
     mixture, cfg.n rollouts each from `model`, each scored by its own domain's reward.
+    Under torchrun this rank's contiguous slice of the prompts (whole GRPO groups), sampled
+    from the same per-prompt random streams as one process would use.
     Returns (rollout, the Example of each row, rewards, seconds spent sampling).
     """
     rng = random.Random(step_seed(cfg.seed, step))
     exs = sample_examples(domains, weights, cfg.prompts_per_step, rng)
+    a, b = distributed.rank_range(len(exs))
+    exs = exs[a:b]
     model.eval()
     t0 = time.time()
-    roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
-                    temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
-                    n=cfg.n, seed=step_seed(cfg.seed, step), pad_id=tok.pad_token_id or 0)
+    with distributed.gathered(model, cfg.rollout_gather):
+        roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
+                        temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
+                        n=cfg.n, seed=step_seed(cfg.seed, step) + a, pad_id=tok.pad_token_id or 0)
     t_sample = time.time() - t0
     by_name = {d.name: d for d in domains}
     rows = [exs[i] for i in roll.prompt_index]
@@ -149,33 +162,71 @@ EVAL_SAMPLES = 4
 @torch.no_grad()
 def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=512, temperature=EVAL_TEMPERATURE,
              samples=EVAL_SAMPLES, seed=0):
-    """Mean reward of `model` on each domain's held-out split (seeded, so it is repeatable)."""
+    """Mean reward of `model` on each domain's held-out split (seeded, so it is repeatable).
+    Under torchrun each rank scores its slice; prompt i always gets the random stream seed + i."""
     was_training = model.training
     model.eval()
     n = 1 if temperature == 0 else samples
+    per = max(1, batch // n)
     out = {}
     for d in domains:
         exs = d.eval_set[:limit] if limit else d.eval_set
+        a, b = distributed.rank_range(len(exs))
+        mine = exs[a:b]
         total = 0.0
-        for s in range(0, len(exs), max(1, batch // n)):
-            chunk = exs[s:s + max(1, batch // n)]
+        for s in range(0, per * distributed.global_max(-(-len(mine) // per)), per):
+            chunk = mine[s:s + per] or mine[:1]  # past this rank's end: a dummy batch, not counted
             res = generate(model, [encode_prompt(tok, e.prompt) for e in chunk], max_new_tokens,
                            temperature=temperature, stop_token_ids=stop_ids(tok, model), n=n,
-                           seed=seed + s, pad_id=tok.pad_token_id or 0)
-            total += sum(d.reward(decode(tok, ids), chunk[i])
-                         for ids, i in zip(res.response_ids, res.prompt_index))
-        out[d.name] = total / (len(exs) * n)
+                           seed=seed + a + s, pad_id=tok.pad_token_id or 0)
+            if s < len(mine):
+                total += sum(d.reward(decode(tok, ids), chunk[i])
+                             for ids, i in zip(res.response_ids, res.prompt_index))
+        total = distributed.all_sum(torch.tensor(total, dtype=torch.float64, device=res.tokens.device))
+        out[d.name] = float(total) / (len(exs) * n)
     model.train(was_training)
     return out
 
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(path, model, tokenizer_dir, state):
-    """HF directory + trainer_state.pt, swapped in atomically (the old one survives a crash)."""
+def save_checkpoint(path, model, tokenizer_dir, state, opt=None):
+    """
+    HF directory + trainer_state.pt (+ optimizer/ when training continues), swapped in
+    atomically: written under PATH.staging, renamed over PATH last, so a crash at any point
+    leaves the previous checkpoint whole. Collective under torchrun: every rank calls it,
+    save_pretrained gathers one file's tensors at a time to rank 0, and each rank writes
+    its own shard of the optimizer state (all ranks must see one filesystem).
+    """
+    rank = distributed.world()[0]
     staging = model.save_pretrained(path + ".staging", tokenizer_dir=tokenizer_dir)
-    torch.save(state, os.path.join(staging, "trainer_state.pt"))
-    replace_dir(staging, path)
+    if opt is not None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        with warnings.catch_warnings():  # "no process group: assuming a single process" is the point
+            warnings.simplefilter("ignore", UserWarning)
+            dcp().save(get_optimizer_state_dict(model, opt), checkpoint_id=os.path.join(staging, "optimizer"))
+    distributed.barrier()
+    if rank == 0:
+        torch.save(state, os.path.join(staging, "trainer_state.pt"))
+        replace_dir(staging, path)
+    distributed.barrier()
+
+
+def load_optimizer(path, model, opt):
+    """Fill `opt` from PATH/optimizer (written by save_checkpoint at any world size)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    if not os.path.isdir(os.path.join(path, "optimizer")):
+        raise FileNotFoundError(f"{path}/optimizer: missing; cannot resume the optimizer state")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        osd = get_optimizer_state_dict(model, opt)  # a template: AdamW's state at step 0, our layout
+        dcp().load(osd, checkpoint_id=os.path.join(path, "optimizer"))
+        set_optimizer_state_dict(model, opt, osd)
+
+
+def dcp():
+    import torch.distributed.checkpoint as dcp
+    return dcp
 
 
 def load_trainer_state(path):
@@ -210,54 +261,88 @@ class MetricsLog:
 # the loop every RL-style script runs (train_teacher_rl.py, train_mopd.py)
 
 def load_for_training(cfg):
-    """(tokenizer, fp32 model, AdamW, start step, source dir), resuming from cfg.out_dir if asked."""
+    """
+    (tokenizer, fp32 model, AdamW, start step, source dir), resuming from cfg.out_dir if asked.
+    Under torchrun the model is sharded with FSDP2 as it is loaded (each rank reads only its
+    shard): cfg.bf16 = bf16 compute with fp32 master weights and gradient reduction,
+    cfg.optimizer_offload = sharded params, grads and AdamW state in host memory,
+    cfg.activation_checkpointing = recompute each layer in backward.
+    """
     from transformers import AutoTokenizer
 
     from model import Transformer
+    if cfg.device == "auto":  # under torchrun on GPUs: this rank's own GPU
+        cfg.device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     state = load_trainer_state(cfg.out_dir) if cfg.resume else None
     src = cfg.out_dir if state else cfg.init
     if not os.path.isdir(src):
         raise SystemExit(f"error: --init={src}: no such checkpoint directory")
     tok = AutoTokenizer.from_pretrained(src)
-    model = Transformer.from_pretrained(src, dtype=torch.float32, device=cfg.device).train()
+    shard_fn = functools.partial(distributed.shard, mp_policy=distributed.BF16_MIXED if cfg.bf16 else None,
+                                 offload=cfg.optimizer_offload, activation_checkpointing=cfg.activation_checkpointing)
+    multi = distributed.world()[1] > 1
+    model = Transformer.from_pretrained(src, dtype=torch.float32, device="cpu" if cfg.optimizer_offload else cfg.device,
+                                        shard_fn=shard_fn if multi else None).train()
+    if not multi and cfg.activation_checkpointing:
+        shard_fn(model)  # one process: nothing to shard, activation checkpointing only
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     start = 0
     if state:
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer(cfg.out_dir, model, opt)
         start = state["step"]
-        print(f"resumed {cfg.out_dir} at step {start}")
+        print0(f"resumed {cfg.out_dir} at step {start}")
     return tok, model, opt, start, src
+
+
+def clip_and_step(model, opt, max_norm):
+    """Clip the gradient's global norm (over all ranks' shards) to max_norm, step; returns the norm."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    opt.step()
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def print0(*args):
+    if distributed.world()[0] == 0:
+        print(*args)
 
 
 def train_loop(cfg, model, opt, tok, domains, step_fn, start, src, desc, postfix=("reward",)):
     """
     For step in [start, cfg.steps): metrics = step_fn(step) (which samples, scores and
     updates), held-out eval every cfg.eval_every steps, a JSONL row per step, and an atomic
-    checkpoint every cfg.ckpt_every steps and at the end.
+    checkpoint every cfg.ckpt_every steps and at the end. Every rank runs it; rank 0 logs.
     """
     from tqdm import tqdm
-    log = MetricsLog(cfg.out_dir + ".log/metrics.jsonl", resume_step=start if start else None)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, mininterval=2)
+    main = distributed.world()[0] == 0
+    log = MetricsLog(cfg.out_dir + ".log/metrics.jsonl", resume_step=start if start else None) if main else None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, mininterval=2, disable=not main)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         row = {"step": step + 1, "lr": lr_at(cfg, step), **step_fn(step)}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
-            bar.write(f"step {step + 1}: eval " + " ".join(f"{k}={v:.3f}" for k, v in row["eval"].items()))
-        log.log(row)
-        bar.set_postfix({k: f"{row[k]:.3f}" for k in postfix if k in row}, refresh=False)
+            if main:
+                bar.write(f"step {step + 1}: eval " + " ".join(f"{k}={v:.3f}" for k, v in row["eval"].items()))
+        if main:
+            log.log(row)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in postfix if k in row}, refresh=False)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(cfg.out_dir, model, src, {"step": step + 1, "optimizer": opt.state_dict(),
-                                                      "config": dataclasses.asdict(cfg)})
-    print(f"saved {cfg.out_dir}")
+            save_checkpoint(cfg.out_dir, model, src, {"step": step + 1, "config": dataclasses.asdict(cfg),
+                                                      "world_size": distributed.world()[1]}, opt)
+    print0(f"saved {cfg.out_dir}")
 
 
 def cli(main):
-    """Run a script's main(); bad input (a ValueError, KeyError or missing file) becomes one
-    line on stderr and exit status 2, not a traceback."""
+    """Run a script's main() (under torchrun too: it joins the process group first and leaves
+    it last); bad input (a ValueError, KeyError or missing file) becomes one line on stderr
+    and exit status 2, not a traceback."""
     try:
+        distributed.init_distributed()
         main()
     except (ValueError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        sys.exit(f"error: {msg}")
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        distributed.teardown()

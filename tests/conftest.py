@@ -53,3 +53,22 @@ def tiny_model(hf_dirs):
     """Our Qwen3 model loaded from the tiny random checkpoint (fp32, CPU)."""
     from model import Transformer
     return Transformer.from_pretrained(hf_dirs["qwen3"])
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A tiny S0 and two 'teachers' (S0 with perturbed weights) for domains rev and sort."""
+    import train_sft
+    from model import Transformer
+    root = tmp_path_factory.mktemp("mopd")
+    base = str(root / "base")
+    train_sft.main(["--preset=tiny", f"--out_dir={base}", "--domains=rev,sort", "--steps=10"])
+    out = {"base": base}
+    for i, d in enumerate(("rev", "sort")):
+        m = Transformer.from_pretrained(base)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        out[d] = m.save_pretrained(root / f"teacher_{d}")
+    return out

@@ -53,25 +53,6 @@ def test_distill_forms_hand_case():
 
 # ---- teachers ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """A tiny S0 and two 'teachers' (S0 with perturbed weights) for domains rev and sort."""
-    import train_sft
-    from model import Transformer
-    root = tmp_path_factory.mktemp("mopd")
-    base = str(root / "base")
-    train_sft.main(["--preset=tiny", f"--out_dir={base}", "--domains=rev,sort", "--steps=10"])
-    out = {"base": base}
-    for i, d in enumerate(("rev", "sort")):
-        m = Transformer.from_pretrained(base)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        out[d] = m.save_pretrained(root / f"teacher_{d}")
-    return out
-
-
 def test_routing_sends_each_prompt_to_its_own_teacher(toy, monkeypatch):
     import train_mopd
     from teachers import Teachers

@@ -1,0 +1,143 @@
+"""
+torchrun on CPU (gloo): two ranks train exactly what one process trains; ranks whose rows stop
+at different lengths keep decoding together; a 2-rank run killed mid-way resumes from its
+checkpoint (sharded optimizer state, torch.distributed.checkpoint) and matches the run that
+was never killed. Every process group has a timeout, so a hang fails within a minute.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distributed
+from model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY = os.path.join(ROOT, "tests", "torchrun_entry.py")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(script, args, nproc, env=None, check=True):
+    """`torchrun --nproc_per_node=nproc tests/torchrun_entry.py script args` (plain python at 1)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REWARD_BY_LENGTH": "1", **(env or {})}
+    if nproc == 1:
+        cmd = [sys.executable, ENTRY, script, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={_free_port()}", "--max_restarts=0", ENTRY, script, *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _log(out):
+    return [json.loads(l) for l in open(out + ".log/metrics.jsonl")]
+
+
+def _weights(d):
+    return Transformer.from_pretrained(d).state_dict()
+
+
+def _assert_same_run(a, b, tol):
+    la, lb = _log(a), _log(b)
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    for ra, rb in zip(la, lb):
+        for k in ("loss", "reward", "grad_norm", "response_len"):
+            assert ra[k] == pytest.approx(rb[k], abs=tol, rel=tol), (k, ra["step"], ra[k], rb[k])
+    wa, wb = _weights(a), _weights(b)
+    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert diff <= tol, diff
+    return la
+
+
+def test_rl_two_ranks_equal_one_process(toy, tmp_path):
+    args = ["--preset=tiny", f"--init={toy['base']}", "--domains=rev,sort", "--steps=3", "--micro_batch=3",
+            "--kl_coef=0.01"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _launch("rl", args + [f"--out_dir={one}"], 1)
+    _launch("rl", args + [f"--out_dir={two}"], 2)
+    rows = _assert_same_run(one, two, 1e-5)
+    assert any(r["loss"] != 0 for r in rows)  # the updates were real
+    assert set(rows[-1]["eval"]) == {"rev", "sort"}
+    assert not any(w.abs().max() == 0 for w in _weights(two).values())
+
+
+def test_mopd_two_ranks_equal_one_process_and_resume_after_a_kill(toy, tmp_path):
+    args = ["--preset=tiny", f"--init={toy['base']}", "--domains=rev,sort", "--steps=4", "--micro_batch=3",
+            f"--teacher=rev={toy['rev']},sort={toy['sort']}"]
+    one, two, killed = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "killed")
+    _launch("mopd", args + [f"--out_dir={one}"], 1)
+    _launch("mopd", args + [f"--out_dir={two}"], 2)
+    rows = _assert_same_run(one, two, 1e-5)
+    assert all("kl_exact" in m for m in rows[-1]["by_domain"].values())
+    # 2 ranks, rank 1 killed right after step 2's checkpoint; resume on 2 ranks
+    res = _launch("mopd", args + [f"--out_dir={killed}"], 2, env={"KILL_AFTER_STEP": "2"}, check=False)
+    assert res.returncode != 0
+    assert torch.load(os.path.join(killed, "trainer_state.pt"), weights_only=False)["step"] == 2
+    _launch("mopd", args + [f"--out_dir={killed}", "--resume=true"], 2)
+    _assert_same_run(two, killed, 0.0)  # bit for bit
+    # the sharded checkpoint also resumes in one process (torch.distributed.checkpoint reshards)
+    wk = _weights(killed)
+    _launch("mopd", args + [f"--out_dir={killed}", "--resume=true", "--steps=5"], 1)
+    assert [r["step"] for r in _log(killed)] == [1, 2, 3, 4, 5]
+    assert not all(torch.equal(wk[k], v) for k, v in _weights(killed).items())
+
+
+def _uneven_eos_worker(rank, port, ckpt, out_dir):
+    """Rank 0's rows all stop after one token, rank 1's run to max_new_tokens: no deadlock, and
+    each rank's samples equal what one process samples from the unsharded model."""
+    import functools
+
+    from rollout import generate
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init_distributed(timeout_s=60)
+    try:
+        model = Transformer.from_pretrained(ckpt, shard_fn=functools.partial(distributed.shard, mp_policy=None))
+        ref = Transformer.from_pretrained(ckpt)
+        vocab = model.config.vocab_size
+        stops = list(range(vocab)) if rank == 0 else []  # rank 0: every token is a stop token
+        prompts = [[1, 5 + rank, 7], [1, 9]]
+        got = generate(model, prompts, 6, stop_token_ids=stops, n=2, seed=rank)
+        want = generate(ref, prompts, 6, stop_token_ids=stops, n=2, seed=rank)
+        assert got.response_lens.tolist() == ([1] * 4 if rank == 0 else [6] * 4)
+        assert torch.equal(got.tokens, want.tokens)
+        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+        with distributed.gathered(model):  # the alternative: one all-gather per layer per rollout
+            again = generate(model, prompts, 6, stop_token_ids=stops, n=2, seed=rank)
+            assert not _is_dtensor(model.layers[0].self_attn.q_proj.weight)  # still gathered
+        assert torch.equal(again.tokens, want.tokens)
+        assert _is_dtensor(model.layers[0].self_attn.q_proj.weight)  # resharded on exit
+        open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+    finally:
+        distributed.teardown()
+
+
+def _is_dtensor(t):
+    return type(t).__name__ == "DTensor"
+
+
+def test_uneven_stop_lengths_do_not_deadlock(toy):
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_uneven_eos_worker, args=(_free_port(), toy["base"], out), nprocs=2, join=True)
+        assert sorted(os.listdir(out)) == ["ok0", "ok1"]
+
+
+def test_rank_range_and_collectives_at_world_size_1():
+    assert not dist.is_initialized()
+    assert distributed.rank_range(5) == (0, 5) and distributed.gather_list([1, 2]) == [1, 2]
+    assert distributed.global_max(3) == 3 and distributed.grad_scale() == 1
