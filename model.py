@@ -334,10 +334,14 @@ class MoE(nn.Module):
 
     Expert weights are stacked ([E, I, H] / [E, H, I]) so the block is one parameter per
     projection (what FSDP shards and a grouped matmul consumes). Compute: sort the
-    (token, expert) assignments by expert and run one dense SwiGLU per expert that received
-    tokens — a Python loop over *active experts*, never over tokens. On a GPU with many
-    experts torch's grouped matmul would replace the loop; the result is the same.
+    (token, expert) assignments by expert, then either one grouped matmul per projection
+    over all experts at once (torch's F.grouped_mm, on CUDA in bf16 where torch has it:
+    128 experts in one kernel launch, not 128), or one dense SwiGLU per expert that received
+    tokens — a Python loop over *active experts*, never over tokens (CPU, fp32, older torch;
+    F.grouped_mm's CPU path has no backward). Both see the same sorted rows and give the
+    same result; routing is this one function for sampling and training alike.
     """
+    grouped = "auto"  # "auto": grouped matmul where supported; True / False force it (tests)
     def __init__(self, cfg):
         super().__init__()
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -364,19 +368,32 @@ class MoE(nn.Module):
         flat_e = topi.flatten()
         order = flat_e.argsort(stable=True)
         tok = order // self.k  # which token each sorted assignment came from
-        counts = torch.bincount(flat_e, minlength=self.E).tolist()
+        counts = torch.bincount(flat_e, minlength=self.E)
+        w = topw.flatten()[order, None]  # each sorted assignment's routing weight
         out = torch.zeros_like(x)
+        if self.use_grouped(x):
+            # rows [offs[e-1], offs[e]) of the sorted tokens go through expert e
+            offs = counts.cumsum(0).to(torch.int32)
+            xs = x[tok]
+            h = F.silu(F.grouped_mm(xs, self.gate_proj.transpose(-2, -1), offs=offs)) * \
+                F.grouped_mm(xs, self.up_proj.transpose(-2, -1), offs=offs)
+            out.index_add_(0, tok, F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offs) * w)
+            return out.view(B, T, H)
         start = 0
-        for e, c in enumerate(counts):
+        for e, c in enumerate(counts.tolist()):
             if c == 0:
                 continue
             idx = tok[start:start + c]
             xe = x[idx]
             he = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
-            ye = (he @ self.down_proj[e].t()) * topw.flatten()[order[start:start + c], None]
-            out.index_add_(0, idx, ye)
+            out.index_add_(0, idx, (he @ self.down_proj[e].t()) * w[start:start + c])
             start += c
         return out.view(B, T, H)
+
+    def use_grouped(self, x):
+        if self.grouped != "auto":
+            return self.grouped
+        return hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
 
 
 class Block(nn.Module):

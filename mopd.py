@@ -117,6 +117,14 @@ def aggregate(token_loss, mask, mode, num_seqs=None, num_tokens=None, max_len=No
     raise ValueError(f"loss_agg={mode!r}; expected token-mean, seq-mean-token-mean or seq-mean-token-sum")
 
 
+def train_loss(model, loss, share):
+    """The loss to backpropagate: the objective plus, for an MoE model, the router's
+    load-balancing loss of the forward just run (model.router_aux_loss(), the config's
+    router_aux_loss_coef; 0 for dense models), weighted by this micro-batch's share of the
+    batch so that it, too, adds up to one batch mean."""
+    return loss + model.router_aux_loss().to(loss.device) * share
+
+
 def pg_update(model, batch, adv_fn, cfg, micro_batch=64):
     """
     The policy-gradient update shared by RL and MOPD: for each micro-batch of rows, the
@@ -153,7 +161,7 @@ def pg_update(model, batch, adv_fn, cfg, micro_batch=64):
             token_loss = token_loss + cfg.kl_coef * kl
         loss = aggregate(token_loss, m, cfg.loss_agg, num_seqs=num_seqs, num_tokens=n_tok,
                          max_len=cfg.max_new_tokens)
-        (loss * (0.0 if dummy else scale)).backward()
+        (train_loss(model, loss, m.shape[0] / num_seqs) * (0.0 if dummy else scale)).backward()
         if not dummy:
             with torch.no_grad():
                 ratio = torch.exp(logp - o)[m]
@@ -200,7 +208,7 @@ def distill_update(model, tokens, mask, groups, teachers, cfg, domains):
                                      temperature=cfg.temperature, mask=m)
             loss = aggregate(per_tok * m, m, cfg.loss_agg, num_seqs=num_seqs, num_tokens=n_tok,
                              max_len=cfg.max_new_tokens)
-            (loss * (0.0 if dummy else distributed.grad_scale())).backward()
+            (train_loss(model, loss, len(r) / num_seqs) * (0.0 if dummy else distributed.grad_scale())).backward()
             if not dummy:
                 total += loss.detach().double()
     return {"loss": distributed.all_sum(total).item()}

@@ -16,6 +16,7 @@ GRPO "in quotes", with the simplifications stated:
 
     python train_teacher_rl.py --preset=toy --domains=rev --out_dir=out/toy/teacher_rev
     python train_teacher_rl.py --preset=toy --domains=rev,sort,sum --out_dir=out/toy/mixrl   # Mix-RL
+    torchrun --nproc_per_node=8 train_teacher_rl.py ...   (multi-GPU: see README "Scale")
 Every step appends a JSONL row to OUT_DIR.log/metrics.jsonl; --resume=true continues from the
 checkpoint in OUT_DIR bit for bit.
 """

@@ -69,7 +69,7 @@ def _convert(key, val, typ):
 
 
 def print_config(cfg):
-    print("config:", json.dumps(dataclasses.asdict(cfg), indent=None))
+    print0("config:", json.dumps(dataclasses.asdict(cfg), indent=None))
 
 # -----------------------------------------------------------------------------
 # prompts and responses

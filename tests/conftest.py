@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny random Hugging Face checkpoints built offline, and our loader."""
 import os
+import socket
 import sys
 
 import pytest
@@ -72,3 +73,21 @@ def toy(tmp_path_factory):
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
         out[d] = m.save_pretrained(root / f"teacher_{d}")
     return out
+
+
+# ---- two torchrun-like ranks inside pytest (torch.multiprocessing.spawn) ------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_ranks(rank, port, world=2):
+    """In a spawned worker: torchrun's environment, one thread, then the project's own
+    init_distributed (gloo, a 60 s timeout so that a hang fails the test instead of CI)."""
+    import distributed
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    return distributed.init_distributed(timeout_s=60)

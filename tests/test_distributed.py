@@ -6,7 +6,6 @@ was never killed. Every process group has a timeout, so a hang fails within a mi
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,18 +13,13 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port, join_ranks
 
 import distributed
 from model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "tests", "torchrun_entry.py")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(script, args, nproc, env=None, check=True):
@@ -35,7 +29,7 @@ def _launch(script, args, nproc, env=None, check=True):
         cmd = [sys.executable, ENTRY, script, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", "--max_restarts=0", ENTRY, script, *args]
+               f"--master_port={free_port()}", "--max_restarts=0", ENTRY, script, *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -101,10 +95,7 @@ def _uneven_eos_worker(rank, port, ckpt, out_dir):
     import functools
 
     from rollout import generate
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    distributed.init_distributed(timeout_s=60)
+    join_ranks(rank, port)
     try:
         model = Transformer.from_pretrained(ckpt, shard_fn=functools.partial(distributed.shard, mp_policy=None))
         ref = Transformer.from_pretrained(ckpt)
@@ -133,7 +124,7 @@ def _is_dtensor(t):
 def test_uneven_stop_lengths_do_not_deadlock(toy):
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_uneven_eos_worker, args=(_free_port(), toy["base"], out), nprocs=2, join=True)
+        mp.spawn(_uneven_eos_worker, args=(free_port(), toy["base"], out), nprocs=2, join=True)
         assert sorted(os.listdir(out)) == ["ok0", "ok1"]
 
 

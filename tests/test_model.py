@@ -105,6 +105,21 @@ def test_moe_aux_loss_and_grad(hf_dirs):
     assert m.layers[0].mlp.gate_proj.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="this torch has no F.grouped_mm")
+def test_moe_grouped_matmul_path_equals_expert_loop(hf_dirs, monkeypatch):
+    """The CUDA path (one grouped matmul per projection) on the same sorted rows as the CPU
+    loop; run here through F.grouped_mm's CPU forward (fp32, no backward on CPU)."""
+    from model import MoE
+    m = Transformer.from_pretrained(hf_dirs["qwen3_moe"])
+    x = torch.randint(0, 128, (3, 17))
+    with torch.no_grad():
+        monkeypatch.setattr(MoE, "grouped", False)
+        want = m(x)
+        monkeypatch.setattr(MoE, "grouped", True)
+        got = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_forward_close(hf_dirs):
     hf = hf_class("qwen3").from_pretrained(hf_dirs["qwen3"], dtype=torch.bfloat16).eval()
     ours = Transformer.from_pretrained(hf_dirs["qwen3"], dtype=torch.bfloat16)

@@ -9,12 +9,12 @@ Every test that joins a process group destroys it, so other tests are unaffected
 """
 import datetime
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port, join_ranks
 
 import distributed
 import kernels
@@ -150,18 +150,9 @@ def test_shard_world_size_1_matches_unsharded(arch, tie, tmp_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank, port, out_dir):
     """One of two torchrun-like ranks: env vars, init_distributed, shard, compare with unsharded."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    info = distributed.init_distributed(timeout_s=60)
+    info = join_ranks(rank, port)
     try:
         assert dist.get_world_size() == 2 and info.rank == rank
         cfg = _tiny("qwen3_moe", tie=False, vocab=97, experts=3)  # odd sizes: uneven, padded shards
@@ -183,5 +174,5 @@ def _two_rank_worker(rank, port, out_dir):
 def test_shard_two_ranks_matches_unsharded():
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_two_rank_worker, args=(_free_port(), out), nprocs=2, join=True)
+        mp.spawn(_two_rank_worker, args=(free_port(), out), nprocs=2, join=True)
         assert sorted(os.listdir(out)) == ["ok0", "ok1"]

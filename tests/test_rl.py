@@ -57,6 +57,27 @@ def test_pg_clip_and_band_cut_the_gradient():
     assert g.abs().max() == 0 and frac == 1
 
 
+def test_moe_router_balancing_loss_is_trained(hf_dirs):
+    """pg_update adds the router's load-balancing loss: with zero advantages only it moves the router."""
+    from types import SimpleNamespace
+
+    from model import Transformer
+    from mopd import pg_update
+    cfg = SimpleNamespace(temperature=1.0, ratio_mode="clip", eps_low=0.2, eps_high=0.28, loss_agg="token-mean",
+                          kl_coef=0.0, max_new_tokens=8)
+    tokens = torch.randint(0, 128, (4, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(4, 9, dtype=torch.bool)
+    mask[:, 4:] = True
+    for arch, moved in (("qwen3_moe", True), ("qwen3", False)):
+        m = Transformer.from_pretrained(hf_dirs[arch]).train()
+        batch = {"tokens": tokens, "mask": mask, "old_logp": torch.zeros(4, 9)}
+        pg_update(m, batch, lambda r, logp, w: torch.zeros_like(logp), cfg, micro_batch=3)
+        grads = [p.grad.abs().sum().item() for p in m.parameters() if p.grad is not None]
+        assert (sum(grads) > 0) == moved, arch
+        if moved:
+            assert m.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
 def test_aggregation_modes():
     loss = torch.tensor([[1., 2., 3., 0.], [4., 0., 0., 0.]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)

@@ -12,7 +12,6 @@ import datetime
 import json
 import os
 import shutil
-import socket
 from functools import partial
 from unittest import mock
 
@@ -20,7 +19,7 @@ import pytest
 import safetensors
 import torch
 import torch.distributed as dist
-from conftest import hf_class, hf_config
+from conftest import free_port, hf_class, hf_config, join_ranks
 
 import distributed
 from model import Transformer
@@ -96,10 +95,7 @@ def _sharded_load(src):
 
 
 def _worker(rank, port, dirs, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    distributed.init_distributed(timeout_s=60)
+    join_ranks(rank, port)
     try:
         ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
         for arch, src in dirs.items():
@@ -131,17 +127,11 @@ def _worker(rank, port, dirs, out):
         distributed.teardown()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_load_and_save_sharded(odd_dirs, tmp_path, monkeypatch):
     import torch.multiprocessing as mp
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = str(tmp_path)
-    mp.spawn(_worker, args=(_free_port(), odd_dirs, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), odd_dirs, out), nprocs=2, join=True)
     names = [f"{a}-{n}" for a in ARCHS for n in ("one", "many")]
     assert sorted(os.listdir(out)) == sorted(names + ["ok0", "ok1"])  # no temporary directory left
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
