@@ -177,7 +177,7 @@ def pg_update(model, batch, adv_fn, cfg, micro_batch=64):
 # -----------------------------------------------------------------------------
 # the full-distribution forms (ablations): top-k (Eq. 5), exact reverse / forward KL, JSD
 
-def distill_update(model, tokens, mask, groups, teachers, cfg, domains):
+def distill_update(model, tokens, mask, groups, teachers, cfg, domains, teacher_logp=None):
     """
     Backward of a divergence computed over the vocabulary rather than through the sampled token:
       "topk" (paper Eq. 5, K_t = the teacher's top-k ids, no renormalisation):
@@ -186,7 +186,8 @@ def distill_update(model, tokens, mask, groups, teachers, cfg, domains):
       "forward_kl": sum_v p_T(v) log(p_T(v) / p_theta(v));  "jsd": generalised JSD (cfg.beta)
     Teachers score each micro-batch just in time (top-k ids or hidden states, never logits),
     then the loss is aggregated per sequence like the PG form. `domains`: every domain name, in
-    one order on all ranks. The caller steps the optimiser.
+    one order on all ranks. teacher_logp [R, L-1], if given, receives log pi_T of the sampled
+    tokens from the same prefill (for the KL-estimate metric). The caller steps the optimiser.
     """
     counts = distributed.all_sum(torch.tensor([tokens.shape[0], mask.sum().item()], dtype=torch.float64,
                                               device=mask.device))
@@ -198,11 +199,15 @@ def distill_update(model, tokens, mask, groups, teachers, cfg, domains):
             r = rows[:1] if dummy else rows[i * cfg.micro_batch:(i + 1) * cfg.micro_batch]
             tok, m = tokens[r], mask[r]
             hidden = model(tok[:, :-1], return_hidden=True)
+            what = "topk" if cfg.loss == "topk" else "hidden"
+            t_out, t_sampled = teachers.score(d, tok, m, (what, "logprobs"), cfg.temperature, k=cfg.topk)
+            if teacher_logp is not None and not dummy:
+                teacher_logp[r] = t_sampled
             if cfg.loss == "topk":
-                ids, t_lp = teachers.score(d, tok, m, "topk", cfg.temperature, k=cfg.topk)
+                ids, t_lp = t_out
                 per_tok = kernels.topk_kl(hidden, model.lm_head_weight, ids, t_lp, cfg.temperature, mask=m)
             else:
-                th, tw = teachers.score(d, tok, m, "hidden", cfg.temperature)
+                th, tw = t_out
                 kind = {"reverse_kl": "reverse", "forward_kl": "forward", "jsd": "jsd"}[cfg.loss]
                 per_tok = kernels.kl(hidden, model.lm_head_weight, th, tw, kind=kind, beta=cfg.beta,
                                      temperature=cfg.temperature, mask=m)

@@ -126,7 +126,12 @@ class Teachers:
           "logprobs": log pi_T(y_t | x, y_<t)                    [R, L-1]
           "topk":     (ids [R, L-1, k], log-probs [R, L-1, k])   over the full vocabulary
           "hidden":   (final hidden states [R, L-1, H_T], lm_head weight [V, H_T])
+        `what` may be a tuple of these: a tuple of results from one and the same prefill.
         """
+        kinds = (what,) if isinstance(what, str) else tuple(what)
+        bad = [w for w in kinds if w not in ("logprobs", "topk", "hidden")]
+        if bad:
+            raise ValueError(f"score: what={bad[0]!r}; expected logprobs, topk or hidden")
         m = self.get(domain)
         sharded = hasattr(m, "reshard")  # an FSDP2 module
         if self.move:
@@ -134,14 +139,15 @@ class Teachers:
         try:
             hidden = m(tokens[:, :-1], return_hidden=True)
             W = m.lm_head_weight
-            if what == "logprobs":
-                return kernels.token_logprobs(hidden, W, tokens[:, 1:], temperature=temperature, mask=mask)
-            if what == "topk":
-                return kernels.teacher_topk(hidden, W, k=k, temperature=temperature, mask=mask)
-            if what == "hidden":
-                # the weight outlives this call: copy it before it moves away or is resharded
-                return hidden * mask[..., None], (W.clone() if self.move or sharded else W)
-            raise ValueError(f"score: what={what!r}; expected logprobs, topk or hidden")
+            out = []
+            for w in kinds:
+                if w == "logprobs":
+                    out.append(kernels.token_logprobs(hidden, W, tokens[:, 1:], temperature=temperature, mask=mask))
+                elif w == "topk":
+                    out.append(kernels.teacher_topk(hidden, W, k=k, temperature=temperature, mask=mask))
+                else:  # the weight outlives this call: copy it before it moves away or is resharded
+                    out.append((hidden * mask[..., None], W.clone() if self.move or sharded else W))
+            return out[0] if isinstance(what, str) else tuple(out)
         finally:
             if self.move:
                 m.to("cpu")

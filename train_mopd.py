@@ -110,23 +110,22 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
     groups = route(row_dom)
 
     # the teacher's log-prob of every sampled token: the PG signal, and the sampled KL estimate
+    # (the full-distribution losses get it from their own teacher prefill, during the update)
     t0 = time.time()
     t_logp = torch.zeros_like(mu)
-    for d, rows, real in each_domain(groups, names):
-        lp = teachers.score(d, tokens[rows], mask[rows], "logprobs", cfg.temperature)
-        if real:
-            t_logp[rows] = lp
+    if cfg.loss == "pg":
+        for d, rows, real in each_domain(groups, names):
+            lp = teachers.score(d, tokens[rows], mask[rows], "logprobs", cfg.temperature)
+            if real:
+                t_logp[rows] = lp
     t_score = time.time() - t0
 
-    # per-row numbers from every rank, in order; per-domain metrics from them: reward, length,
-    # the sampled reverse-KL estimate E[log mu - log pi_T], and its exact value on the first
-    # exact_kl_rows rows of each domain (before the update, so all describe the sampler)
-    kl_sum = ((mu - t_logp) * mask).sum(1).tolist()
-    all_rows = distributed.gather_list(zip(row_dom, rewards, kl_sum, mask.sum(1).tolist(),
-                                           roll.response_lens.tolist()))
+    # the exact KL on the first exact_kl_rows rows of each domain, before the update (so it
+    # describes the policy that sampled)
+    all_dom = distributed.gather_list(row_dom)
     exact = {}
     if cfg.exact_kl_rows and (step + 1) % cfg.exact_kl_every == 0:
-        exact = exact_kl_subsample(model, teachers, groups, names, tokens, mask, all_rows, len(row_dom), cfg)
+        exact = exact_kl_subsample(model, teachers, groups, names, tokens, mask, all_dom, len(row_dom), cfg)
 
     opt.zero_grad(set_to_none=True)
     if cfg.loss == "pg":
@@ -142,11 +141,17 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
         batch = {"tokens": tokens, "mask": mask, "old_logp": mu}
         m = mopd.pg_update(model, batch, adv_fn, cfg, cfg.micro_batch)
         hits = sum(distributed.gather_list([sum(clip_hits)]))
-        m = {**m, "adv_clip_frac": hits / max(1, sum(r[3] for r in all_rows)), "band_drop_frac": m.pop("clip_frac")}
+        total_tok = sum(distributed.gather_list([mask.sum().item()]))
+        m = {**m, "adv_clip_frac": hits / max(1, total_tok), "band_drop_frac": m.pop("clip_frac")}
     else:
-        m = mopd.distill_update(model, tokens, mask, groups, teachers, cfg, names)
+        m = mopd.distill_update(model, tokens, mask, groups, teachers, cfg, names, teacher_logp=t_logp)
     gnorm = clip_and_step(model, opt, cfg.grad_clip)
 
+    # per-row numbers from every rank, in order; per-domain metrics from them: reward, length,
+    # the sampled reverse-KL estimate E_mu[log mu - log pi_T] (of the sampler, before the update)
+    kl_sum = ((mu - t_logp) * mask).sum(1).tolist()
+    all_rows = distributed.gather_list(zip(row_dom, rewards, kl_sum, mask.sum(1).tolist(),
+                                           roll.response_lens.tolist()))
     per = {}
     for d in names:
         rs = [r for r in all_rows if r[0] == d]
@@ -161,13 +166,13 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
             "tokens_per_s": n_tok / (time.time() - t_start), "sample_s": t_sample, "score_s": t_score}
 
 
-def exact_kl_subsample(model, teachers, groups, names, tokens, mask, all_rows, n_local, cfg):
+def exact_kl_subsample(model, teachers, groups, names, tokens, mask, all_dom, n_local, cfg):
     """{domain: {"kl_exact": ...}}: the exact KL(pi_theta || pi_T) per response token on the first
     cfg.exact_kl_rows rows of each domain in the whole batch (whichever ranks hold them)."""
     rank = distributed.world()[0]
     first = sum(distributed.gather_list([n_local])[:rank])  # global index of this rank's row 0
     seen = {}
-    for dom, *_ in all_rows[:first]:  # rows of each domain on the ranks before this one
+    for dom in all_dom[:first]:  # rows of each domain on the ranks before this one
         seen[dom] = seen.get(dom, 0) + 1
     sub = {d: rows[:max(0, cfg.exact_kl_rows - seen.get(d, 0))] for d, rows in groups.items()}
     sub = {d: rows for d, rows in sub.items() if rows}

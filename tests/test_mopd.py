@@ -80,6 +80,17 @@ def test_routing_sends_each_prompt_to_its_own_teacher(toy, monkeypatch):
         for row in t:
             assert tok.decode(row, skip_special_tokens=True).startswith(d + " ")
     assert sum(len(t) for _, t in scored) == len(seen[0])  # each row scored exactly once
+    # a full-distribution loss: one prefill per teacher and micro-batch gives both what the loss
+    # needs and the log-probs for the KL estimate (no second pass)
+    calls.clear()
+    out = f"{toy['base']}_route_topk"
+    train_mopd.main(["--preset=tiny", f"--init={toy['base']}", f"--out_dir={out}", "--steps=1", "--loss=topk",
+                     "--topk=8", "--exact_kl_rows=0", "--domains=rev,sort", f"--teacher=rev={toy['rev']},sort={toy['sort']}",
+                     "--eval_every=100"])
+    assert sorted(w for _, w, _ in calls) == [("topk", "logprobs")] * 2
+    assert sum(len(t) for _, _, t in calls) == 8  # every row once
+    row = json.loads(open(out + ".log/metrics.jsonl").readline())
+    assert row["kl_est"] != 0 and all(m["kl_est"] != 0 for m in row["by_domain"].values())
 
 
 def test_teacher_score_matches_its_own_model(toy):
