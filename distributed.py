@@ -69,22 +69,29 @@ class DistInfo:
 def init_distributed(timeout_s=1800, backend=None):
     """
     Join the torchrun process group; returns DistInfo(rank, world_size, local_rank, device).
-    No-op at world size 1. On CUDA each rank takes GPU LOCAL_RANK. The timeout bounds every
+    No-op under plain python (no RANK in the environment); torchrun --nproc_per_node=1 gives a
+    one-rank group, so that FSDP's options (bf16, offload) work on one GPU too. On CUDA each rank takes GPU LOCAL_RANK. The timeout bounds every
     collective: a rank that crashed or deadlocked (e.g. ranks calling forward a different
     number of times) turns into an error on the others after timeout_s, not a silent hang.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if "RANK" not in os.environ:  # plain python: no process group
         return DistInfo(device="cuda" if torch.cuda.is_available() else "cpu")
+    world = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     device = f"cuda:{local_rank}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
+    # NCCL for CUDA tensors, gloo for CPU ones (metrics, the norm of CPU-offloaded gradients)
+    dist.init_process_group(backend or ("cpu:gloo,cuda:nccl" if cuda else "gloo"),
                             timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=torch.device(device) if cuda else None)
     return DistInfo(rank, world, local_rank, device)
+
+
+def active():
+    """Whether this process is one rank of a process group (i.e. runs under torchrun)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def world():
@@ -95,13 +102,12 @@ def world():
 
 
 def rank_range(n):
-    """This rank's contiguous [start, stop) of n items (torch.chunk sizes: ceil(n / world)).
+    """This rank's contiguous [start, stop) of n items, as even as possible.
     Contiguous, so that rank order == single-process order for everything gathered back."""
     rank, ws = world()
     if n < ws:
         raise ValueError(f"{n} prompts per step cannot be split over {ws} ranks (need >= 1 per rank)")
-    per = -(-n // ws)
-    return min(rank * per, n), min((rank + 1) * per, n)
+    return rank * n // ws, (rank + 1) * n // ws  # sizes differ by at most 1, none empty
 
 
 def gather_list(xs):
@@ -134,7 +140,7 @@ def global_max(n, op="max"):
 
 
 def _device():  # where collectives' scratch tensors live: NCCL only moves CUDA tensors
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else "cpu"
 
 
 def grad_scale():
@@ -184,6 +190,11 @@ def shard(model, mesh=None, mp_policy=BF16_MIXED, reshard_after_forward=True, of
     # (kernels.py on the hidden states, rollout.py's model.lm_head). After a no_grad forward
     # nothing reshards it: call model.reshard() when done (e.g. a teacher after scoring).
     fully_shard(model, **kw)
+    # what rollout.py allocates its KV cache with: the device the layers compute on (not that
+    # of the shards, which offload keeps in host memory) and the dtype they compute in
+    model.compute_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    model.compute_dtype = mp_policy.param_dtype if mp_policy is not None else None
     return model
 
 

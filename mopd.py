@@ -155,7 +155,7 @@ def pg_update(model, batch, adv_fn, cfg, micro_batch=64):
         # sg[...]: advantages carry no gradient
         adv = torch.zeros_like(logp) if dummy else adv_fn(rows, logp.detach(), width - 1).detach()
         token_loss, frac = pg_token_loss(logp, o, adv, m, cfg.ratio_mode, cfg.eps_low, cfg.eps_high)
-        kl = torch.zeros(())
+        kl = torch.zeros((), device=logp.device)
         if cfg.kl_coef and "ref_logp" in batch:
             kl = k3_kl(logp, batch["ref_logp"][rows, :width - 1]) * m
             token_loss = token_loss + cfg.kl_coef * kl

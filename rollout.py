@@ -116,8 +116,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     Returns a Rollout, rows prompt-major: prompt 0's n samples, then prompt 1's, ...
     """
     _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, n)
-    cfg, device = model.config, model.lm_head_weight.device
-    dtype = model.lm_head_weight.dtype
+    # a sharded model computes where and in what dtype distributed.shard says (its fp32 master
+    # shards may sit in host memory, and bf16 mixed precision makes bf16 keys and values)
+    cfg = model.config
+    device = getattr(model, "compute_device", None) or model.lm_head_weight.device
+    dtype = getattr(model, "compute_dtype", None) or model.lm_head_weight.dtype
     P, R = len(prompts), len(prompts) * n
     plens = torch.tensor([len(p) for p in prompts], device=device)
     pmax = int(plens.max())

@@ -89,7 +89,7 @@ def load_frozen(path, dtype, device, offload=False):
     CPU offload copies each layer in when sharded (torchtitan's rule: materialise on the CPU),
     Teachers.score moves a whole single-process teacher in and out."""
     shard_fn = None
-    if distributed.world()[1] > 1:
+    if distributed.active():
         shard_fn = functools.partial(distributed.shard, mp_policy=None,
                                      offload=offload and torch.cuda.is_available())
     m = Transformer.from_pretrained(path, dtype=dtype, device="cpu" if offload else device,
@@ -105,7 +105,7 @@ class Teachers:
         self.registry, self.device, self.dtype, self.offload = dict(registry), device, dtype, offload
         self.models = {}
         # single process: offload = move the whole teacher in and out; sharded: FSDP does it per layer
-        self.move = offload and distributed.world()[1] == 1
+        self.move = offload and not distributed.active()
 
     def check_domains(self, domains):
         missing = [d for d in domains if d not in self.registry]

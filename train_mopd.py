@@ -219,6 +219,8 @@ def main(argv=None):
     teachers.check_domains([d.name for d in domains])
     for d in domains:  # before any step: every teacher must share the student's tokenizer
         validate(tok, model, registry[d.name], d.name)
+    if cfg.loss == "topk" and not 1 <= cfg.topk <= model.config.vocab_size:
+        raise SystemExit(f"error: --topk={cfg.topk}: must be in [1, vocab size {model.config.vocab_size}]")
     train_loop(cfg, model, opt, tok, domains,
                lambda step: mopd_step(model, opt, tok, domains, weights, teachers, cfg, step),
                start, src, desc="mopd", postfix=("reward", "kl_est"))

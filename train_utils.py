@@ -194,7 +194,8 @@ def save_checkpoint(path, model, tokenizer_dir, state, opt=None):
     """
     HF directory + trainer_state.pt (+ optimizer/ when training continues), swapped in
     atomically: written under PATH.staging, renamed over PATH last, so a crash at any point
-    leaves the previous checkpoint whole. Collective under torchrun: every rank calls it,
+    leaves the previous checkpoint whole, or the new one complete in PATH.staging (which
+    --resume then puts in place: recover_checkpoint). Collective under torchrun: every rank calls it,
     save_pretrained gathers one file's tensors at a time to rank 0, and each rank writes
     its own shard of the optimizer state (all ranks must see one filesystem).
     """
@@ -210,6 +211,16 @@ def save_checkpoint(path, model, tokenizer_dir, state, opt=None):
         torch.save(state, os.path.join(staging, "trainer_state.pt"))
         replace_dir(staging, path)
     distributed.barrier()
+
+
+def recover_checkpoint(path):
+    """A crash inside replace_dir, between moving the old checkpoint aside and renaming the new
+    one into place, leaves no PATH but a complete PATH.staging (trainer_state.pt is written
+    last): put it in place, so that --resume continues from it instead of starting over."""
+    staging = path + ".staging"
+    if not os.path.exists(path) and os.path.exists(os.path.join(staging, "trainer_state.pt")):
+        os.rename(staging, path)
+        print(f"recovered {path} from {staging}")
 
 
 def load_optimizer(path, model, opt):
@@ -273,6 +284,9 @@ def load_for_training(cfg):
     from model import Transformer
     if cfg.device == "auto":  # under torchrun on GPUs: this rank's own GPU
         cfg.device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    if cfg.resume and distributed.world()[0] == 0:
+        recover_checkpoint(cfg.out_dir)
+    distributed.barrier()
     state = load_trainer_state(cfg.out_dir) if cfg.resume else None
     src = cfg.out_dir if state else cfg.init
     if not os.path.isdir(src):
@@ -280,14 +294,19 @@ def load_for_training(cfg):
     tok = AutoTokenizer.from_pretrained(src)
     shard_fn = functools.partial(distributed.shard, mp_policy=distributed.BF16_MIXED if cfg.bf16 else None,
                                  offload=cfg.optimizer_offload, activation_checkpointing=cfg.activation_checkpointing)
-    multi = distributed.world()[1] > 1
+    sharded = distributed.active()
+    if not sharded and (cfg.bf16 or cfg.optimizer_offload):
+        raise SystemExit("error: --bf16 / --optimizer_offload are FSDP options: run under torchrun "
+                         "(torchrun --nproc_per_node=1 for one GPU)")
     model = Transformer.from_pretrained(src, dtype=torch.float32, device="cpu" if cfg.optimizer_offload else cfg.device,
-                                        shard_fn=shard_fn if multi else None).train()
-    if not multi and cfg.activation_checkpointing:
+                                        shard_fn=shard_fn if sharded else None).train()
+    if not sharded and cfg.activation_checkpointing:
         shard_fn(model)  # one process: nothing to shard, activation checkpointing only
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     start = 0
-    if state:
+    if state and "optimizer" in state:  # a checkpoint from before optimizer/ existed
+        opt.load_state_dict(state["optimizer"])
+    elif state:
         load_optimizer(cfg.out_dir, model, opt)
         start = state["step"]
         print0(f"resumed {cfg.out_dir} at step {start}")

@@ -113,6 +113,11 @@ def _uneven_eos_worker(rank, port, ckpt, out_dir):
             assert not _is_dtensor(model.layers[0].self_attn.q_proj.weight)  # still gathered
         assert torch.equal(again.tokens, want.tokens)
         assert _is_dtensor(model.layers[0].self_attn.q_proj.weight)  # resharded on exit
+        # bf16 mixed precision (fp32 master shards, bf16 compute): the KV cache follows the compute dtype
+        m16 = Transformer.from_pretrained(ckpt, shard_fn=distributed.shard)
+        assert m16.compute_dtype == torch.bfloat16
+        assert generate(m16, prompts, 6, stop_token_ids=stops, n=2, seed=rank).response_lens.tolist() == \
+            got.response_lens.tolist()
         open(os.path.join(out_dir, f"ok{rank}"), "w").close()
     finally:
         distributed.teardown()
@@ -129,7 +134,18 @@ def test_uneven_stop_lengths_do_not_deadlock(toy):
         assert sorted(os.listdir(out)) == ["ok0", "ok1"]
 
 
-def test_rank_range_and_collectives_at_world_size_1():
+def test_rank_range_and_collectives_at_world_size_1(monkeypatch):
     assert not dist.is_initialized()
     assert distributed.rank_range(5) == (0, 5) and distributed.gather_list([1, 2]) == [1, 2]
     assert distributed.global_max(3) == 3 and distributed.grad_scale() == 1
+    for ws in range(1, 9):  # every rank gets a non-empty slice; in rank order they tile [0, n)
+        for n in range(ws, 30):
+            parts = []
+            for rank in range(ws):
+                monkeypatch.setattr(distributed, "world", lambda: (rank, ws))
+                parts.append(distributed.rank_range(n))
+            assert all(b > a for a, b in parts) and [a for a, _ in parts] == [0] + [b for _, b in parts[:-1]]
+            assert parts[-1][1] == n and max(b - a for a, b in parts) - min(b - a for a, b in parts) <= 1
+    monkeypatch.setattr(distributed, "world", lambda: (0, 4))
+    with pytest.raises(ValueError, match="3 prompts per step cannot be split over 4 ranks"):
+        distributed.rank_range(3)

@@ -94,6 +94,7 @@ def test_activation_formula_matches_saved_tensors(arch):
 
 def test_init_distributed_is_a_noop_at_world_size_1(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
     info = distributed.init_distributed(timeout_s=10)
     assert (info.rank, info.world_size, info.is_main) == (0, 1, True) and not dist.is_initialized()
 

@@ -152,8 +152,24 @@ def test_rl_resume_is_bit_identical(tiny_base, tmp_path, monkeypatch):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
+def test_resume_recovers_a_checkpoint_left_in_staging(tiny_base, tmp_path):
+    """A crash between replace_dir's two renames leaves only OUT_DIR.staging: resume uses it."""
+    import os
+
+    import train_teacher_rl
+    out = str(tmp_path / "r")
+    common = ["--preset=tiny", f"--init={tiny_base}", "--domains=rev", f"--out_dir={out}"]
+    train_teacher_rl.main(common + ["--steps=2"])
+    os.rename(out, out + ".staging")
+    train_teacher_rl.main(common + ["--steps=3", "--resume=true"])
+    assert [json.loads(l)["step"] for l in open(out + ".log/metrics.jsonl")] == [1, 2, 3]
+    assert torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)["step"] == 3
+
+
 def test_bad_config_is_a_clear_error(tiny_base):
     import train_teacher_rl
+    with pytest.raises(SystemExit, match="FSDP options: run under torchrun"):
+        train_teacher_rl.main([f"--init={tiny_base}", "--bf16=true"])
     with pytest.raises(SystemExit, match="--stepz: unknown config key"):
         train_teacher_rl.main(["--stepz=3"])
     with pytest.raises(SystemExit, match="--steps=abc: expected a value of type int"):
