@@ -117,6 +117,14 @@ def aggregate(token_loss, mask, mode, num_seqs=None, num_tokens=None, max_len=No
     raise ValueError(f"loss_agg={mode!r}; expected token-mean, seq-mean-token-mean or seq-mean-token-sum")
 
 
+def batch_counts(mask):
+    """(sequences, response tokens >= 1) of the whole batch: this rank's rows plus every other
+    rank's, the denominators that make micro-batches and ranks add up to one batch loss."""
+    counts = distributed.all_sum(torch.tensor([mask.shape[0], mask.sum().item()], dtype=torch.float64,
+                                              device=mask.device))
+    return counts[0].item(), max(1.0, counts[1].item())
+
+
 def train_loss(model, loss, share):
     """The loss to backpropagate: the objective plus, for an MoE model, the router's
     load-balancing loss of the forward just run (model.router_aux_loss(), the config's
@@ -140,8 +148,7 @@ def pg_update(model, batch, adv_fn, cfg, micro_batch=64):
     """
     tokens, mask, old = batch["tokens"], batch["mask"], batch["old_logp"]
     R = tokens.shape[0]
-    counts = distributed.all_sum(torch.tensor([R, mask.sum().item()], dtype=torch.float64, device=mask.device))
-    num_seqs, n_tok = counts[0].item(), max(1.0, counts[1].item())
+    num_seqs, n_tok = batch_counts(mask)
     sums = torch.zeros(5, dtype=torch.float64, device=mask.device)  # loss, clipped, ratio, |ratio-1|, kl
     scale = distributed.grad_scale()
     for i in range(distributed.global_max(-(-R // micro_batch))):
@@ -189,9 +196,7 @@ def distill_update(model, tokens, mask, groups, teachers, cfg, domains, teacher_
     one order on all ranks. teacher_logp [R, L-1], if given, receives log pi_T of the sampled
     tokens from the same prefill (for the KL-estimate metric). The caller steps the optimiser.
     """
-    counts = distributed.all_sum(torch.tensor([tokens.shape[0], mask.sum().item()], dtype=torch.float64,
-                                              device=mask.device))
-    num_seqs, n_tok = counts[0].item(), max(1.0, counts[1].item())
+    num_seqs, n_tok = batch_counts(mask)
     total = torch.zeros((), dtype=torch.float64, device=mask.device)
     for d, rows, real in each_domain(groups, domains):
         for i in range(distributed.global_max(-(-len(rows) // cfg.micro_batch) if real else 0)):

@@ -20,7 +20,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import distributed
@@ -141,14 +140,12 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     # Weights from a snapshot laid out for batched inference (model.py); one row decodes
     # with matrix-vector products, about as fast on the modules' own layout, so it skips
     # the copy (which costs as much as several such steps)
-    sharded = hasattr(model, "reshard")  # an FSDP2 module
-    with torch.inference_mode(not sharded), model.inference_weights() if R > 1 else contextlib.nullcontext():
+    with torch.inference_mode(not model.is_sharded()), model.inference_weights() if R > 1 else contextlib.nullcontext():
         # a prefix every prompt shares (a chat template's system prompt) is prefilled once, in
         # one row, and copied: its keys/values are the same in every row. Each prompt keeps
         # at least its last token for the second prefill, which gives the first logits.
-        shared = _shared_prefix_len(prompts) if P > 1 else 0
-        if dist.is_available() and dist.is_initialized():  # the same number of forward calls on every rank
-            shared = distributed.global_max(shared, op="min")
+        # (the same on every rank: under torchrun each forward is a collective)
+        shared = distributed.global_max(_shared_prefix_len(prompts) if P > 1 else 0, op="min")
         cache = KVCache(cfg, 1 if shared else P, pmax + max_new_tokens, dtype, device)
         if shared:
             model(ids[:1, :shared], cache=cache, return_hidden=True)
@@ -229,11 +226,7 @@ def _shared_prefix_len(prompts):
 
 def _all_done(done):
     """True when every row everywhere is done (an all-reduce under torch.distributed)."""
-    flag = done.all()
-    if dist.is_available() and dist.is_initialized():
-        flag = flag.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
+    return bool(distributed.global_max(int(done.all()), op="min"))
 
 
 def main(argv=None):

@@ -133,7 +133,7 @@ class Teachers:
         if bad:
             raise ValueError(f"score: what={bad[0]!r}; expected logprobs, topk or hidden")
         m = self.get(domain)
-        sharded = hasattr(m, "reshard")  # an FSDP2 module
+        sharded = m.is_sharded()
         if self.move:
             m.to(self.device)
         try:

@@ -140,9 +140,7 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
             return a if a_orm is None else a + cfg.orm_alpha * a_orm[r, None]
         batch = {"tokens": tokens, "mask": mask, "old_logp": mu}
         m = mopd.pg_update(model, batch, adv_fn, cfg, cfg.micro_batch)
-        hits = sum(distributed.gather_list([sum(clip_hits)]))
-        total_tok = sum(distributed.gather_list([mask.sum().item()]))
-        m = {**m, "adv_clip_frac": hits / max(1, total_tok), "band_drop_frac": m.pop("clip_frac")}
+        m = {**m, "adv_clip_hits": sum(distributed.gather_list([sum(clip_hits)])), "band_drop_frac": m.pop("clip_frac")}
     else:
         m = mopd.distill_update(model, tokens, mask, groups, teachers, cfg, names, teacher_logp=t_logp)
     gnorm = clip_and_step(model, opt, cfg.grad_clip)
@@ -159,6 +157,8 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
             per[d] = {"kl_est": sum(r[2] for r in rs) / max(1, sum(r[3] for r in rs)),
                       "reward": sum(r[1] for r in rs) / len(rs),
                       "response_len": sum(r[4] for r in rs) / len(rs), **exact.get(d, {})}
+    if "adv_clip_hits" in m:  # a fraction of all response tokens, every rank's
+        m["adv_clip_frac"] = m.pop("adv_clip_hits") / max(1, sum(r[3] for r in all_rows))
     n_rows, n_tok = len(all_rows), sum(r[4] for r in all_rows)
     return {**m, "grad_norm": gnorm, "reward": sum(r[1] for r in all_rows) / n_rows,
             "kl_est": sum(r[2] for r in all_rows) / max(1, sum(r[3] for r in all_rows)),

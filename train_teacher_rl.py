@@ -98,7 +98,7 @@ def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
     if ref is not None:
         with torch.no_grad():
             batch["ref_logp"] = policy_logprobs(ref, roll.tokens, batch["mask"], cfg.temperature)
-        if hasattr(ref, "reshard"):  # sharded: free its root, which FSDP keeps gathered after forward
+        if ref.is_sharded():  # free its root, which FSDP keeps gathered after forward
             ref.reshard()
     opt.zero_grad(set_to_none=True)
     # one advantage per sequence, broadcast over its tokens

@@ -1,4 +1,5 @@
 """Shared test fixtures: tiny random Hugging Face checkpoints built offline, and our loader."""
+import contextlib
 import os
 import socket
 import sys
@@ -91,3 +92,32 @@ def join_ranks(rank, port, world=2):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     return distributed.init_distributed(timeout_s=60)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: with 2 intra-op threads on a loaded 2-core machine every small MoE op
+    (index_add_) waits on the other thread, ~100x slower. Restored after the test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def killed_after_step(step):
+    """The training run inside this block dies (KeyboardInterrupt) right after its checkpoint
+    of `step` is complete, like a job killed between two steps."""
+    import train_utils
+    save = train_utils.save_checkpoint
+
+    def save_then_die(path, model, tokenizer_dir, state, opt=None):
+        save(path, model, tokenizer_dir, state, opt)
+        if state["step"] == step:
+            raise KeyboardInterrupt
+    train_utils.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        train_utils.save_checkpoint = save

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import killed_after_step
 
 from mopd import aggregate, mopd_advantage, pg_token_loss
 
@@ -152,7 +153,7 @@ def test_train_mopd_runs_three_steps(toy, tmp_path, loss):
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_orm_mixing_and_resume_bit_identical(toy, tmp_path, monkeypatch):
+def test_orm_mixing_and_resume_bit_identical(toy, tmp_path):
     """Kill a MOPD run (with ORM mixing) after step 2, resume: identical to the run never killed."""
     import train_mopd
     from model import Transformer
@@ -160,16 +161,8 @@ def test_orm_mixing_and_resume_bit_identical(toy, tmp_path, monkeypatch):
     common = ["--preset=tiny", f"--init={toy['base']}", "--domains=rev,sort", "--n=2", "--orm_alpha=0.5",
               f"--teacher=rev={toy['rev']},sort={toy['sort']}", "--steps=4"]
     train_mopd.main(common + [f"--out_dir={a}"])
-    real = train_mopd.mopd_step
-
-    def dies_at_step_2(*args):
-        if args[7] == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-    monkeypatch.setattr(train_mopd, "mopd_step", dies_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_step(2):
         train_mopd.main(common + [f"--out_dir={b}"])
-    monkeypatch.setattr(train_mopd, "mopd_step", real)
     train_mopd.main(common + [f"--out_dir={b}", "--resume=true"])
     wa, wb = Transformer.from_pretrained(a).state_dict(), Transformer.from_pretrained(b).state_dict()
     w0 = Transformer.from_pretrained(toy["base"]).state_dict()

@@ -24,14 +24,7 @@ from model import ModelConfig, Transformer, rope_cos_sin
 GiB = 2**30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: with 2 intra-op threads on a loaded 2-core machine, every small MoE op
-    # (index_add_) waits on the other thread, ~100x slower; restored after each test
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_qwen3_30b_a3b_dry_run_matches_plan_and_fits():

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import killed_after_step
 
 from mopd import aggregate, group_advantages, k3_kl, pg_token_loss
 
@@ -132,16 +133,8 @@ def test_rl_resume_is_bit_identical(tiny_base, tmp_path, monkeypatch):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = ["--preset=tiny", f"--init={tiny_base}", "--domains=rev", "--steps=4"]
     train_teacher_rl.main(common + [f"--out_dir={a}"])
-    real = train_teacher_rl.rl_step
-
-    def dies_at_step_2(*args):
-        if args[6] == 2:
-            raise KeyboardInterrupt  # "killed" after the checkpoint of step 2
-        return real(*args)
-    monkeypatch.setattr(train_teacher_rl, "rl_step", dies_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_step(2):
         train_teacher_rl.main(common + [f"--out_dir={b}"])
-    monkeypatch.setattr(train_teacher_rl, "rl_step", real)
     train_teacher_rl.main(common + [f"--out_dir={b}", "--resume=true"])
     wa, wb, w0 = _weights(a), _weights(b), _weights(tiny_base)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -15,8 +15,13 @@ def _prompts(lengths, seed=0):
 def test_ragged_batch_equals_each_prompt_alone(tiny_model):
     prompts = _prompts([3, 17, 8, 1])
     batch = generate(tiny_model, prompts, max_new_tokens=20, seed=123, n=2)
+    _assert_each_prompt_alone(tiny_model, prompts, batch, max_new_tokens=20, seed=123)
+
+
+def _assert_each_prompt_alone(model, prompts, batch, max_new_tokens, seed):
+    """Each prompt's n=2 rows of `batch` equal generating that prompt alone with its own seed."""
     for i, p in enumerate(prompts):
-        alone = generate(tiny_model, [p], max_new_tokens=20, seed=123 + i, n=2)
+        alone = generate(model, [p], max_new_tokens=max_new_tokens, seed=seed + i, n=2)
         for j in range(2):
             assert batch.response_ids[2 * i + j] == alone.response_ids[j]
             assert torch.allclose(torch.tensor(batch.response_logprobs[2 * i + j]),
@@ -177,12 +182,7 @@ def test_shared_prefix_is_prefilled_once_and_changes_nothing(tiny_model):
     finally:
         hook.remove()
     assert shapes[:2] == [(1, 10), (3, 6)]  # the prefix in one row, then each prompt's own tokens
-    for i, p in enumerate(prompts):
-        alone = generate(tiny_model, [p], max_new_tokens=12, seed=3 + i, n=2)
-        for j in range(2):
-            assert batch.response_ids[2 * i + j] == alone.response_ids[j]
-            assert torch.allclose(torch.tensor(batch.response_logprobs[2 * i + j]),
-                                  torch.tensor(alone.response_logprobs[j]), atol=1e-5)
+    _assert_each_prompt_alone(tiny_model, prompts, batch, max_new_tokens=12, seed=3)
 
 
 def test_inference_weights_are_a_fresh_snapshot_per_call(tiny_model):

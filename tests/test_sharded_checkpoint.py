@@ -27,12 +27,7 @@ from model import Transformer
 ARCHS = ("qwen3", "qwen3_moe")  # tied embeddings; untied, 3 experts (MoE layer 0, dense layer 1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
