@@ -14,7 +14,7 @@ Multi-GPU training: the one place where FSDP2 (torch's `fully_shard`) is applied
   reduce-scattered in fp32. offload=True keeps the sharded parameters and gradients in
   host memory (FSDP2's CPUOffloadPolicy; the optimizer step then runs on the CPU).
   activation_checkpointing=True recomputes each layer's activations in backward.
-- teardown(): destroy the process group, if any.
+- teardown(): leave the process group, if any: a barrier (on the normal path), then destroy it.
 - Data parallelism, the few collectives the trainers need: rank_range (this rank's slice of
   a step's prompts), gather_list (per-row values from every rank, in rank order, so every
   rank computes the same global metrics), all_sum / global_max, grad_scale, barrier.
@@ -38,6 +38,7 @@ weight with p.full_tensor() (a collective: every rank must call it).
 import datetime
 import functools
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -156,7 +157,28 @@ def barrier():
 
 
 def teardown():
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group: the last thing each rank does (the scripts' cli(), the spawned test
+    ranks), in a `finally`. A no-op without a process group (plain python, or already left).
+
+    On the normal path the ranks first meet at a barrier, so that none leaves while a peer is
+    still inside a collective with it. Leaving is not just destroy_process_group(): for gloo
+    that only unregisters the group (gloo's shutdown() is a no-op) while FSDP2's sharded modules
+    keep the C++ group alive, so its threads (gloo's socket loop and two workers, and the
+    rendezvous TCPStore's server on the rank that hosts it) run on until the interpreter exits
+    and are torn down there, in whatever order the garbage collector frees the models; the
+    process's exit is what closes its sockets. Without the barrier a rank that finished its
+    last collective first can be exiting, closing the connections a slower peer is still
+    using, and that peer's gloo threads then meet "Connection closed by peer" while its own
+    interpreter is shutting down. After the barrier every rank is out of every collective.
+    When an exception is propagating (sys.exc_info() is set inside the caller's `finally`), the
+    ranks are out of step (a peer may be blocked in another collective): no barrier then, it
+    could only wait for the timeout or pair with a different collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if sys.exc_info()[0] is None and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

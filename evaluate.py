@@ -17,12 +17,38 @@ efficiency: the sampled responses a run needed until each domain first reached 9
 teacher headroom, from the run's periodic evals.
 """
 
-import argparse
 import json
 import os
 import statistics
+from dataclasses import dataclass, field
 
 import torch
+
+from config import cli, parse_config
+
+
+@dataclass
+class Config:
+    out: str = ""                  # output prefix: OUT.md, OUT.json, OUT.png
+    # the table: every checkpoint on every domain's held-out split
+    domains: str = ""              # tasks.get_domains spec, e.g. rev,sort,uniq
+    base: str = ""                 # S0
+    teacher: str = ""              # DOMAIN=DIR,... or a JSON file
+    model: list[str] = field(default_factory=list)  # LABEL=DIR, one row of the table; repeat
+    curve: list[str] = field(default_factory=list)  # LABEL=metrics.jsonl: sampled responses to reach 90%; repeat
+    limit: int = 0                 # eval examples per domain (0 = all)
+    max_new_tokens: int = 12
+    data_dir: str = ""             # where relative JSONL paths of real domains live
+    # or: mean and sd over seeds
+    aggregate: list[str] = field(default_factory=list)  # results.json files of several seeds (instead of the table)
+
+
+# refused as soon as the command line is read, before anything loads (config.check)
+LIMITS = {"required": "out",
+          "LABEL=PATH": "model curve",
+          "exists": "aggregate",
+          ">= 0": "limit",
+          ">= 1": "max_new_tokens"}
 
 
 def normalised(acc, base, teacher):
@@ -45,16 +71,20 @@ def samples_to_reach(curve_path, base, teacher, frac=0.9):
 
 
 def evaluate_all(args):
-    from transformers import AutoTokenizer
-
-    from model import Transformer
+    from model import Transformer, load_tokenizer
     from tasks import get_domains
     from teachers import parse_registry
     from train_utils import evaluate
-    domains = get_domains(args.domains, args.data_dir)
+    domains = get_domains(args.domains, args.data_dir or None)
     names = [d.name for d in domains]
-    reg = parse_registry(args.teacher)
-    tok = AutoTokenizer.from_pretrained(args.base)
+    try:
+        reg = parse_registry(args.teacher)
+    except ValueError as e:
+        raise ValueError(f"--teacher={args.teacher}: {e}") from None
+    missing = [d for d in names if d not in reg]
+    if missing:
+        raise ValueError(f"--teacher={args.teacher}: no teacher for domain(s) {missing}")
+    tok = load_tokenizer(args.base, "--base")
 
     def acc_of(path):
         m = Transformer.from_pretrained(path, dtype=torch.float32)
@@ -141,23 +171,13 @@ def chart(res, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Per-domain held-out accuracy and the normalised score.")
-    ap.add_argument("--domains", help="tasks.get_domains spec")
-    ap.add_argument("--base", help="S0")
-    ap.add_argument("--teacher", help="DOMAIN=DIR,... or a JSON file")
-    ap.add_argument("--model", action="append", default=[], help="LABEL=DIR; repeat")
-    ap.add_argument("--curve", action="append", default=[], help="LABEL=metrics.jsonl for sample efficiency")
-    ap.add_argument("--aggregate", nargs="+", help="results.json files of several seeds")
-    ap.add_argument("--out", required=True, help="output prefix: OUT.md, OUT.json, OUT.png")
-    ap.add_argument("--limit", type=int, default=None, help="eval examples per domain (default: all)")
-    ap.add_argument("--max_new_tokens", type=int, default=12)
-    ap.add_argument("--data_dir", default=None)
-    args = ap.parse_args(argv)
+    args = parse_config(Config, argv, limits=LIMITS)
     if args.aggregate:
         res = aggregate(args.aggregate)
     else:
-        if not (args.domains and args.base and args.teacher):
-            raise SystemExit("error: --domains, --base and --teacher are required (or --aggregate)")
+        for k in ("domains", "base", "teacher"):
+            if not getattr(args, k):
+                raise ValueError(f"--{k}: required (or --aggregate FILE...)")
         res = evaluate_all(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
@@ -170,4 +190,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

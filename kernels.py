@@ -7,7 +7,7 @@ states [..., H] and the lm_head weight [V, H] (logits = hidden @ weight.T / temp
 walks over the tokens one chunk at a time, so at most [chunk x V] logits exist at once.
 
 What is in this file, top to bottom:
-- token_logprobs(): log p(target) per token, optionally the entropy (RL, the PG form of MOPD).
+- token_logprobs(): log p(target) per token (RL, the PG form of MOPD).
 - kl(): exact per-token KL(student || teacher) ("reverse", the MOPD direction),
   KL(teacher || student) ("forward") or the generalised JSD, gradients to the student only.
 - teacher_topk() / topk_kl(): the paper's Eq. 5 (teacher top-k ids and log-probs, then the
@@ -132,37 +132,25 @@ def _per_token(x, lead, idx):
 
 # -----------------------------------------------------------------------------
 # Per-row math, PyTorch. Each takes one chunk of logits z [C, V] (fp32, ours to overwrite),
-# returns the per-token outputs and dz = d(sum_k g_k * out_k)/dz, or None when no g is given.
+# returns the per-token output [C] and dz = d(sum_n g_n out_n)/dz, or None when no g is given.
 # The ops are in place wherever a buffer is dead, so the live [C, V] buffers stay few; the
 # public functions count them when they turn the memory budget into a chunk size.
 
-def _logprob_rows_torch(z, y, g_lp, g_ent, want_entropy):
+def _logprob_rows_torch(z, y, g):
     # log p_v = z_v - m - log s,  m = max_v z_v,  s = sum_v exp(z_v - m)
-    # Without the entropy this lives in z alone: z -> z - m -> p -> dz.
+    # This lives in z alone: z -> z - m -> p -> dz.
     m = z.amax(dim=1, keepdim=True)
     z_y = z.gather(1, y[:, None]).squeeze(1)
     z -= m
-    p = z.exp() if want_entropy else z.exp_()  # the entropy needs z - m as well
+    p = z.exp_()
     s = p.sum(1, keepdim=True)
     p /= s
-    log_s = s.log()
-    lp = z_y - (m + log_s).squeeze(1)
-    ent = None
-    if want_entropy:  # entropy = -sum_v p_v log p_v = log s - sum_v p_v (z_v - m)
-        ent = log_s.squeeze(1) - (p * z).sum(1)
-    outs = (lp, ent) if want_entropy else (lp,)
-    if g_lp is None and g_ent is None:
-        return outs, None
-    # d lp / dz_j = 1[j = y] - p_j          d ent / dz_j = -p_j (log p_j + ent)
-    if g_ent is None:
-        dz = p.mul_(-g_lp[:, None])
-    else:
-        dz = z.sub_(log_s).add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])  # log p_j = z_j - m - log s
-        if g_lp is not None:
-            dz.addcmul_(p, g_lp[:, None], value=-1)
-    if g_lp is not None:
-        dz.scatter_add_(1, y[:, None], g_lp[:, None])
-    return outs, dz
+    lp = z_y - (m + s.log()).squeeze(1)
+    if g is None:
+        return lp, None
+    # d lp / dz_j = 1[j = y] - p_j
+    dz = p.mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
+    return lp, dz
 
 
 def _kl_rows_torch(zs, zt, kind, beta, g):
@@ -192,7 +180,7 @@ def _kl_rows_torch(zs, zt, kind, beta, g):
         kl_s = torch.mul(diff, ps, out=logm).sum(1)      # sum p_s (a - log m), in place of log m
         out = beta * kl_t + (1 - beta) * kl_s
         dz = None if g is None else diff.sub_(kl_s[:, None]).mul_(ps).mul_((1 - beta) * g[:, None])
-    return (out,), dz
+    return out, dz
 
 
 def _topk_rows_torch(z, ids, lt, g):
@@ -203,11 +191,11 @@ def _topk_rows_torch(z, ids, lt, g):
     ps, pt = ls.exp(), lt.exp()
     out = (ps * (ls - lt) - ps + pt).sum(1)
     if g is None:
-        return (out,), None
+        return out, None
     # d out / d log p_s(v) = p_s(v) (ls - lt) =: c_v on K; through log-softmax: dz_j = c_j - p_j sum_v c_v
     c = ps * (ls - lt) * g[:, None]
     dz = z.exp_().mul_(-c.sum(1, keepdim=True)).scatter_add_(1, ids, c)
-    return (out,), dz
+    return out, dz
 
 # -----------------------------------------------------------------------------
 # Per-row math, Triton (CUDA; or CPU under TRITON_INTERPRET=1). One program per token row,
@@ -217,46 +205,29 @@ def _topk_rows_torch(z, ids, lt, g):
 
 if HAS_TRITON:
     @triton.jit
-    def _logprob_rows_kernel(Z, stride_z, Y, G_LP, G_ENT, LP, ENT, V,
-                             BLOCK: tl.constexpr, ENTROPY: tl.constexpr,
-                             GRAD_LP: tl.constexpr, GRAD_ENT: tl.constexpr):
+    def _logprob_rows_kernel(Z, stride_z, Y, G, LP, V, BLOCK: tl.constexpr, GRAD: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         z_row = Z + row * stride_z
         m = float("-inf")  # running max
         d = 0.0            # running sum exp(z - m)
-        s = 0.0            # running sum exp(z - m) * z   (entropy = lse - s / d)
         for start in range(0, V, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             inb = offs < V
             z = tl.load(z_row + offs, mask=inb, other=0.0)
             m_new = tl.maximum(m, tl.max(tl.where(inb, z, float("-inf")), axis=0))
-            scale = tl.exp(m - m_new)
             e = tl.where(inb, tl.exp(z - m_new), 0.0)  # lanes past the end of the vocab add nothing
-            d = d * scale + tl.sum(e, axis=0)
-            if ENTROPY:
-                s = s * scale + tl.sum(e * z, axis=0)
+            d = d * tl.exp(m - m_new) + tl.sum(e, axis=0)
             m = m_new
         lse = m + tl.log(d)
         y = tl.load(Y + row)
         tl.store(LP + row, tl.load(z_row + y) - lse)
-        ent = 0.0
-        if ENTROPY:
-            ent = lse - s / d
-            tl.store(ENT + row, ent)
-        if GRAD_LP or GRAD_ENT:
-            g_lp = 0.0
-            g_ent = 0.0
-            if GRAD_LP:
-                g_lp = tl.load(G_LP + row)
-            if GRAD_ENT:
-                g_ent = tl.load(G_ENT + row)
+        if GRAD:
+            g = tl.load(G + row)
             for start in range(0, V, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 inb = offs < V
-                logp = tl.load(z_row + offs, mask=inb, other=0.0) - lse
-                p = tl.exp(logp)
-                # g_lp (1[j = y] - p_j) - g_ent p_j (log p_j + ent)
-                dz = tl.where(offs == y, g_lp, 0.0) - g_lp * p - g_ent * p * (logp + ent)
+                p = tl.exp(tl.load(z_row + offs, mask=inb, other=0.0) - lse)
+                dz = tl.where(offs == y, g, 0.0) - g * p  # g (1[j = y] - p_j)
                 tl.store(z_row + offs, dz, mask=inb)
 
     @triton.jit
@@ -340,19 +311,15 @@ def _block(V):
     return min(4096, triton.next_power_of_2(V))
 
 
-def _logprob_rows_triton(z, y, g_lp, g_ent, want_entropy):
+def _logprob_rows_triton(z, y, g):
     C, V = z.shape
     lp = torch.empty(C, dtype=torch.float32, device=z.device)
-    ent = torch.empty_like(lp) if want_entropy else lp
     # the kernel reads row r of y and g at base + r: make them dense (a grad_output may be an
-    # expanded, stride-0 tensor). Unused pointers get `lp`; the constexpr flags keep them unread.
+    # expanded, stride-0 tensor). Without g the pointer gets `lp`; GRAD=False keeps it unread.
     y = y.contiguous()
-    g_lp_ = lp if g_lp is None else g_lp.contiguous()
-    g_ent_ = lp if g_ent is None else g_ent.contiguous()
-    _logprob_rows_kernel[(C,)](z, z.stride(0), y, g_lp_, g_ent_, lp, ent, V, BLOCK=_block(V),
-                               ENTROPY=want_entropy, GRAD_LP=g_lp is not None, GRAD_ENT=g_ent is not None)
-    grad = g_lp is not None or g_ent is not None
-    return ((lp, ent) if want_entropy else (lp,)), (z if grad else None)
+    g_ = lp if g is None else g.contiguous()
+    _logprob_rows_kernel[(C,)](z, z.stride(0), y, g_, lp, V, BLOCK=_block(V), GRAD=g is not None)
+    return lp, (z if g is not None else None)
 
 
 def _kl_rows_triton(zs, zt, kind, beta, g):
@@ -364,19 +331,19 @@ def _kl_rows_triton(zs, zt, kind, beta, g):
     g_ = out if g is None else g.contiguous()
     _kl_rows_kernel[(C,)](zs, zt, zs.stride(0), zt.stride(0), g_, out, V, beta, log_beta, log_1m_beta,
                           KIND=kind_id, BLOCK=_block(V), GRAD=g is not None)
-    return (out,), (zs if g is not None else None)
+    return out, (zs if g is not None else None)
 
 # -----------------------------------------------------------------------------
 # The loop every function shares, and its autograd.Function
 
-def _fused_linear(hidden, weight, temperature, rows, chunk_size, grads=None,
+def _fused_linear(hidden, weight, temperature, rows, chunk_size, g=None,
                   need_grad_hidden=False, need_grad_weight=False):
     """For each chunk c of tokens (hidden: [N, H] valid tokens, weight: [V, H]):
          z             = hidden[c] @ weight^T / T              [C, V], fp32
-         outs, dz      = rows(z, c, g[c])                        dz = d(sum_k g_k out_k)/dz
+         out[c], dz    = rows(z, c, g[c])                        dz = d(sum_n g_n out_n)/dz
          grad_hidden[c] = dz @ weight / T                        [C, H]
          grad_weight  += dz^T @ hidden[c] / T                    [V, H]
-    grads: one per-token weight vector (or None) per output of `rows`; None = values only."""
+    g: the per-token weights [N] of the output (its grad_output); None = values only."""
     N, H = hidden.shape
     acc = _acc_dtype(hidden)
     w = weight.to(acc)  # a weight-sized copy only for bf16 weights
@@ -387,8 +354,7 @@ def _fused_linear(hidden, weight, temperature, rows, chunk_size, grads=None,
         c = slice(start, min(start + chunk_size, N))
         h = hidden[c].to(acc) / temperature  # scaling h (C x H) is cheaper than scaling z (C x V)
         z = h @ w.t()
-        g = None if grads is None else [None if x is None else x[c] for x in grads]
-        out, dz = rows(z, c, g)
+        out, dz = rows(z, c, None if g is None else g[c])
         outs.append(out)
         if dz is not None:
             if need_grad_hidden:
@@ -398,8 +364,8 @@ def _fused_linear(hidden, weight, temperature, rows, chunk_size, grads=None,
         del z, dz  # free this chunk's logits before the next chunk's are made
     if grad_h is not None:
         grad_h /= temperature
-    outs = [None if o[0] is None else torch.cat(o) for o in zip(*outs)] if outs else None
-    return outs, grad_h, grad_w
+    out = torch.cat(outs) if outs else hidden.new_zeros(0, dtype=acc)  # no tokens at all: empty
+    return out, grad_h, grad_w
 
 
 def _is_uniform(g):
@@ -407,66 +373,54 @@ def _is_uniform(g):
 
 
 class _FusedLinearFunction(torch.autograd.Function):
-    """(hidden [N, H], weight [V, H]) -> the per-token outputs of `rows`, see _fused_linear.
-    Forward computes the gradients for a unit grad_output on output 0; backward scales them,
-    or recomputes what a general grad_output needs (see the module docstring for the costs)."""
+    """(hidden [N, H], weight [V, H]) -> the per-token output of `rows`, see _fused_linear.
+    Forward computes the gradients for a unit grad_output; backward scales them, or
+    recomputes what a general grad_output needs (see the module docstring for the costs)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, temperature, rows, n_out, chunk_size, precompute_grads):
-        ctx.set_materialize_grads(False)  # outputs nobody differentiates arrive as None
+    def forward(ctx, hidden, weight, temperature, rows, chunk_size, precompute_grads):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         unit = None  # precompute_grads=False: values only now, backward recomputes everything
         if precompute_grads:
-            unit = [torch.ones(hidden.shape[0], dtype=_acc_dtype(hidden), device=hidden.device)]
-            unit += [None] * (n_out - 1)
-        outs, ctx.grad_h, ctx.grad_w = _fused_linear(hidden, weight, temperature, rows, chunk_size,
-                                                     unit, need_h and precompute_grads,
-                                                     need_w and precompute_grads)
+            unit = torch.ones(hidden.shape[0], dtype=_acc_dtype(hidden), device=hidden.device)
+        out, ctx.grad_h, ctx.grad_w = _fused_linear(hidden, weight, temperature, rows, chunk_size,
+                                                    unit, need_h and precompute_grads,
+                                                    need_w and precompute_grads)
         ctx.save_for_backward(hidden, weight)
         ctx.temperature, ctx.rows, ctx.chunk_size = temperature, rows, chunk_size
-        if outs is None:  # no tokens at all
-            outs = [hidden.new_zeros(0, dtype=_acc_dtype(hidden))] * n_out
-        return tuple(outs)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
+    def backward(ctx, g):
         hidden, weight = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if all(g is None for g in grads):
-            return None, None, None, None, None, None, None
-        g0, only_first = grads[0], grads[0] is not None and all(g is None for g in grads[1:])
         grad_h = grad_w = None
-        # stored per-token grad_hidden: exact for any grad_output of output 0, token by token.
+        # stored per-token grad_hidden: exact for any grad_output, token by token.
         # Out of place ([N, H] is small), so a graph kept with retain_graph can use it again.
-        if need_h and only_first and ctx.grad_h is not None:
-            grad_h = ctx.grad_h * g0[:, None]
+        if need_h and ctx.grad_h is not None:
+            grad_h = ctx.grad_h * g[:, None]
         # stored grad_weight is a sum over tokens: exact only for one grad_output for all tokens.
         # It is weight-sized, so it is scaled in place and handed out once.
-        if need_w and only_first and ctx.grad_w is not None and _is_uniform(g0):
-            grad_w = ctx.grad_w.mul_(g0[0] if g0.numel() else 0.0)
+        if need_w and ctx.grad_w is not None and _is_uniform(g):
+            grad_w = ctx.grad_w.mul_(g[0] if g.numel() else 0.0)
         ctx.grad_w = None
         redo_h, redo_w = need_h and grad_h is None, need_w and grad_w is None
         if redo_h or redo_w:  # general grad_output: recompute, chunk by chunk, with the true g
-            grads = [None if g is None else g.to(_acc_dtype(hidden)) for g in grads]
             _, gh, gw = _fused_linear(hidden, weight, ctx.temperature, ctx.rows, ctx.chunk_size,
-                                      grads, redo_h, redo_w)
+                                      g.to(_acc_dtype(hidden)), redo_h, redo_w)
             grad_h = gh if redo_h else grad_h
             grad_w = gw if redo_w else grad_w
         grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
-def _run(hidden, weight, temperature, rows, n_out, chunk_size, precompute_grads):
+def _run(hidden, weight, temperature, rows, chunk_size, precompute_grads):
     """Values (and, when autograd needs them, gradients) of `rows` over all valid tokens."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedLinearFunction.apply(hidden, weight, temperature, rows, n_out, chunk_size,
-                                          precompute_grads)
-    outs, _, _ = _fused_linear(hidden, weight, temperature, rows, chunk_size)
-    if outs is None:
-        outs = [hidden.new_zeros(0, dtype=_acc_dtype(hidden))] * n_out
-    return tuple(outs)
+        return _FusedLinearFunction.apply(hidden, weight, temperature, rows, chunk_size, precompute_grads)
+    return _fused_linear(hidden, weight, temperature, rows, chunk_size)[0]
 
 
 def _check(hidden, weight, temperature):
@@ -478,13 +432,12 @@ def _check(hidden, weight, temperature):
 # -----------------------------------------------------------------------------
 # Public API
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, mask=None, return_entropy=False,
-                   chunk_size=None, mem_budget_bytes=DEFAULT_MEM_BUDGET, backend="auto",
-                   precompute_grads=True):
+def token_logprobs(hidden, weight, targets, temperature=1.0, mask=None, chunk_size=None,
+                   mem_budget_bytes=DEFAULT_MEM_BUDGET, backend="auto", precompute_grads=True):
     """log p(targets) per token, p = softmax(hidden @ weight.T / temperature) over the full vocab.
 
     hidden [..., H] (fp32/bf16), weight [V, H], targets [...] (int), mask [...] (bool) or None.
-    Returns fp32 [...] log-probs (and the entropy [...] if return_entropy); masked tokens give 0.
+    Returns fp32 [...] log-probs; masked tokens give 0.
     Differentiable w.r.t. hidden and weight. backend: "auto" (Triton on CUDA), "torch", "triton".
     chunk_size: tokens per chunk; None = as many as mem_budget_bytes allows ([chunk x V] fp32).
     precompute_grads: True suits losses that weight every token alike (out.mean()); for the PG
@@ -495,24 +448,18 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, mask=None, return_e
     lead, h, idx = _flatten(hidden, mask)
     y = _per_token(targets, lead, idx).long()
     V = weight.shape[0]
-    # live [chunk x V] buffers: the logits only (+ p and p * log p for the entropy)
-    chunk = chunk_size or auto_chunk_size(V, 3 if return_entropy else 1, mem_budget_bytes)
-    use_triton = _use_triton(backend, hidden)
-    row_fn = _logprob_rows_triton if use_triton else _logprob_rows_torch
+    chunk = chunk_size or auto_chunk_size(V, 1, mem_budget_bytes)  # the logits
+    row_fn = _logprob_rows_triton if _use_triton(backend, hidden) else _logprob_rows_torch
 
     def rows(z, c, g):
-        g_lp, g_ent = (None, None) if g is None else (g + [None])[:2]
-        return row_fn(z, y[c], g_lp, g_ent, return_entropy)
+        return row_fn(z, y[c], g)
 
-    outs = _run(h, weight, temperature, rows, 2 if return_entropy else 1, chunk, precompute_grads)
-    outs = [_unflatten(o, lead, idx) for o in outs]
-    return (outs[0], outs[1]) if return_entropy else outs[0]
+    return _unflatten(_run(h, weight, temperature, rows, chunk, precompute_grads), lead, idx)
 
 
-def kl(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
-       teacher_logits=None, teacher_logprobs=None, kind="reverse", beta=0.5, temperature=1.0,
-       mask=None, chunk_size=None, mem_budget_bytes=DEFAULT_MEM_BUDGET, backend="auto",
-       precompute_grads=True):
+def kl(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind="reverse", beta=0.5,
+       temperature=1.0, mask=None, chunk_size=None, mem_budget_bytes=DEFAULT_MEM_BUDGET,
+       backend="auto", precompute_grads=True):
     """Exact per-token divergence between the student's and the teacher's full-vocab distributions.
 
     kind="reverse": KL(student || teacher) = sum_v p_s (log p_s - log p_t)   (MOPD's direction)
@@ -521,10 +468,8 @@ def kl(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
                     JSD = beta KL(t || m) + (1-beta) KL(s || m) for 0 < beta < 1; beta=0 is
                     exactly forward KL and beta=1 exactly reverse KL (the mixture formula itself
                     goes to 0 at both ends, so the ends are defined as the two KLs).
-    The teacher comes as teacher_hidden [..., H_t] + teacher_weight [V, H_t] (never
-    materialised), or as teacher_logits [..., V] (divided by temperature like the student's), or
-    as teacher_logprobs [..., V] (used as given: already the teacher's final distribution).
-    Teacher inputs are constants: gradients flow to student_hidden / student_weight only.
+    The teacher comes as teacher_hidden [..., H_t] + teacher_weight [V, H_t], its logits never
+    materialised either. Teacher inputs are constants: gradients flow to the student only.
     Returns fp32 [...]; masked tokens give 0. chunk_size, mem_budget_bytes, backend and
     precompute_grads are as in token_logprobs (False suits per-sequence means, see the top).
     """
@@ -535,40 +480,22 @@ def kl(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         kind = {0.0: "forward", 1.0: "reverse"}.get(float(beta), "jsd")
-    if sum(x is not None for x in (teacher_hidden, teacher_logits, teacher_logprobs)) != 1:
-        raise ValueError("give exactly one of teacher_hidden (+ teacher_weight), teacher_logits, teacher_logprobs")
     V = student_weight.shape[0]
     lead, h, idx = _flatten(student_hidden, mask)
+    if teacher_weight.shape[0] != V or teacher_hidden.shape[:-1] != lead:
+        raise ValueError("teacher_hidden/teacher_weight must match the student's tokens and vocabulary "
+                         "(teacher and student must share the tokenizer)")
     acc = _acc_dtype(student_hidden)
-    if teacher_hidden is not None:
-        if teacher_weight is None or teacher_weight.shape[0] != V or teacher_hidden.shape[:-1] != lead:
-            raise ValueError("teacher_hidden/teacher_weight must match the student's tokens and vocabulary "
-                             "(teacher and student must share the tokenizer)")
-        th = _per_token(teacher_hidden.detach(), lead, idx)
-        tw = teacher_weight.detach().to(acc)
-
-        def teacher_rows(c):
-            return (th[c].to(acc) / temperature) @ tw.t()
-    else:
-        given = (teacher_logits if teacher_logits is not None else teacher_logprobs).detach()
-        if given.shape != (*lead, V):
-            raise ValueError(f"teacher logits/logprobs must be {(*lead, V)}, got {tuple(given.shape)}")
-        flat = given.reshape(-1, V)
-        div = temperature if teacher_logits is not None else 1.0
-
-        def teacher_rows(c):
-            rows_ = flat[c] if idx is None else flat[idx[c]]
-            return rows_.to(acc) / div  # always a fresh tensor: the row math overwrites it
-
+    th = _per_token(teacher_hidden.detach(), lead, idx)
+    tw = teacher_weight.detach().to(acc)
     # live [chunk x V] buffers: both logits, plus p_t (forward), plus log m (jsd)
     chunk = chunk_size or auto_chunk_size(V, {"reverse": 2, "forward": 3, "jsd": 4}[kind], mem_budget_bytes)
     row_fn = _kl_rows_triton if _use_triton(backend, student_hidden) else _kl_rows_torch
 
     def rows(z, c, g):
-        return row_fn(z, teacher_rows(c), kind, beta, None if g is None else g[0])
+        return row_fn(z, (th[c].to(acc) / temperature) @ tw.t(), kind, beta, g)  # the teacher's logits
 
-    (out,) = _run(h, student_weight, temperature, rows, 1, chunk, precompute_grads)
-    return _unflatten(out, lead, idx)
+    return _unflatten(_run(h, student_weight, temperature, rows, chunk, precompute_grads), lead, idx)
 
 
 @torch.no_grad()
@@ -613,10 +540,9 @@ def topk_kl(student_hidden, student_weight, topk_ids, teacher_topk_logprobs, tem
     chunk = chunk_size or auto_chunk_size(V, 1, mem_budget_bytes)  # the logits
 
     def rows(z, c, g):
-        return _topk_rows_torch(z, ids[c], lt[c], None if g is None else g[0])
+        return _topk_rows_torch(z, ids[c], lt[c], g)
 
-    (out,) = _run(h, student_weight, temperature, rows, 1, chunk, precompute_grads)
-    return _unflatten(out, lead, idx)
+    return _unflatten(_run(h, student_weight, temperature, rows, chunk, precompute_grads), lead, idx)
 
 # -----------------------------------------------------------------------------
 # References: materialise the logits, write the math as plainly as possible. Used by the tests
@@ -631,13 +557,10 @@ def _ref_masked(x, mask):
     return x if mask is None else torch.where(mask, x, torch.zeros_like(x))
 
 
-def token_logprobs_ref(hidden, weight, targets, temperature=1.0, mask=None, return_entropy=False):
+def token_logprobs_ref(hidden, weight, targets, temperature=1.0, mask=None):
     logp = F.log_softmax(_ref_logits(hidden, weight, temperature), dim=-1)
     lp = logp.gather(-1, targets.long().clamp_min(0)[..., None]).squeeze(-1)
-    if not return_entropy:
-        return _ref_masked(lp, mask)
-    ent = -(logp.exp() * logp).sum(-1)
-    return _ref_masked(lp, mask), _ref_masked(ent, mask)
+    return _ref_masked(lp, mask)
 
 
 def kl_from_logprobs_ref(ls, lt, kind="reverse", beta=0.5):
@@ -654,16 +577,10 @@ def kl_from_logprobs_ref(ls, lt, kind="reverse", beta=0.5):
     return beta * (lt.exp() * (lt - logm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - logm)).sum(-1)
 
 
-def kl_ref(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
-           teacher_logits=None, teacher_logprobs=None, kind="reverse", beta=0.5, temperature=1.0,
-           mask=None):
+def kl_ref(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind="reverse", beta=0.5,
+           temperature=1.0, mask=None):
     zs = _ref_logits(student_hidden, student_weight, temperature)
-    if teacher_hidden is not None:
-        zt = _ref_logits(teacher_hidden, teacher_weight, temperature).detach()
-    elif teacher_logits is not None:
-        zt = teacher_logits.detach().to(zs.dtype) / temperature
-    else:
-        zt = teacher_logprobs.detach().to(zs.dtype)
+    zt = _ref_logits(teacher_hidden, teacher_weight, temperature).detach()
     out = kl_from_logprobs_ref(F.log_softmax(zs, -1), F.log_softmax(zt, -1), kind, beta)
     return _ref_masked(out, mask)
 

@@ -9,14 +9,37 @@ The parameter-merging baselines: combine teachers without any training.
     python merge.py --mode=task_arithmetic --lambdas=0.3,0.5,0.7,1.0 --base=... --teacher=... --out=...
 """
 
-import argparse
+import os
 import random
+from dataclasses import dataclass
 
 import torch
 
+from checkpoint import load_tokenizer, refuse_source
+from config import cli, parse_config
 from model import Transformer
 from tasks import Domain, get_domains
-from teachers import parse_registry
+from teachers import parse_registry, validate
+
+
+@dataclass
+class Config:
+    mode: str = ""                 # average | task_arithmetic
+    base: str = ""                 # S0, the checkpoint every teacher started from
+    teacher: str = ""              # DOMAIN=DIR,... or a JSON file {"rev": "DIR", ...}
+    out: str = ""                  # the merged checkpoint (an HF directory, with the base's tokenizer)
+    # task arithmetic: lambda chosen on a validation split of fresh training prompts
+    lambdas: str = "0.2,0.4,0.6,0.8,1.0"  # the candidates
+    val_n: int = 200               # validation prompts per domain
+    max_new_tokens: int = 12
+    data_dir: str = ""             # where relative JSONL paths of real domains live
+
+
+# refused as soon as the command line is read, before anything loads (config.check)
+LIMITS = {"required": "mode base teacher out lambdas",
+          "one of average task_arithmetic": "mode",
+          "numbers": "lambdas",
+          ">= 1": "val_n max_new_tokens"}
 
 
 def average(models):
@@ -42,36 +65,36 @@ def validation_domains(domains, n=200, seed=12345):
 
 
 def main(argv=None):
-    from transformers import AutoTokenizer
-
-    from train_utils import evaluate
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=["average", "task_arithmetic"], required=True)
-    ap.add_argument("--base", required=True, help="S0, the checkpoint every teacher started from")
-    ap.add_argument("--teacher", required=True, help="DOMAIN=DIR,... or a JSON file")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--lambdas", default="0.2,0.4,0.6,0.8,1.0", help="task arithmetic: candidates")
-    ap.add_argument("--val_n", type=int, default=200, help="validation prompts per domain")
-    ap.add_argument("--max_new_tokens", type=int, default=12)
-    ap.add_argument("--data_dir", default=None)
-    args = ap.parse_args(argv)
-    reg = parse_registry(args.teacher)
-    base = Transformer.from_pretrained(args.base, dtype=torch.float32)
+    from train_utils import evaluate, prompt_fits
+    cfg = parse_config(Config, argv, limits=LIMITS)
+    try:
+        reg = parse_registry(cfg.teacher)
+    except ValueError as e:
+        raise ValueError(f"--teacher={cfg.teacher}: {e}") from None
+    for d, path in reg.items():
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--teacher={d}={path}: no such checkpoint directory")
+    # --out must not be a checkpoint this merge reads: the save would replace it
+    refuse_source(cfg.out, "--out", {"--base": cfg.base, **{f"--teacher={d}": path for d, path in reg.items()}})
+    tok = load_tokenizer(cfg.base, "--base")  # before any model loads; the merged checkpoint gets it
+    base = Transformer.from_pretrained(cfg.base, dtype=torch.float32)
+    for d, path in reg.items():  # whole files, the base's tokenizer: else the average is of unrelated tokens
+        validate(tok, base, path, d)
     teachers = [Transformer.from_pretrained(reg[d], dtype=torch.float32) for d in reg]
     shapes = {k: v.shape for k, v in base.state_dict().items()}
     for d, t in zip(reg, teachers):  # merging needs same-origin teachers: identical parameter shapes
         if {k: v.shape for k, v in t.state_dict().items()} != shapes:
-            raise SystemExit(f"error: teacher {d!r} ({reg[d]}) has other parameters than the base {args.base}")
-    merged = Transformer.from_pretrained(args.base, dtype=torch.float32)
-    if args.mode == "average":
+            raise ValueError(f"--teacher={d}={reg[d]}: other parameters than the base {cfg.base}")
+    merged = Transformer.from_pretrained(cfg.base, dtype=torch.float32)
+    if cfg.mode == "average":
         merged.load_state_dict(average(teachers))
     else:
-        tok = AutoTokenizer.from_pretrained(args.base)
-        val = validation_domains(get_domains(list(reg), args.data_dir), args.val_n)
+        val = validation_domains(get_domains(list(reg), cfg.data_dir or None, fits=prompt_fits(tok, base, cfg)),
+                                 cfg.val_n)
         best = None
-        for lam in [float(x) for x in args.lambdas.split(",")]:
+        for lam in [float(x) for x in cfg.lambdas.split(",")]:
             merged.load_state_dict(task_arithmetic(base, teachers, lam))
-            acc = evaluate(merged, tok, val, args.max_new_tokens)
+            acc = evaluate(merged, tok, val, cfg.max_new_tokens)
             score = sum(acc.values()) / len(acc)
             print(f"lambda={lam}: validation " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()) + f" mean={score:.3f}")
             if best is None or score > best[0]:
@@ -79,9 +102,9 @@ def main(argv=None):
         print(f"chosen lambda={best[1]}")
         merged.load_state_dict(task_arithmetic(base, teachers, best[1]))
         merged.config.extra["merge_lambda"] = best[1]
-    merged.save_pretrained(args.out, tokenizer_dir=args.base)
-    print(f"saved {args.out}")
+    merged.save_pretrained(cfg.out, tokenizer_dir=cfg.base)
+    print(f"saved {cfg.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,6 +1,7 @@
 """
-The transformer: Qwen3 (dense), Qwen3-MoE and Llama, written out by hand, loading and
-saving ordinary Hugging Face checkpoint directories.
+The transformer: Qwen3 (dense), Qwen3-MoE and Llama, written out by hand, with the names
+and layout of ordinary Hugging Face checkpoints (reading and writing their files is
+checkpoint.py's job; this file does no IO beyond ModelConfig.from_hf reading a config.json).
 
 What is in this file, top to bottom:
 - ModelConfig: one dataclass, built from an HF `config.json` (ModelConfig.from_hf).
@@ -11,7 +12,8 @@ What is in this file, top to bottom:
   "one shared position counter" bug of left-padded decoding cannot happen).
 - Transformer: forward() returns logits or the final hidden states (kernels.py wants the
   hidden states plus `lm_head_weight`, never [tokens x vocab] logits);
-  from_pretrained() / save_pretrained() read and write HF safetensors directories;
+  from_pretrained() / load_hf_weights() / save_pretrained() read and write HF safetensors
+  directories through checkpoint.py (_hf_layout() is the name mapping they use);
   inference_weights(): what generate() runs under on a CPU, a per-call snapshot of the
   blocks' weights with q/k/v and gate/up fused and transposed (faster small GEMMs).
   Sharded (FSDP2) models: from_pretrained(shard_fn=...) has each rank read only its own
@@ -25,15 +27,15 @@ theirs to float rounding; tests/test_model.py checks that for all three families
 import json
 import math
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+import checkpoint
+from checkpoint import TOKENIZER_FILES, VOCAB_FILES, load_tokenizer  # noqa: F401  (re-exported: callers import them from here)
 
 try:  # optional: used only for the no-cache causal case on CUDA
     from flash_attn import flash_attn_func
@@ -43,9 +45,6 @@ except ImportError:
 SUPPORTED_ARCHS = {"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
                    "LlamaForCausalLM": "llama"}
 SUPPORTED_ROPE = ("default", "linear", "llama3")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                   "chat_template.jinja", "generation_config.json")
 
 # -----------------------------------------------------------------------------
 # Config
@@ -90,7 +89,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, src):
-        """Build from an HF config: a dict, a config.json path, or a checkpoint directory."""
+        """Build from an HF config: a dict, a config.json path, or a checkpoint directory.
+        What it cannot build is a ValueError naming the config.json it read."""
+        where = ""
         if not isinstance(src, dict):
             path = os.path.join(src, "config.json") if os.path.isdir(src) else src
             if not os.path.exists(path):
@@ -100,23 +101,24 @@ class ModelConfig:
                     src = json.load(f)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+            where = f"{path}: "
         d = dict(src)
         archs = d.get("architectures") or []
         if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHS:
-            raise ValueError(f"unsupported architectures={archs!r}; supported: {sorted(SUPPORTED_ARCHS)}")
+            raise ValueError(f"{where}unsupported architectures={archs!r}; supported: {sorted(SUPPORTED_ARCHS)}")
         arch = SUPPORTED_ARCHS[archs[0]]
         # transformers 5 keeps RoPE settings in rope_parameters; 4.x in rope_theta + rope_scaling
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE:
-            raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {SUPPORTED_ROPE}")
+            raise ValueError(f"{where}unsupported rope_scaling type {rope_type!r}; supported: {SUPPORTED_ROPE}")
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         if d.get("use_sliding_window"):
-            raise ValueError("unsupported: use_sliding_window=true (sliding-window attention)")
+            raise ValueError(f"{where}unsupported: use_sliding_window=true (sliding-window attention)")
         if d.get("mlp_bias"):
-            raise ValueError("unsupported: mlp_bias=true")
+            raise ValueError(f"{where}unsupported: mlp_bias=true")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act={d['hidden_act']!r}; only silu (SwiGLU)")
+            raise ValueError(f"{where}unsupported hidden_act={d['hidden_act']!r}; only silu (SwiGLU)")
         n_heads = d["num_attention_heads"]
         cfg = cls(
             arch=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
@@ -581,190 +583,19 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", shard_fn=None):
-        """
-        Load an HF directory (config.json + model.safetensors, or a sharded
-        model.safetensors.index.json). Built on the meta device first, so no memory is
-        spent on a random init; each tensor is then read straight from its shard.
-
-        shard_fn (e.g. functools.partial(distributed.shard, mp_policy=None)) shards the model
-        before any weight exists: FSDP2 shards the meta parameters without allocating,
-        to_empty() allocates only this rank's shards on `device`, and each rank reads only
-        its own slices of the files, so no rank ever holds a whole parameter (a 30B model
-        loads in 1/world of its size per rank). Every rank must call it.
-        """
-        cfg = ModelConfig.from_hf(path)
-        with torch.device("meta"):
-            model = cls(cfg)
-        if dtype is None:
-            dtype = getattr(torch, str(cfg.extra.get("torch_dtype") or cfg.extra.get("dtype") or "float32").replace("torch.", ""))
-        if shard_fn is not None:  # shards keep the dtype their parameters had when sharded
-            model = shard_fn(model.to(dtype))
-            model.to_empty(device=device)
-        model.load_hf_weights(path, dtype=dtype, device=device)
-        model.source_dir = os.path.abspath(path)
-        return model.eval()
+        """Load an HF directory (checkpoint.load_pretrained: built on the meta device, each tensor
+        read straight from its file; with shard_fn each rank reads only its own slices)."""
+        return checkpoint.load_pretrained(cls, path, dtype=dtype, device=device, shard_fn=shard_fn)
 
     def load_hf_weights(self, path, dtype=torch.float32, device="cpu", only=None):
-        """
-        Read every parameter of this model (or those named in `only`) from the HF directory
-        `path` and assign it (works on a meta-device model). Errors name the file and tensor.
-        Sharded parameters (DTensors, allocated by to_empty) are filled in place instead, in
-        their own dtype and device: each rank reads only its slice of each tensor (for stacked
-        MoE weights, only its experts' tensors).
-        """
-        from safetensors import safe_open
-        files = _weight_files(path)  # hf key -> file
-        handles = {}
-
-        def read(key, shape, index=None):
-            """Tensor `key`, checked to have `shape`; only its part `index` (slices) if given."""
-            if key not in files:
-                raise KeyError(f"{path}: missing tensor {key!r} in checkpoint")
-            fname = files[key]
-            full = os.path.join(path, fname)
-            if fname not in handles:
-                if not os.path.exists(full):
-                    raise FileNotFoundError(f"{full}: shard listed in the index is missing (needed for {key!r})")
-                try:
-                    handles[fname] = safe_open(full, framework="pt", device="cpu")
-                except Exception as e:
-                    raise ValueError(f"{full}: unreadable or truncated safetensors file ({e})") from None
-            try:
-                part = handles[fname].get_slice(key)  # reads only the header
-                got = tuple(part.get_shape())
-                if got == tuple(shape):
-                    return part[index] if index is not None else handles[fname].get_tensor(key)
-            except Exception as e:
-                raise ValueError(f"{full}: cannot read tensor {key!r} ({e})") from None
-            raise ValueError(f"{path}/{fname}: tensor {key!r} has shape {got}, model expects {tuple(shape)}")
-
-        sd = {}
-        for name, p, keys in self._hf_layout(keep_vars=True):
-            if only is not None and name not in only:
-                continue
-            stacked = keys[0][1] is not None  # MoE experts: [E, ...] from E tensors of shape [...]
-            if _is_shard(p):
-                try:
-                    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-                except ImportError:  # torch 2.4
-                    from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
-                local = p.to_local()
-                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-                if tuple(shape) != tuple(local.shape):  # would silently read the wrong rows
-                    raise RuntimeError(f"{name}: local shard {tuple(local.shape)}, expected {tuple(shape)}")
-                index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
-                with torch.no_grad():
-                    if stacked:
-                        for j, (hf, _) in enumerate(keys[index[0]]):
-                            local[j].copy_(read(hf, p.shape[1:], index[1:]))
-                    else:
-                        local.copy_(read(keys[0][0], p.shape, index))
-                continue
-            parts = [read(hf, p.shape[1:] if stacked else p.shape) for hf, _ in keys]
-            sd[name] = (torch.stack(parts) if stacked else parts[0]).to(device=device, dtype=dtype)
-        if sd:
-            self.load_state_dict(sd, strict=only is None and not self.config.tie_word_embeddings, assign=True)
-        if self.config.tie_word_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
-            self.lm_head.weight = self.embed_tokens.weight  # assign=True replaced the shared one
-        self._inv_freq = rope_inv_freq(self.config)  # built on meta; to_empty leaves it there
-        return self
+        """Fill this model's parameters (or those named in `only`) from an HF directory
+        (checkpoint.load_hf_weights; works on a meta-device or sharded model)."""
+        return checkpoint.load_hf_weights(self, path, dtype=dtype, device=device, only=only)
 
     def save_pretrained(self, path, tokenizer_dir=None, max_shard_bytes=5 * 2**30):
-        """
-        Write an HF directory that transformers.AutoModelForCausalLM loads. Atomic: written
-        under a temporary name beside `path`, then renamed, so a crash never leaves a
-        half-written checkpoint under the final name. Tokenizer files are copied from
-        `tokenizer_dir` (default: the directory this model was loaded from).
-
-        On a sharded model this is a collective: every rank calls it. Which parameter goes
-        to which file is planned from shapes alone (so all ranks agree), then each file is
-        gathered parameter by parameter (full_tensor(), the same order on every rank), written
-        by rank 0 and freed: rank 0 holds at most about one file plus one parameter. Only rank
-        0 writes; every rank returns once the directory is in place. (Should rank 0 fail to
-        write, the others fail at their next collective, after the process group's timeout.)
-        """
-        from safetensors.torch import save_file
-        path = os.path.abspath(path)
-        layout = self._hf_layout(keep_vars=True)  # sharded: FSDP's state_dict hook reshards first
-        sharded = any(_is_shard(t) for _, t, _ in layout)
-        writer = not sharded or dist.get_rank() == 0
-        files, size, total = [[]], 0, 0  # the entries of `layout` per file; a parameter is never split
-        for entry in layout:
-            n = entry[1].numel() * entry[1].dtype.itemsize
-            if files[-1] and size + n > max_shard_bytes:
-                files.append([])
-                size = 0
-            files[-1].append(entry)
-            size, total = size + n, total + n
-        names = (["model.safetensors"] if len(files) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
-        tmp = None
-        try:
-            if writer:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
-                hf = self.config.to_hf()
-                hf.pop("torch_dtype", None)
-                hf["dtype"] = str(layout[0][1].dtype).replace("torch.", "")
-                with open(os.path.join(tmp, "config.json"), "w") as f:
-                    json.dump(hf, f, indent=2)
-            weight_map = {}
-            for fname, entries in zip(names, files):
-                shard = {}
-                for _, t, keys in entries:
-                    with torch.no_grad():
-                        t = _full_tensor(t.detach()) if _is_shard(t) else t.detach()
-                    if writer:
-                        t = t.contiguous().cpu()
-                        shard.update((hf, t if e is None else t[e]) for hf, e in keys)
-                if writer:
-                    save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                    weight_map.update(dict.fromkeys(shard, fname))
-            if writer:
-                if len(files) > 1:
-                    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-                src = tokenizer_dir or self.source_dir
-                if src and os.path.isdir(src):
-                    for name in TOKENIZER_FILES:
-                        if os.path.exists(os.path.join(src, name)):
-                            shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-                replace_dir(tmp, path)
-        except BaseException:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if sharded:
-            dist.barrier()  # so that on every rank the directory exists on return
-        return path
-
-
-def _is_shard(t):
-    """Whether t is a DTensor (an FSDP2 shard). Duck-typed, like distributed.py: importing
-    torch.distributed.tensor would add ~1 s to every process that imports this file."""
-    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
-
-
-def _full_tensor(t):
-    """The whole of a sharded tensor, on every rank (a collective). A CPU-offloaded shard
-    (CPUOffloadPolicy) goes through its mesh's device: NCCL only gathers GPU tensors."""
-    local = t.to_local()
-    if local.device.type != t.device_mesh.device_type:
-        t = type(t).from_local(local.to(t.device_mesh.device_type), t.device_mesh, t.placements,
-                               shape=t.shape, stride=t.stride())
-    return t.full_tensor()
-
-
-def replace_dir(tmp, path):
-    """Move directory `tmp` to `path`, replacing any old one; the old one is removed last."""
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))
-        os.rmdir(old)
-        os.rename(path, old)
-    os.rename(tmp, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+        """Write an HF directory that transformers loads, atomically (checkpoint.save_pretrained;
+        a collective on a sharded model). Returns its absolute path."""
+        return checkpoint.save_pretrained(self, path, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
 
 
 def _expert_keys(name, num_experts):
@@ -774,26 +605,6 @@ def _expert_keys(name, num_experts):
             base = name[: -len(proj)]
             return [(f"model.{base}experts.{e}.{proj}.weight", e) for e in range(num_experts)]
     return [(name if name == "lm_head.weight" else "model." + name, None)]
-
-
-def _weight_files(path):
-    """HF tensor name -> file name, from the index (sharded) or the single file's header."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(index):
-        with open(index) as f:
-            try:
-                return json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: malformed index ({e})") from None
-    if os.path.exists(single):
-        from safetensors import safe_open
-        try:
-            with safe_open(single, framework="pt") as f:
-                return {k: "model.safetensors" for k in f.keys()}
-        except Exception as e:
-            raise ValueError(f"{single}: unreadable or truncated safetensors file ({e})") from None
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
 def num_params(model, exclude_embedding=False):

@@ -96,6 +96,36 @@ def pg_token_loss(logp, old_logp, adv, mask, ratio_mode="clip", eps_low=0.2, eps
     return loss * mask, frac
 
 
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def check_objective(cfg):
+    """
+    Refuse, before step 1, settings of the shared update that would train silently on nothing
+    or on the wrong thing; one line naming the flags (config.cli prints it, exit 2).
+    The trap this exists for: eps_low / eps_high mean *distances from 1* under "clip" but the
+    band's *ends* under "band", so `--ratio_mode=band` with the clip defaults (0.2, 0.28)
+    keeps no token with ratio ~1 and zeroes every gradient.
+    """
+    lo, hi = cfg.eps_low, cfg.eps_high
+    if cfg.ratio_mode == "band" and not 0 <= lo < 1 < hi:
+        raise ValueError(f"--ratio_mode=band keeps tokens with eps_low <= pi/mu <= eps_high, so it needs "
+                         f"eps_low < 1 < eps_high (e.g. 0.5 and 2.0); got --eps_low={lo} --eps_high={hi}")
+    if cfg.ratio_mode == "clip" and not (0 < lo < 1 and hi > 0):
+        raise ValueError(f"--ratio_mode=clip clips pi/mu to [1 - eps_low, 1 + eps_high], so it needs "
+                         f"0 < eps_low < 1 and eps_high > 0 (e.g. 0.2 and 0.28); got --eps_low={lo} --eps_high={hi}")
+    if cfg.ratio_mode not in ("clip", "band"):
+        raise ValueError(f"--ratio_mode={cfg.ratio_mode}: expected clip or band")
+    if cfg.loss_agg not in LOSS_AGGS:
+        raise ValueError(f"--loss_agg={cfg.loss_agg}: expected one of {', '.join(LOSS_AGGS)}")
+    if not cfg.temperature > 0:  # greedy rollouts have no sampling distribution to take a gradient of
+        raise ValueError(f"--temperature={cfg.temperature}: training samples need a temperature > 0")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--top_p={cfg.top_p}: must be in (0, 1]")
+    if cfg.n < 1:
+        raise ValueError(f"--n={cfg.n}: must be >= 1")
+
+
 def aggregate(token_loss, mask, mode, num_seqs=None, num_tokens=None, max_len=None):
     """
     Reduce a per-token loss [R, L-1] to a scalar:
@@ -133,15 +163,15 @@ def train_loss(model, loss, share):
     return loss + model.router_aux_loss().to(loss.device) * share
 
 
-def pg_update(model, batch, adv_fn, cfg, micro_batch=64):
+def pg_update(model, batch, adv_fn, cfg, micro_batch=64, kl_coef=0.0):
     """
     The policy-gradient update shared by RL and MOPD: for each micro-batch of rows, the
     policy's log-probs, per-token advantages from adv_fn(rows, logp, width) (detached by us),
     the surrogate loss, backward. The caller steps the optimiser.
 
     batch: dict with tokens [R, L], mask [R, L-1] (response tokens), old_logp [R, L-1] (the
-    sampler's log-probs); optional ref_logp [R, L-1] for a k3 KL penalty (cfg.kl_coef).
-    cfg fields used: temperature, ratio_mode, eps_low, eps_high, loss_agg, kl_coef, max_new_tokens.
+    sampler's log-probs); optional ref_logp [R, L-1] for a k3 KL penalty weighted by kl_coef.
+    cfg fields used: temperature, ratio_mode, eps_low, eps_high, loss_agg, max_new_tokens.
     Under torchrun each rank passes its own rows; the loss is normalised by the whole batch's
     counts over all ranks, and the metrics are sums over all ranks.
     Returns a dict of metrics (means over the batch).
@@ -163,9 +193,9 @@ def pg_update(model, batch, adv_fn, cfg, micro_batch=64):
         adv = torch.zeros_like(logp) if dummy else adv_fn(rows, logp.detach(), width - 1).detach()
         token_loss, frac = pg_token_loss(logp, o, adv, m, cfg.ratio_mode, cfg.eps_low, cfg.eps_high)
         kl = torch.zeros((), device=logp.device)
-        if cfg.kl_coef and "ref_logp" in batch:
+        if kl_coef and "ref_logp" in batch:
             kl = k3_kl(logp, batch["ref_logp"][rows, :width - 1]) * m
-            token_loss = token_loss + cfg.kl_coef * kl
+            token_loss = token_loss + kl_coef * kl
         loss = aggregate(token_loss, m, cfg.loss_agg, num_seqs=num_seqs, num_tokens=n_tok,
                          max_len=cfg.max_new_tokens)
         (train_loss(model, loss, m.shape[0] / num_seqs) * (0.0 if dummy else scale)).backward()

@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from config import cli, parse_config
 from model import ModelConfig
 
 GiB = 2**30
@@ -90,9 +91,17 @@ class Config:
     dry_run: bool = False             # also build + shard on meta over a fake world_size-rank group
 
 
+# refused as soon as the command line is read (config.check)
+LIMITS = {">= 0": "teachers kv_gib reserve_gib",
+          ">= 1": "world_size prompts_per_step rollouts seq_len micro_batch prompt_mean response_mean",
+          "> 0": "gpu_gib peak_tflops hbm_tbps pcie_gbps nvlink_gbps host_gbps",
+          "in (0, 1]": "mfu hbm_eff",
+          "exists": "config"}
+
+
 def model_config(cfg):
     if not cfg.config and cfg.model not in MODELS:
-        raise SystemExit(f"error: --model={cfg.model}: unknown; built in: {', '.join(MODELS)} (or --config=PATH)")
+        raise ValueError(f"--model={cfg.model}: unknown; built in: {', '.join(MODELS)} (or --config=PATH)")
     return ModelConfig.from_hf(cfg.config if cfg.config else MODELS[cfg.model])
 
 # -----------------------------------------------------------------------------
@@ -498,8 +507,7 @@ def compare(cfg, rows, counts):
 
 
 def main(argv=None):
-    from train_utils import parse_config
-    cfg = parse_config(Config, argv)
+    cfg = parse_config(Config, argv, limits=LIMITS)
     mc = model_config(cfg)
     rows = plan(cfg, mc)
     s = summarize(cfg, rows, mc)
@@ -519,4 +527,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    cli(main)

@@ -9,21 +9,32 @@ Hand-written KV-cached sampling: the student's rollouts for RL and for MOPD.
   (temperature, then top-k, then top-p). The sampler and any later re-scoring
   (sampling_logprobs) use it, so `response_logprobs` are the log-probs of the distribution
   that was sampled.
-- Randomness is per row: row (prompt i, sample j) draws its uniforms from a generator
-  seeded by (seed + i, j), so a row's tokens do not depend on what else is in the batch.
+- sample_next(): one exact draw per row: inverse-CDF over a float64 CDF with a 53-bit uniform,
+  so even at a 152k vocabulary every token is drawn with its own probability (an fp32 CDF and
+  fp32 uniforms sample a distribution ~1e-3 away in total variation and never draw the tail).
+  It records two log-probs per token: `logprobs`, the exact log mu of the (truncated)
+  distribution sampled, and `policy_logprobs`, the untruncated log-softmax(logits / T), which is
+  what the trainer computes on-policy and the importance weight's denominator (README).
+- Randomness is per row: row (prompt i, sample j) draws its uniforms from its own PCG64 stream
+  seeded by a hash of (seed, first_prompt + i, j) (row_uniforms), so a row's tokens do not
+  depend on what else is in the batch, and a slice of the prompts starting at first_prompt
+  (one rank's share under torchrun) samples exactly what the whole batch samples for them.
+  The trainers pass seed = train_utils.step_seed(seed, step), itself a hash of (seed, step),
+  so no two (seed, step, prompt, sample) share a stream (seed + i would: (s, i + 1) == (s + 1, i)).
 - A command line, like nanoGPT's sample.py:
       python rollout.py --model DIR --prompt "What is 2+3?" --n 4 --temperature 0.8
 """
 
-import argparse
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import distributed
-from model import KVCache, Transformer
+from config import cli, parse_config
+from model import KVCache, Transformer, load_tokenizer
 
 
 @dataclass
@@ -32,7 +43,10 @@ class Rollout:
     prompt_lens: torch.Tensor     # [R]
     response_lens: torch.Tensor   # [R] including the stop token, when one was emitted
     response_mask: torch.Tensor   # [R, L] True on response tokens
-    logprobs: torch.Tensor        # [R, L] sampling log-prob of each response token, 0 elsewhere
+    logprobs: torch.Tensor        # [R, L] log mu: log-prob of each response token under the distribution
+                                  #   it was sampled from (after top-k/top-p), 0 elsewhere
+    policy_logprobs: torch.Tensor # [R, L] log-softmax(logits / T) of each response token, untruncated (what
+                                  #   the trainer computes on-policy); `logprobs` itself without top-k/top-p
     prompt_index: list            # row -> index of its prompt (rows are prompt-major, n per prompt)
     stopped: torch.Tensor         # [R] True where a stop token ended the row
 
@@ -54,9 +68,19 @@ def sampling_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     probability reaches top_p (the nucleus); excluded tokens get -inf. Its softmax is what
     generate() samples from, its log-softmax is sampling_logprobs().
     """
+    return _truncate(_scale(logits, temperature), top_k, top_p)
+
+
+def _scale(logits, temperature):
+    """logits / T in fp32: the untruncated policy at the sampling temperature."""
     logits = logits.float()
     if temperature != 1.0:  # x / 1 == x exactly: skip a pass over [rows x vocab]
         logits = logits / temperature
+    return logits
+
+
+def _truncate(logits, top_k=0, top_p=1.0):
+    """top-k then top-p of already scaled logits; returns `logits` itself when neither applies."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -79,6 +103,97 @@ def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
     if temperature == 0:
         return F.log_softmax(logits.float(), dim=-1)
     return F.log_softmax(sampling_logits(logits, temperature, top_k, top_p), dim=-1)
+
+
+def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """
+    One token per row from logits [R, V], by inverse CDF with the float64 uniforms u [R] in [0, 1).
+    Returns (tokens [R], log mu [R], log pi [R]) in fp32: log mu is the log-prob of the token under
+    the distribution sampled (after top-k/top-p), log pi under the untruncated softmax(logits / T)
+    (the same tensor when nothing is truncated: computed once).
+
+    Exact at any vocabulary size: the softmax p (fp32, as everywhere else) is accumulated into a
+    float64 CDF (_inverse_cdf) and searched with a 53-bit uniform, so token v is drawn with
+    probability (cdf[v] - cdf[v-1]) / cdf[-1] = p[v] / sum(p) up to ~1e-16 per token, and log mu
+    is the log of that very p[v] / sum(p). (An fp32 CDF rounds every step to ~6e-8 near 1 and fp32
+    uniforms come on a 2^-24 grid: at V = 152k that is ~1e-3 in total variation, and tokens below
+    ~3e-8 are never drawn.) temperature == 0 is greedy (u unused; log mu = log pi = the plain
+    log-softmax).
+    """
+    if temperature == 0:
+        logp = sampling_logprobs(logits, 0)
+        tok = logp.argmax(-1)
+        lp = logp.gather(-1, tok[:, None])[:, 0]
+        return tok, lp, lp
+    scaled = _scale(logits, temperature)
+    kept = _truncate(scaled, top_k, top_p)
+    probs = F.softmax(kept, dim=-1)  # probabilities, not log-probs: one pass over [rows x vocab] fewer
+    tok, total = _inverse_cdf(probs, u)
+    lp = (probs.gather(-1, tok[:, None])[:, 0].double().log() - total.log()).float()
+    if kept is scaled:
+        return tok, lp, lp
+    # the untruncated policy's log-prob of the same token: what the trainer's policy_logprobs
+    # computes on-policy, the importance weight's denominator (README, "top-k / top-p")
+    plp = scaled.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+    return tok, lp, plp
+
+
+def _inverse_cdf(probs, u, block=256):
+    """
+    For each row of probs [R, V] (fp32, any total > 0), the first token whose float64 CDF exceeds
+    u * total, and the total (float64). The CDF is built in two levels, which is the same float64
+    CDF to ~1e-16 without a float64 cumsum over [R, V] (~10x the cost of an fp32 one on a CPU):
+    float64 sums of blocks of `block` tokens and their running sum pick the block, then the
+    running sum inside that one block picks the token.
+    """
+    R, V = probs.shape
+    full = V // block * block
+    sums = probs[:, :full].view(R, -1, block).sum(-1, dtype=torch.float64)
+    if full < V:
+        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64)], 1)
+    ends = sums.cumsum(-1)  # the CDF at each block's end
+    total = ends[:, -1:]
+    # below total strictly (u * total may round up to it), and below the chosen block's own
+    # running sum: right=True then lands on a token of positive probability, never a filtered one
+    target = torch.minimum(u.to(total)[:, None] * total, _below(total))
+    b = torch.searchsorted(ends, target, right=True)
+    start = torch.where(b > 0, ends.gather(1, (b - 1).clamp(min=0)), 0.0)
+    idx = b * block + torch.arange(block, device=probs.device)
+    inner = probs.gather(1, idx.clamp(max=V - 1)).masked_fill(idx >= V, 0).cumsum(-1, dtype=torch.float64)
+    k = torch.searchsorted(inner, torch.minimum(target - start, _below(inner[:, -1:])), right=True)
+    return (b * block + k)[:, 0], total[:, 0]
+
+
+def _below(x):
+    """The largest float below x (x > 0)."""
+    return x.nextafter(torch.zeros_like(x))
+
+
+def mix_seed(*ints):
+    """
+    A 64-bit seed that hashes a tuple of ints (numpy's SeedSequence), unlike seed + i, where
+    (s, i + 1) and (s + 1, i) coincide. Each int enters as two 32-bit words (mod 2^64): a
+    fixed-width encoding, since SeedSequence's own is not one-to-one (it pads [5] to [5, 0], and
+    splits 2^32 + 5 into [5, 1], which a tuple (5, 1) also gives).
+    """
+    return int(np.random.SeedSequence(_words(ints)).generate_state(1, np.uint64)[0])
+
+
+def _words(ints):
+    return [w for x in ints for w in (x % 2**64 & 0xFFFFFFFF, x % 2**64 >> 32)]
+
+
+def row_uniforms(seed, first_prompt, num_prompts, n, T):
+    """
+    [num_prompts * n, T] float64 uniforms in [0, 1), rows prompt-major: row (prompt i, sample j)
+    is a PCG64 stream seeded by SeedSequence(seed, first_prompt + i, j), 53 random bits each.
+    The stream depends only on that triple: not on the batch, nor on how the prompts are split
+    into slices (ranks) as long as each slice passes its global first_prompt. (numpy, not
+    torch.Generator: the CPU generator keeps only the low 32 bits of its seed.)
+    """
+    return torch.from_numpy(np.stack([
+        np.random.Generator(np.random.PCG64(np.random.SeedSequence(_words((seed, first_prompt + i, j))))).random(T)
+        for i in range(num_prompts) for j in range(n)]))
 
 
 def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, n):
@@ -109,10 +224,13 @@ def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, n):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-             stop_token_ids=(), n=1, seed=None, pad_id=0, progress=False):
+             stop_token_ids=(), n=1, seed=None, pad_id=0, progress=False, first_prompt=0):
     """
     Sample n continuations of each prompt (a list of token-id lists of any lengths).
     Returns a Rollout, rows prompt-major: prompt 0's n samples, then prompt 1's, ...
+    seed (any int; None: drawn from torch's global generator) and first_prompt (the global index
+    of prompts[0], when this is one slice of a larger batch) choose the random streams: sample j
+    of prompts[i] uses row_uniforms' stream (seed, first_prompt + i, j).
     """
     _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, n)
     # a sharded model computes where and in what dtype distributed.shard says (its fp32 master
@@ -125,10 +243,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     pmax = int(plens.max())
 
     # per-row random streams: uniforms[r, t] decides row r's token t (inverse-CDF sampling)
-    base = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
-    uniforms = torch.stack([
-        torch.rand(max_new_tokens, generator=torch.Generator().manual_seed((base + i) * 1_000_003 + j))
-        for i in range(P) for j in range(n)]).to(device)
+    base = int(torch.randint(0, 2**63 - 1, ()).item()) if seed is None else int(seed)
+    uniforms = row_uniforms(base, first_prompt, P, n, max_new_tokens).to(device)
 
     # prefill every prompt once (right-padded), then give each prompt n rows of cache
     ids = torch.full((P, pmax), pad_id, dtype=torch.long, device=device)
@@ -161,6 +277,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         done = torch.zeros(R, dtype=torch.bool, device=device)
         out = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
         out_lp = torch.zeros(R, max_new_tokens, device=device)
+        truncated = top_k > 0 or top_p < 1.0  # else log pi == log mu: one tensor for both
+        out_plp = torch.zeros_like(out_lp) if truncated else out_lp
         rlens = torch.zeros(R, dtype=torch.long, device=device)
         logits = model.lm_head(last)
         steps = range(max_new_tokens)
@@ -168,19 +286,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             from tqdm import tqdm
             steps = tqdm(steps, desc="sampling", leave=False)
         for t in steps:
-            if temperature == 0:
-                logp = sampling_logprobs(logits, temperature)
-                tok = logp.argmax(-1)
-                lp = logp.gather(-1, tok[:, None])[:, 0]
-            else:  # probabilities, not log-probs: one pass over [rows x vocab] fewer
-                probs = F.softmax(sampling_logits(logits, temperature, top_k, top_p), dim=-1)
-                cdf = probs.cumsum(-1)
-                # right=True never lands on a zero-probability (filtered) token
-                tok = torch.searchsorted(cdf, (uniforms[:, t] * cdf[:, -1])[:, None], right=True)[:, 0]
-                tok = tok.clamp_(max=probs.shape[-1] - 1)
-                lp = probs.gather(-1, tok[:, None])[:, 0].log()  # == sampling_logprobs(...)[tok]
+            tok, lp, plp = sample_next(logits, uniforms[:, t], temperature, top_k, top_p)
             out[:, t] = torch.where(done, pad_id, tok)
             out_lp[:, t] = torch.where(done, 0.0, lp)
+            if truncated:
+                out_plp[:, t] = torch.where(done, 0.0, plp)
             rlens += (~done).long()
             if len(stop):
                 done |= torch.isin(tok, stop)
@@ -194,6 +304,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 
     # ordinary tensors again (inference tensors cannot be used by autograd in training)
     out, out_lp, rlens, done = out.clone(), out_lp.clone(), rlens.clone(), done.clone()
+    out_plp = out_plp.clone() if truncated else out_lp
 
     # assemble [R, L] = prompt then response per row, right-padded
     T = int(rlens.max())
@@ -210,8 +321,12 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     mask[rows[valid], cols[valid]] = True
     logprobs = torch.zeros(R, L, device=device)
     logprobs[rows[valid], cols[valid]] = out_lp[:, :T][valid]
+    policy_logprobs = logprobs
+    if truncated:
+        policy_logprobs = torch.zeros(R, L, device=device)
+        policy_logprobs[rows[valid], cols[valid]] = out_plp[:, :T][valid]
     stopped = done if len(stop) else torch.zeros_like(done)
-    return Rollout(tokens, prep, rlens, mask, logprobs,
+    return Rollout(tokens, prep, rlens, mask, logprobs, policy_logprobs,
                    [i for i in range(P) for _ in range(n)], stopped)
 
 
@@ -229,25 +344,37 @@ def _all_done(done):
     return bool(distributed.global_max(int(done.all()), op="min"))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Sample from a Hugging Face checkpoint directory.")
-    ap.add_argument("--model", required=True, help="HF directory (config.json + safetensors + tokenizer)")
-    ap.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
-    ap.add_argument("--n", type=int, default=1, help="samples per prompt")
-    ap.add_argument("--max_new_tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    ap.add_argument("--top_p", type=float, default=1.0)
-    ap.add_argument("--top_k", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
-    ap.add_argument("--no_chat_template", action="store_true", help="feed the raw prompt text")
-    args = ap.parse_args(argv)
+# -----------------------------------------------------------------------------
+# the command line, like nanoGPT's sample.py: python rollout.py --model DIR --prompt TEXT
 
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(args.model)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = Transformer.from_pretrained(args.model, dtype=dtype, device=args.device)
+@dataclass
+class Config:
+    model: str = ""                # HF directory (config.json + safetensors + tokenizer)
+    prompt: list[str] = field(default_factory=list)  # prompt text; repeat for a batch
+    no_chat_template: bool = False  # feed the raw prompt text
+    # sampling
+    n: int = 1                     # samples per prompt
+    max_new_tokens: int = 128
+    temperature: float = 1.0       # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                 # 0 = no top-k
+    seed: int = -1                 # -1: a fresh seed every run
+    # hardware
+    device: str = "auto"           # auto: the GPU if there is one, else cpu
+    dtype: str = "auto"            # auto: the checkpoint's; or float32 | bfloat16 | float16
+
+
+# refused as soon as the command line is read, before the checkpoint loads (config.check)
+LIMITS = {"required": "model prompt", "exists": "model", ">= 1": "n max_new_tokens", ">= 0": "temperature top_k",
+          "in (0, 1]": "top_p", "one of auto float32 bfloat16 float16": "dtype", "device": "device"}
+
+
+def main(argv=None):
+    args = parse_config(Config, argv, limits=LIMITS)
+    tok = load_tokenizer(args.model, "--model")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
     if tok.chat_template and not args.no_chat_template:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                            tokenize=True, return_dict=False) for p in args.prompt]
@@ -256,7 +383,8 @@ def main(argv=None):
     eos = model.config.eos_token_id
     stops = {tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
     res = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                   stop_token_ids=sorted(s for s in stops if s is not None), n=args.n, seed=args.seed,
+                   stop_token_ids=sorted(s for s in stops if s is not None), n=args.n,
+                   seed=None if args.seed == -1 else args.seed,
                    pad_id=tok.pad_token_id or 0, progress=args.max_new_tokens >= 64)
     for r, ids in enumerate(res.response_ids):
         print(f"--- prompt {res.prompt_index[r]}, sample {r % args.n}:")
@@ -264,4 +392,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -13,7 +13,7 @@ families live here:
    ordinary Hugging Face directories.
 2. Real domains from local JSONL files: math (final answer checked with math-verify),
    instruction following (IFEval-style verifiable constraints), code (unit tests run in a
-   sandboxed child process, see run_sandboxed).
+   sandbox that calls the program, itself in another sandbox: sandbox.run_tests).
 
 Conventions every trainer relies on:
 - The response text handed to a reward is the decoded completion WITHOUT the prompt and
@@ -46,36 +46,37 @@ JSONL formats (one JSON object per line; blank lines are skipped):
   scores 0. Constraint types and their parameters are listed in IF_CONSTRAINTS.
   demo = "solution" (required for demos only).
 - code: the reward takes the last ```python fenced block of the response (the whole
-  response if there is none), appends "tests" (python asserts; when "entry_point" is given
-  and the tests define check(candidate), HumanEval style, it also calls
-  check(<entry_point>)), runs it in run_sandboxed, and gives 1.0 iff it exits with status 0
-  after the last test (a nonce printed at the end defeats an early sys.exit(0)).
+  response if there is none) as the program and "tests" (python asserts; when
+  "entry_point" is given and the tests define check(candidate), HumanEval style, also a
+  call check(<entry_point>)), and gives 1.0 iff sandbox.run_tests says the tests ran to
+  their end: the program runs in one sandbox, the tests in another that calls its
+  functions and gets plain data back, and the verdict comes from the tests' side only (the
+  program can neither read the tests nor forge the verdict; see sandbox.py). Tests may use
+  the program's functions, classes and objects with plain-data arguments and results, plus
+  builtins and standard modules (the tests' own, even if the program rebinds `math`).
   demo = "```python\\n<solution>\\n```" (solution required for demos only).
 Bad input fails loudly: a malformed line or missing field is a ValueError naming the file,
 the line and the field; an empty file or an unknown domain name is a ValueError that lists
 what exists.
 
-`python tasks.py` prints the toy domains' statistics and the sandbox's protections;
+`python tasks.py` prints the toy domains' statistics, the sandbox's protections and what
+bounds its memory;
 `python tasks.py gym OUT.jsonl [N] [DATASET]` writes a math JSONL offline with reasoning-gym.
 """
 
 import json
-import math
 import os
 import random
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
-import time
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
+
+# The sandbox lives in sandbox.py; these names stay importable from tasks as before.
+from sandbox import SANDBOX_UID_BASE, memory_bound, run_sandboxed, run_tests, sandbox_report  # noqa: F401
 
 
 @dataclass
@@ -221,8 +222,9 @@ REAL_KINDS = ("math", "if", "code")
 _REQUIRED = {"math": ("prompt", "answer"), "if": ("prompt", "constraints"), "code": ("prompt", "tests")}
 
 
-def load_jsonl(path: str, kind: str) -> list[Example]:
-    """Parse and validate a JSONL file of the given kind (see the module docstring)."""
+def load_jsonl(path: str, kind: str, fits=None) -> list[Example]:
+    """Parse and validate a JSONL file of the given kind (see the module docstring). fits(prompt),
+    if given, says why a prompt does not fit the model's context (train_utils.prompt_fits), or None."""
     if kind not in REAL_KINDS:
         raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(REAL_KINDS)}")
     examples = []
@@ -247,6 +249,8 @@ def load_jsonl(path: str, kind: str) -> list[Example]:
                                      f"(a {kind} line needs {', '.join(_REQUIRED[kind])})")
             if not isinstance(row["prompt"], str) or not row["prompt"]:
                 raise ValueError(f"{where}: field 'prompt' must be a non-empty string")
+            if fits is not None and (why := fits(row["prompt"])):
+                raise ValueError(f"{where}: {why}")
             split = row.get("split")
             if split not in (None, "train", "eval"):
                 raise ValueError(f"{where}: field 'split' must be 'train' or 'eval', got {split!r}")
@@ -292,8 +296,8 @@ def split_examples(examples: list[Example], path: str = "") -> tuple[list[Exampl
     return train, ev
 
 
-def _real_domain(name: str, kind: str, path: str) -> Domain:
-    train, ev = split_examples(load_jsonl(path, kind), path)
+def _real_domain(name: str, kind: str, path: str, fits=None) -> Domain:
+    train, ev = split_examples(load_jsonl(path, kind, fits), path)
     train = [Example(ex.prompt, ex.answer, name, ex.meta) for ex in train]
     ev = [Example(ex.prompt, ex.answer, name, ex.meta) for ex in ev]
 
@@ -450,7 +454,7 @@ def if_demo(ex: Example) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Code: unit tests run in a sandboxed child process
+# Code: unit tests run against the program, each in its own sandbox (sandbox.py)
 
 CODE_TIMEOUT_S = 5.0
 
@@ -474,305 +478,25 @@ def extract_code(response: str) -> str:
     return python[-1] if python else response
 
 
-def code_program(response: str, ex: Example) -> str:
-    program = extract_code(response) + "\n\n" + ex.meta["tests"] + "\n"
+def code_tests(ex: Example) -> str:
+    tests = ex.meta["tests"] + "\n"
     entry = ex.meta.get("entry_point")
     if entry and re.search(r"^def check\(", ex.meta["tests"], re.M):
-        program += f"\ncheck({entry})\n"  # HumanEval-style tests define check(candidate)
-    return program
+        tests += f"\ncheck({entry})\n"  # HumanEval-style tests define check(candidate)
+    return tests
 
 
 def code_reward(response: str, ex: Example) -> float:
-    # Exit status 0 alone is not enough: a response that calls sys.exit(0) (or os._exit(0))
-    # before the tests run would pass. The tests must run to the end and print a fresh nonce.
-    nonce = uuid.uuid4().hex
-    ok, out = run_sandboxed(code_program(response, ex) + f"\nprint({nonce!r})\n", timeout_s=CODE_TIMEOUT_S)
-    return float(ok and out.rstrip().endswith(nonce))
+    # The tests run in a second sandbox that calls the program's functions and gets plain
+    # data back; the verdict never passes through the program (see sandbox.py's threat model).
+    passed, _ = run_tests(extract_code(response), code_tests(ex), ex.meta.get("entry_point"), timeout_s=CODE_TIMEOUT_S)
+    return float(passed)
 
 
 def code_demo(ex: Example) -> str:
     if not ex.answer:
         raise ValueError(f"code example at line {ex.meta.get('line')} has no 'solution' to demonstrate")
     return f"```python\n{ex.answer}\n```"
-
-
-# How the sandbox works (run_sandboxed):
-# - The child gets its own session (a process group we can SIGKILL whole), a fresh temp dir
-#   as cwd, an environment of three variables (PATH, LANG, HOME), stdin from /dev/null, and
-#   stdout+stderr in a file whose size the child's RLIMIT_FSIZE caps. After it ends or times
-#   out, the group is SIGKILLed and the temp dir removed.
-# - A small trusted bootstrap (_BOOTSTRAP) runs first in the child, then execs `python -I
-#   main.py`. It unshares new network, mount and PID namespaces (as root directly; otherwise
-#   inside a new user namespace, where the kernel allows unprivileged ones):
-#   * network: only a downed loopback is left, so nothing is reachable;
-#   * mounts: every mount becomes read-only and nosuid (privately: nothing propagates to the
-#     host) and a size-limited noexec tmpfs covers the temp dir, the only writable place;
-#   * PID: the code runs as PID 2 under a waiting PID 1; when PID 1 ends (with the code, or
-#     SIGKILLed with the group, or by PDEATHSIG) the kernel kills every process left in the
-#     namespace, setsid() or not, and a fresh /proc hides the machine's other processes.
-#   Then it sets RLIMIT_CPU/AS/FSIZE/NPROC/NOFILE and CORE=0 and no_new_privs, and, as root,
-#   drops to a fresh unused uid/gid (SANDBOX_UID_BASE + random, no supplementary groups). The
-#   unique uid drops all capabilities, makes RLIMIT_NPROC a per-run limit, makes every other
-#   process's /proc/<pid>/environ unreadable, and lets us kill whatever the run left behind
-#   even without a PID namespace: one kill(-1, SIGKILL) issued as that uid (_KILLER) takes
-#   all its processes at once, so a fork bomb cannot outrun it.
-# - Each namespace is best effort: where the platform forbids it (e.g. docker's default
-#   seccomp profile, or no unprivileged user namespaces) the run goes on without it, and
-#   sandbox_report() says what is active. Without root and without namespaces, only the
-#   rlimits, the clean environment and the process-group kill remain: the code can then
-#   write wherever the calling user can, read the parent's /proc/<pid>/environ, and leave a
-#   setsid() process behind.
-# - The sandbox uid must be able to execute the interpreter: the first of sys.executable,
-#   /usr/bin/python3, /usr/local/bin/python3 that runs a probe in the sandbox is used (a
-#   pyenv python under /root, mode 700, is not reachable by an unprivileged uid).
-
-SANDBOX_UID_BASE = 1 << 30  # far above any uid a distribution or a subuid range hands out
-
-_BOOTSTRAP = r"""
-import ctypes, json, os, resource, signal, sys
-cfg = json.loads(sys.argv[1])
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-NEWNS, NEWUSER, NEWPID, NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
-try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-    work, uid, code = cfg["work"], cfg["uid"], open("main.py", "rb").read()
-    me, my_gid = os.getuid(), os.getgid()
-    user = NEWUSER if uid is None else 0  # not root: a user namespace grants the right to the rest
-    isolated = libc.unshare(user | NEWNS | NEWPID | NEWNET) == 0
-    if not isolated:
-        libc.unshare(user | NEWNET)  # at least the network, e.g. where mounts are not allowed
-    if isolated and user:  # identity maps: same uid inside, and its rights there end at execve
-        try:  # refused where user namespaces come without rights (e.g. AppArmor-restricted)
-            maps = (("setgroups", "deny"), ("uid_map", "%d %d 1" % (me, me)), ("gid_map", "%d %d 1" % (my_gid, my_gid)))
-            for name, text in maps:
-                with open("/proc/self/" + name, "w") as f:
-                    f.write(text)
-        except OSError:
-            pass
-    # Mount only after making the whole tree private, so that nothing propagates to the host;
-    # and make the rest read-only only once the tmpfs is there to write to.
-    opts = "size=%dm,mode=700" % cfg["tmpfs_mb"] + (",uid=%d,gid=%d" % (uid, uid) if uid is not None else "")
-    if isolated and libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0 and \
-            libc.mount(b"sandbox", work.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts.encode()) == 0:
-        os.chdir(work)  # our cwd still pointed at the directory under the new mount
-        with open("main.py", "wb") as f:
-            f.write(code)
-        if uid is not None:
-            os.chown("main.py", uid, uid)
-        for line in open("/proc/self/mountinfo"):
-            fields = line.split()
-            point = fields[4]  # mountinfo escapes space, tab, newline, backslash as octal
-            for esc, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-                point = point.replace(esc, ch)
-            if point != work:
-                flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
-                flags |= (MS_NODEV if "nodev" in fields[5] else 0) | (MS_NOEXEC if "noexec" in fields[5] else 0)
-                libc.mount(None, point.encode(), None, flags, None)  # best effort per mount
-    if isolated:
-        def exit_like(pid):  # wait for pid (reaping any other child meanwhile), exit as it did
-            while True:
-                done, status = os.wait()
-                if done == pid:
-                    status = os.waitstatus_to_exitcode(status)
-                    os._exit(status if status >= 0 else 128 - status)
-        pid = os.fork()
-        if pid:
-            exit_like(pid)  # this process stays outside the new PID namespace
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
-        # Now PID 1 of the new namespace: when it exits, the kernel kills all that is left in
-        # it. Its own /proc keeps the command lines of the machine's other processes hidden.
-        libc.mount(b"proc", b"/proc", b"proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-        pid = os.fork()
-        if pid:
-            exit_like(pid)
-        libc.prctl(1, signal.SIGKILL)
-        # The code runs as PID 2: a PID 1 would ignore signals like SIGXCPU or its own SIGTERM.
-    for name, soft, hard in cfg["limits"]:
-        resource.setrlimit(getattr(resource, name), (soft, hard))
-    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid binaries cannot give privileges back
-    if uid is not None:
-        os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)
-        if os.getuid() != uid or os.geteuid() != uid:
-            raise OSError("could not drop privileges")
-except BaseException as e:  # never run the untrusted code half-isolated
-    sys.stderr.write("sandbox setup failed: %r\n" % (e,))
-    os._exit(125)
-os.execve(cfg["python"], [cfg["python"], "-I", "main.py"], cfg["env"])
-"""
-
-# Run as the sandbox uid: kill(-1) signals every process this uid may signal, i.e. every
-# process of the uid, except itself. The guard makes sure it can never run as anyone else.
-_KILLER = r"""
-import os, sys
-uid = int(sys.argv[1])
-if uid >= %d and os.getuid() == uid and os.geteuid() == uid:
-    try:
-        os.kill(-1, 9)
-    except ProcessLookupError:
-        pass
-""" % SANDBOX_UID_BASE
-
-_uid_lock = threading.Lock()
-_uids_taken: set[int] = set()
-
-
-def _processes() -> list[tuple[int, str, int]]:
-    """(real uid, state letter, threads) of every process on the machine."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    status = dict(line.split(":", 1) for line in f if ":" in line)
-                found.append((int(status["Uid"].split()[0]), status["State"].split()[0], int(status["Threads"])))
-            except (OSError, KeyError, ValueError):
-                pass  # the process exited meanwhile
-    return found
-
-
-def _fresh_uid() -> int:
-    # Unique per run (no process uses it now, and no concurrent run in this process took it),
-    # so RLIMIT_NPROC and the final kill(-1) concern this run and nothing else.
-    with _uid_lock:
-        used, rng = {u for u, _, _ in _processes()} | _uids_taken, random.SystemRandom()
-        while True:
-            uid = SANDBOX_UID_BASE + rng.randrange(1 << 24)
-            if uid not in used:
-                _uids_taken.add(uid)
-                return uid
-
-
-def _run(code, python, timeout_s, mem_mb, cpu_s, nproc, fsize_mb, max_output):
-    root = os.geteuid() == 0
-    uid = _fresh_uid() if root else None
-    work = os.path.realpath(tempfile.mkdtemp(prefix="mopd_sandbox_"))
-    try:
-        with open(os.path.join(work, "main.py"), "w", encoding="utf-8", errors="replace") as f:
-            f.write(code)
-        if uid is not None:  # used where the mount namespace is unavailable
-            os.chown(work, uid, uid)
-            os.chown(os.path.join(work, "main.py"), uid, uid)
-        if uid is None:  # RLIMIT_NPROC counts all of our uid's tasks: allow nproc more than now
-            me = os.getuid()
-            nproc += sum(threads for u, _, threads in _processes() if u == me)
-        cpu = max(1, math.ceil(cpu_s if cpu_s is not None else timeout_s))
-        mb = 1 << 20
-        cfg = {"work": work, "uid": uid, "python": python, "tmpfs_mb": max(fsize_mb, 1) * 4,
-               "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work},
-               # soft CPU limit sends SIGXCPU, the hard one a second later SIGKILL
-               "limits": [("RLIMIT_CORE", 0, 0), ("RLIMIT_CPU", cpu, cpu + 1),
-                          ("RLIMIT_AS", mem_mb * mb, mem_mb * mb), ("RLIMIT_FSIZE", fsize_mb * mb, fsize_mb * mb),
-                          ("RLIMIT_NPROC", nproc, nproc), ("RLIMIT_NOFILE", 256, 256)]}
-        with tempfile.TemporaryFile() as out:
-            proc = subprocess.Popen([python, "-I", "-S", "-c", _BOOTSTRAP, json.dumps(cfg)], cwd=work,
-                                    env=cfg["env"], stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            timed_out = False
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_everything(proc, uid, python)
-            size = out.seek(0, os.SEEK_END)
-            out.seek(max(0, size - max_output))
-            text = out.read().decode("utf-8", "replace")
-        if timed_out:
-            text += f"\n[sandbox: killed after {timeout_s}s wall-clock timeout]"
-        return (not timed_out and proc.returncode == 0), text
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if uid is not None:
-            with _uid_lock:
-                _uids_taken.discard(uid)
-
-
-def _kill_everything(proc, uid, python):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session we created: main process and its children
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    # Whatever escaped the process group (setsid, daemons) still has the run's uid; the PID
-    # namespace's teardown kills it too, but asynchronously. Return only once none of it is
-    # alive: kill(-1) as that uid ends everything at once, and dying processes need a moment.
-    deadline = time.monotonic() + 10
-    while uid is not None and time.monotonic() < deadline and \
-            any(u == uid and state != "Z" for u, state, _ in _processes()):
-        try:
-            subprocess.run([python, "-I", "-S", "-c", _KILLER, str(uid)], user=uid, group=uid, extra_groups=[],
-                           env={}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            pass
-        time.sleep(0.01)
-
-
-_python_lock = threading.Lock()
-_python_cache: list[str] = []
-
-
-def _sandbox_python() -> str:
-    # The first interpreter that actually runs a probe inside the sandbox.
-    with _python_lock:
-        if _python_cache:
-            return _python_cache[0]
-        candidates = [sys.executable, "/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")]
-        tried = []
-        for exe in dict.fromkeys(c for c in candidates if c and os.path.exists(c)):
-            ok, out = _run("print(6 * 7)", exe, 20.0, 512, None, 32, 16, 4096)
-            if ok and out.strip() == "42":
-                _python_cache.append(exe)
-                return exe
-            tried.append(f"{exe}: {out.strip()[-200:]!r}")
-        raise RuntimeError("no python interpreter runs inside the sandbox; tried:\n  " + "\n  ".join(tried))
-
-
-def run_sandboxed(code: str, timeout_s: float = 5.0, mem_mb: int = 512, cpu_s: float | None = None,
-                  nproc: int = 32, fsize_mb: int = 16, max_output: int = 8192) -> tuple[bool, str]:
-    """Run python `code` in a sandboxed child; (exited with status 0 in time, last output).
-
-    timeout_s is wall-clock, after which everything the run started is SIGKILLed; cpu_s
-    (default timeout_s) is RLIMIT_CPU per process; mem_mb is RLIMIT_AS per process; nproc
-    caps the run's processes+threads (RLIMIT_NPROC; not root: nproc more than the user has
-    now); fsize_mb caps every file written, stdout included; max_output is how many trailing
-    characters of stdout+stderr come back.
-    Safe to call from several threads at once. See the comment above for the guarantees.
-    """
-    return _run(code, _sandbox_python(), timeout_s, mem_mb, cpu_s, nproc, fsize_mb, max_output)
-
-
-_PROBE = r"""
-import json, os, socket
-r = {"uid": os.getuid(), "pid": os.getpid(), "interfaces": sorted(n for _, n in socket.if_nameindex())}
-path = "/tmp/.mopd_sandbox_probe_%d" % os.getpid()
-try:
-    open(path, "w").close()
-    os.unlink(path)
-    r["tmp_writable"] = True
-except OSError:
-    r["tmp_writable"] = False
-print(json.dumps(r))
-"""
-
-
-def sandbox_report() -> dict:
-    """Which protections are active on this machine (they depend on privileges and kernel)."""
-    ok, out = run_sandboxed(_PROBE, timeout_s=20.0)
-    if not ok:
-        raise RuntimeError(f"sandbox probe failed: {out}")
-    r = json.loads(out.strip().splitlines()[-1])
-    return {"python": _sandbox_python(), "uid": r["uid"], "uid_dropped": r["uid"] >= SANDBOX_UID_BASE,
-            "network_isolated": r["interfaces"] in ([], ["lo"]),
-            "filesystem_readonly_outside_workdir": not r["tmp_writable"],
-            "pid_namespace": r["pid"] == 2}
 
 
 # -----------------------------------------------------------------------------
@@ -783,8 +507,9 @@ def _spec_help() -> str:
             f"real domains: KIND:PATH or NAME=KIND:PATH with KIND in {', '.join(REAL_KINDS)}")
 
 
-def get_domains(spec: str | list[str], data_dir: str | None = None) -> list[Domain]:
-    """Domains from a spec such as "rev,sort,sum", "toy:8" or "math:gsm.jsonl,if:ifeval.jsonl"."""
+def get_domains(spec: str | list[str], data_dir: str | None = None, fits=None) -> list[Domain]:
+    """Domains from a spec such as "rev,sort,sum", "toy:8" or "math:gsm.jsonl,if:ifeval.jsonl".
+    fits: see load_jsonl (each JSONL prompt is checked against the model's context)."""
     parts = [spec] if isinstance(spec, str) else list(spec)
     items = [p.strip() for s in parts for p in s.split(",") if p.strip()]
     if not items:
@@ -808,7 +533,7 @@ def get_domains(spec: str | list[str], data_dir: str | None = None) -> list[Doma
                 path = os.path.join(data_dir, path)
             if not os.path.isfile(path):
                 raise ValueError(f"domain {item!r}: no such file {path}")
-            domains.append(_real_domain((name or kind).strip(), kind, path))
+            domains.append(_real_domain((name or kind).strip(), kind, path, fits))
         else:
             raise ValueError(f"unknown domain {item!r}; {_spec_help()}")
     names = [d.name for d in domains]
@@ -854,4 +579,6 @@ if __name__ == "__main__":
         write_gym_math(sys.argv[2], *(int(a) if a.isdigit() else a for a in sys.argv[3:5]))
     else:
         _toy_stats()
-        print("sandbox:", sandbox_report())
+        report = sandbox_report()
+        print("sandbox: total memory bounded by", report.pop("memory_bound"))
+        print("sandbox:", report)

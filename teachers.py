@@ -6,8 +6,10 @@ The teachers of MOPD: one frozen checkpoint per domain, and how they score the s
 - Teachers: loads each teacher lazily (on its first batch), frozen and in eval mode;
   with offload=True it keeps a teacher in CPU memory and moves it to the compute device only
   while it scores (at scale, three 30B teachers cannot all sit on a GPU beside the student).
-- validate(): before any training step, each teacher against the student: same vocabulary
-  and special tokens (not just the same length), same vocab/embedding size. MOPD's signal
+- validate(): before any training step, each teacher against the student: its files are
+  whole (checkpoint.check_files: config.json, safetensors headers and sizes, the index's
+  files; no weight is read), same vocabulary and special tokens (not just the same length),
+  same vocab/embedding size. MOPD's signal
   log pi_T(y_t) - log pi_theta(y_t) compares two distributions over the *same* token ids;
   a different tokenizer makes it silently meaningless.
 - Under torchrun, teachers are sharded like the student (distributed.shard, frozen, no
@@ -59,17 +61,18 @@ def parse_registry(spec):
 
 
 def validate(student_tok, student_model, teacher_dir, domain):
-    """One clear error if the teacher cannot score the student's tokens."""
-    from transformers import AutoTokenizer
-
+    """One clear error if the teacher cannot score the student's tokens, or if its files are
+    truncated or missing (found now, not at the step that first loads the teacher)."""
+    from checkpoint import check_files, load_tokenizer
     from model import ModelConfig
     where = f"teacher {domain!r} ({teacher_dir}) vs the student ({student_model.source_dir})"
     if not os.path.isdir(teacher_dir):
         raise ValueError(f"teacher {domain!r}: {teacher_dir}: no such checkpoint directory")
+    check_files(teacher_dir, f"--teacher={domain}={teacher_dir}")
     tcfg = ModelConfig.from_hf(teacher_dir)
     if tcfg.vocab_size != student_model.config.vocab_size:
         raise ValueError(f"{where}: vocab/embedding size {tcfg.vocab_size} != {student_model.config.vocab_size}")
-    ttok = AutoTokenizer.from_pretrained(teacher_dir)
+    ttok = load_tokenizer(teacher_dir, f"--teacher={domain}")
     if ttok.get_vocab() != student_tok.get_vocab():
         a, b = ttok.get_vocab(), student_tok.get_vocab()
         diff = sorted(set(a.items()) ^ set(b.items()))[:3]

@@ -22,13 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
+import checkpoint
 import distributed
 import kernels
 import mopd
+from config import cli, parse_config, print_config
 from tasks import get_domains
 from teachers import Teachers, each_domain, parse_registry, route, validate
-from train_utils import (cli, clip_and_step, load_for_training, parse_config, parse_weights, print_config, sample_and_reward,
-                         set_seed, train_loop)
+from train_utils import (check_start, clip_and_step, due, evaluate, load_for_training, parse_weights, print0,
+                         prompt_fits, sample_and_reward, set_lr, set_seed)
 
 
 @dataclass
@@ -59,7 +61,6 @@ class Config:
     topk: int = 64                 # k of Eq. 5
     beta: float = 0.5              # jsd mixture (0 = forward KL, 1 = reverse KL)
     loss_agg: str = "seq-mean-token-mean"  # the paper's per-sequence then batch mean; or token-mean
-    kl_coef: float = 0.0           # (unused by MOPD; pg_update reads it)
     exact_kl_rows: int = 8         # rows per domain on which the exact full-vocab KL is logged (0 = off)
     exact_kl_every: int = 10       # ... every this many steps (it costs two extra forwards)
     # optimisation
@@ -73,7 +74,10 @@ class Config:
     eval_every: int = 25
     eval_limit: int = 200
     ckpt_every: int = 25
-    resume: bool = False
+    resume: bool = False           # continue the run in out_dir (bit for bit) from its checkpoint
+    overwrite: bool = False        # a fresh run may replace the run out_dir already holds
+    resume_override: str = ""      # with --resume: config keys that may differ from the checkpoint's
+                                   # (e.g. steps,lr; checkpoint.RESUMABLE lists those that always may)
     seed: int = 0
     # scale: under torchrun the model is sharded with FSDP2 (distributed.py); see README "Scale"
     bf16: bool = False             # bf16 compute, fp32 master weights and gradient reduction
@@ -97,6 +101,16 @@ PRESETS = {
                                  teacher_dtype="bfloat16"),
 }
 LOSSES = ("pg", "topk", "reverse_kl", "forward_kl", "jsd")
+# refused as soon as the command line is read, before anything loads (config.check); the
+# objective's own traps (eps, ratio_mode, loss_agg, temperature, top_p, n) are mopd.check_objective's
+LIMITS = {">= 1": "steps prompts_per_step max_new_tokens topk exact_kl_every micro_batch eval_every ckpt_every",
+          ">= 0": "orm_alpha exact_kl_rows min_lr warmup weight_decay eval_limit",
+          "> 0": "adv_clip lr grad_clip",
+          "in [0, 1]": "beta",
+          "one of " + " ".join(LOSSES): "loss",
+          "one of float32 bfloat16 float16": "teacher_dtype",
+          "numbers": "domain_weights",
+          "device": "device"}
 
 
 def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
@@ -106,7 +120,8 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
     roll, rows_ex, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step)
     names = [d.name for d in domains]
     row_dom = [e.domain for e in rows_ex]
-    tokens, mask, mu = roll.tokens, roll.response_mask[:, 1:], roll.logprobs[:, 1:]
+    # mu: the sampler's untruncated log-probs (top-p/top-k are not reweighted; README)
+    tokens, mask, mu = roll.tokens, roll.response_mask[:, 1:], roll.policy_logprobs[:, 1:]
     groups = route(row_dom)
 
     # the teacher's log-prob of every sampled token: the PG signal, and the sampled KL estimate
@@ -200,30 +215,41 @@ def exact_reverse_kl(model, teachers, domain, tokens, mask, temperature):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, PRESETS)
+    cfg = parse_config(Config, argv, PRESETS, LIMITS)
     print_config(cfg)
-    if cfg.loss not in LOSSES:
-        raise SystemExit(f"error: --loss={cfg.loss}: expected one of {', '.join(LOSSES)}")
     if cfg.orm_alpha and cfg.n < 2:
         raise SystemExit(f"error: --orm_alpha={cfg.orm_alpha} needs --n > 1 (GRPO group advantages)")
-    set_seed(cfg.seed)
-    domains = get_domains(cfg.domains, cfg.data_dir or None)
-    weights = parse_weights(cfg.domain_weights, domains)
-    tok, model, opt, start, src = load_for_training(cfg)
+    mopd.check_objective(cfg)
+    check_start(cfg)
     try:
         registry = parse_registry(cfg.teacher)
     except ValueError as e:
-        raise SystemExit(f"error: --teacher: {e}")
-    teachers = Teachers(registry, device=cfg.device, dtype=getattr(torch, cfg.teacher_dtype),
-                        offload=cfg.teacher_offload)
-    teachers.check_domains([d.name for d in domains])
-    for d in domains:  # before any step: every teacher must share the student's tokenizer
-        validate(tok, model, registry[d.name], d.name)
-    if cfg.loss == "topk" and not 1 <= cfg.topk <= model.config.vocab_size:
-        raise SystemExit(f"error: --topk={cfg.topk}: must be in [1, vocab size {model.config.vocab_size}]")
-    train_loop(cfg, model, opt, tok, domains,
-               lambda step: mopd_step(model, opt, tok, domains, weights, teachers, cfg, step),
-               start, src, desc="mopd", postfix=("reward", "kl_est"))
+        raise ValueError(f"--teacher={cfg.teacher}: {e}") from None
+    sources = {"--init": cfg.init, **{f"--teacher={d}": path for d, path in registry.items()}}
+    with checkpoint.Run(cfg, sources) as run:  # OUT_DIR: locked, checked; run.state when resuming
+        set_seed(cfg.seed)
+        tok, model, opt, start, src = load_for_training(cfg, run.state)
+        domains = get_domains(cfg.domains, cfg.data_dir or None, fits=prompt_fits(tok, model, cfg))
+        weights = parse_weights(cfg.domain_weights, domains)
+        teachers = Teachers(registry, device=cfg.device, dtype=getattr(torch, cfg.teacher_dtype),
+                            offload=cfg.teacher_offload)
+        teachers.check_domains([d.name for d in domains])
+        for d in domains:  # before any step: whole files, and the student's tokenizer
+            validate(tok, model, registry[d.name], d.name)
+        if cfg.loss == "topk" and not 1 <= cfg.topk <= model.config.vocab_size:
+            raise SystemExit(f"error: --topk={cfg.topk}: must be in [1, vocab size {model.config.vocab_size}]")
+        run.begin(start)
+        for step in range(start, cfg.steps):
+            lr = set_lr(opt, cfg, step)
+            row = {"step": step + 1, "lr": lr, **mopd_step(model, opt, tok, domains, weights, teachers, cfg, step)}
+            run.check_finite(row)  # NaN/Inf loss or gradient: stop, the last checkpoint stays the last good one
+            if due(step, cfg.eval_every, cfg.steps):
+                row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
+            run.log(row, show=("reward", "loss", "kl_est"))
+            if due(step, cfg.ckpt_every, cfg.steps):
+                checkpoint.save_checkpoint(cfg.out_dir, model, src, run.trainer_state(step + 1), opt)
+            run.stop_if_interrupted()  # Ctrl-C during this step: stop now that it is logged (and saved, if due)
+    print0(f"saved {cfg.out_dir}")
 
 
 if __name__ == "__main__":

@@ -8,28 +8,35 @@ Supervised fine-tuning, two uses:
 2. The off-policy finetune baseline ("RL-then-distill"): SFT of S0 on responses the teachers
    sampled (--data=teachers: each teacher answers `offpolicy_per_domain` training prompts of
    its domain at temperature 1; only correct ones are kept unless --keep_incorrect=true;
-   the samples are written to OUT_DIR.log/teacher_samples.jsonl), or on a JSONL of
+   the samples are written to OUT_DIR.log/teacher_samples.jsonl; every teacher is first
+   checked against the student like MOPD's: whole files, the same tokenizer), or on a JSONL of
    {"domain", "prompt", "response"} lines (--data=FILE).
 
     python train_sft.py --preset=toy_base                   # S0 -> out/toy/base
     python train_sft.py --preset=toy_offpolicy --init=out/toy/base --teacher=rev=DIR,... --out_dir=out/toy/offpolicy
 
 Loss: -mean over response tokens of log pi_theta(y_t | x, y_<t) (prompt tokens masked).
+Checkpoints, --resume (bit for bit) and the rules that nothing written is lost are those of
+the RL and MOPD scripts (checkpoint.Run); the loop below is the same loop.
 """
 
 import json
 import os
 import random
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
+import checkpoint
+from config import cli, parse_config, print_config
 from model import ModelConfig, Transformer, num_params
 from mopd import policy_logprobs
 from tasks import TOY_OPS, get_domains, save_toy_tokenizer, toy_tokenizer
-from train_utils import (cli, MetricsLog, lr_at, encode_prompt, evaluate, parse_config, print_config, sample_examples,
-                         save_checkpoint, set_seed, step_seed)
+from teachers import parse_registry, validate
+from train_utils import (check_start, clip_and_step, due, encode_prompt, evaluate, prompt_fits, sample_examples,
+                         set_lr, set_seed, step_seed)
 
 
 @dataclass
@@ -57,10 +64,14 @@ class Config:
     warmup: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    # misc
+    # bookkeeping
     eval_every: int = 200
     eval_limit: int = 200          # eval examples per domain
     max_new_tokens: int = 12
+    ckpt_every: int = 200          # a checkpoint (weights + AdamW's state) every this many steps, and at the end
+    resume: bool = False           # continue the run in out_dir (bit for bit) from its checkpoint
+    overwrite: bool = False        # a fresh run may replace the run out_dir already holds
+    resume_override: str = ""      # with --resume: config keys that may differ from the checkpoint's
     seed: int = 0
     device: str = "cpu"
 
@@ -72,6 +83,13 @@ PRESETS = {
     "tiny": dict(out_dir="out/tiny/base", steps=20, batch_size=32, hidden_size=32, num_layers=2,
                  head_dim=16, intermediate_size=64, eval_every=10, eval_limit=20),
 }
+# refused as soon as the command line is read, before anything loads (config.check)
+LIMITS = {">= 1": "offpolicy_per_domain hidden_size num_layers num_heads num_kv_heads head_dim intermediate_size "
+                  "steps batch_size eval_every max_new_tokens ckpt_every",
+          ">= 0": "min_lr warmup weight_decay eval_limit",
+          "> 0": "lr grad_clip",
+          "in [0, 1]": "noise",
+          "device": "device"}
 
 
 def toy_model(cfg, vocab_size, bos, eos, pad):
@@ -129,18 +147,35 @@ def load_samples(path, domain_names):
     return rows
 
 
+def load_model(cfg, state, tmp):
+    """(tokenizer, fp32 model on cfg.device in train mode, the directory whose tokenizer files
+    every checkpoint copies): resumed from cfg.out_dir, a new toy model (init=scratch; its
+    tokenizer written into `tmp`), or cfg.init."""
+    if not state and cfg.init == "scratch":
+        tok = toy_tokenizer()
+        model = toy_model(cfg, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        src = save_toy_tokenizer(tmp)
+    else:
+        src = cfg.out_dir if state else cfg.init
+        tok = checkpoint.load_tokenizer(src, "--out_dir" if state else "--init")
+        model = Transformer.from_pretrained(src, dtype=torch.float32)
+    print(f"model: {num_params(model):,} parameters")
+    return tok, model.to(cfg.device).train(), src
+
+
 @torch.no_grad()
-def teacher_samples(cfg, tok, domains, path):
-    """Each domain's teacher answers fresh training prompts of its domain (T = 1)."""
+def teacher_samples(cfg, tok, model, domains, registry, path):
+    """Each domain's teacher answers fresh training prompts of its domain (T = 1). Every teacher
+    is checked first (teachers.validate: whole files, the student's tokenizer)."""
     from rollout import generate
-    from teachers import parse_registry
     from train_utils import decode, stop_ids
-    reg = parse_registry(cfg.teacher)
+    for d in domains:
+        if d.name not in registry:
+            raise SystemExit(f"error: --teacher: no teacher for domain {d.name!r}; given: {sorted(registry)}")
+        validate(tok, model, registry[d.name], d.name)
     rows, kept = [], []
     for d in domains:
-        if d.name not in reg:
-            raise SystemExit(f"error: --teacher: no teacher for domain {d.name!r}; given: {sorted(reg)}")
-        t = Transformer.from_pretrained(reg[d.name], dtype=torch.float32, device=cfg.device)
+        t = Transformer.from_pretrained(registry[d.name], dtype=torch.float32, device=cfg.device)
         rng = random.Random(step_seed(cfg.seed, 10**6 + len(rows)))
         exs = [d.sample(rng) for _ in range(cfg.offpolicy_per_domain)]
         res = generate(t, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens, temperature=1.0,
@@ -160,56 +195,61 @@ def teacher_samples(cfg, tok, domains, path):
     return kept
 
 
+def batch(cfg, domains, samples, step):
+    """The step's (prompt, response) pairs, from its own seed: noisy demos, or drawn from samples."""
+    rng = random.Random(step_seed(cfg.seed, step))
+    if samples is None:
+        exs = sample_examples(domains, [1.0] * len(domains), cfg.batch_size, rng)
+        return [(e.prompt, noisy_answer(e, rng, cfg.noise)) for e in exs]
+    return rng.choices(samples, k=cfg.batch_size)
+
+
+def sft_step(model, opt, tokens, mask, cfg):
+    """One supervised update: -mean log pi_theta of the response tokens, clipped, AdamW."""
+    logp = policy_logprobs(model, tokens, mask)
+    loss = -logp[mask].mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    return {"loss": round(loss.item(), 4), "grad_norm": clip_and_step(model, opt, cfg.grad_clip)}
+
+
 def main(argv=None):
-    cfg = parse_config(Config, argv, PRESETS)
+    cfg = parse_config(Config, argv, PRESETS, LIMITS)
     print_config(cfg)
-    set_seed(cfg.seed)
-    domains = get_domains(cfg.domains)
-    if cfg.init == "scratch":
-        tok = toy_tokenizer()
-        model = toy_model(cfg, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-        tok_dir = save_toy_tokenizer(cfg.out_dir + ".tokenizer")
-    else:
-        from transformers import AutoTokenizer
-        tok, tok_dir = AutoTokenizer.from_pretrained(cfg.init), cfg.init
-        model = Transformer.from_pretrained(cfg.init, dtype=torch.float32)
-    model.to(cfg.device).train()
-    print(f"model: {num_params(model):,} parameters")
-    samples = None
+    check_start(cfg)
+    registry = {}
     if cfg.data == "teachers":
-        samples = teacher_samples(cfg, tok, domains, os.path.join(cfg.out_dir + ".log", "teacher_samples.jsonl"))
-    elif cfg.data != "demos":
-        samples = load_samples(cfg.data, {d.name for d in domains})
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    log = MetricsLog(os.path.join(cfg.out_dir + ".log", "metrics.jsonl"))
+        try:
+            registry = parse_registry(cfg.teacher)
+        except ValueError as e:
+            raise ValueError(f"--teacher={cfg.teacher}: {e}") from None
+    sources = {"--init": "" if cfg.init == "scratch" else cfg.init,
+               **{f"--teacher={d}": path for d, path in registry.items()}}
     t0 = time.time()
-    for step in range(cfg.steps):
-        rng = random.Random(step_seed(cfg.seed, step))
-        if samples is None:
-            exs = sample_examples(domains, [1.0] * len(domains), cfg.batch_size, rng)
-            pairs = [(e.prompt, noisy_answer(e, rng, cfg.noise)) for e in exs]
-        else:
-            pairs = rng.choices(samples, k=cfg.batch_size)
-        tokens, mask = pack(tok, pairs, cfg.device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
-        logp = policy_logprobs(model, tokens, mask)
-        loss = -logp[mask].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        row = {"step": step + 1, "loss": round(loss.item(), 4), "lr": lr_at(cfg, step)}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            acc = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
-            row["eval"] = acc
-            print(f"step {step + 1}: loss {loss.item():.3f}  eval " +
-                  " ".join(f"{k}={v:.2f}" for k, v in acc.items()) + f"  ({time.time() - t0:.0f}s)")
-        log.log(row)
-    save_checkpoint(cfg.out_dir, model, tok_dir, {"step": cfg.steps, "config": asdict(cfg)})
-    if cfg.init == "scratch":
-        import shutil
-        shutil.rmtree(tok_dir, ignore_errors=True)
+    with checkpoint.Run(cfg, sources) as run, tempfile.TemporaryDirectory() as tmp:  # OUT_DIR: locked, checked
+        set_seed(cfg.seed)
+        tok, model, src = load_model(cfg, run.state, tmp)
+        domains = get_domains(cfg.domains, fits=prompt_fits(tok, model, cfg))
+        samples = None
+        if cfg.data == "teachers":
+            samples = teacher_samples(cfg, tok, model, domains, registry,
+                                      os.path.join(cfg.out_dir + ".log", "teacher_samples.jsonl"))
+        elif cfg.data != "demos":
+            samples = load_samples(cfg.data, {d.name for d in domains})
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        start = checkpoint.resume_optimizer(run.state, cfg.out_dir, model, opt)
+        run.begin(start)
+        for step in range(start, cfg.steps):
+            lr = set_lr(opt, cfg, step)
+            tokens, mask = pack(tok, batch(cfg, domains, samples, step), cfg.device)
+            row = {"step": step + 1, "lr": lr, **sft_step(model, opt, tokens, mask, cfg)}
+            run.check_finite(row)  # NaN/Inf loss or gradient: stop, the last checkpoint stays the last good one
+            if due(step, cfg.eval_every, cfg.steps):
+                row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
+            run.log(row)
+            if due(step, cfg.ckpt_every, cfg.steps):
+                checkpoint.save_checkpoint(cfg.out_dir, model, src, run.trainer_state(step + 1), opt)
+            run.stop_if_interrupted()  # Ctrl-C during this step: stop now that it is logged (and saved, if due)
     print(f"saved {cfg.out_dir} ({time.time() - t0:.0f}s)")
 
 

@@ -18,7 +18,8 @@ GRPO "in quotes", with the simplifications stated:
     python train_teacher_rl.py --preset=toy --domains=rev,sort,sum --out_dir=out/toy/mixrl   # Mix-RL
     torchrun --nproc_per_node=8 train_teacher_rl.py ...   (multi-GPU: see README "Scale")
 Every step appends a JSONL row to OUT_DIR.log/metrics.jsonl; --resume=true continues from the
-checkpoint in OUT_DIR bit for bit.
+checkpoint in OUT_DIR bit for bit (what may not be lost, and the one-line errors that guard it:
+checkpoint.Run).
 """
 
 import time
@@ -26,12 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
+import checkpoint
 import distributed
-from mopd import group_advantages, pg_update, policy_logprobs
+from config import cli, parse_config, print_config
+from mopd import check_objective, group_advantages, pg_update, policy_logprobs
 from tasks import get_domains
 from teachers import load_frozen
-from train_utils import (cli, clip_and_step, load_for_training, parse_config, parse_weights, print_config, sample_and_reward,
-                         set_seed, train_loop)
+from train_utils import (check_start, clip_and_step, due, evaluate, load_for_training, parse_weights, print0,
+                         prompt_fits, sample_and_reward, set_lr, set_seed)
 
 
 @dataclass
@@ -66,7 +69,10 @@ class Config:
     eval_every: int = 25
     eval_limit: int = 200
     ckpt_every: int = 25
-    resume: bool = False
+    resume: bool = False           # continue the run in out_dir (bit for bit) from its checkpoint
+    overwrite: bool = False        # a fresh run may replace the run out_dir already holds
+    resume_override: str = ""      # with --resume: config keys that may differ from the checkpoint's
+                                   # (e.g. steps,lr; checkpoint.RESUMABLE lists those that always may)
     seed: int = 0
     # scale: under torchrun the model is sharded with FSDP2 (distributed.py); see README "Scale"
     bf16: bool = False             # bf16 compute, fp32 master weights and gradient reduction
@@ -86,6 +92,13 @@ PRESETS = {
                                  micro_batch=1, eval_every=20, eval_limit=256, ckpt_every=10, bf16=True,
                                  activation_checkpointing=True, optimizer_offload=True),
 }
+# refused as soon as the command line is read, before anything loads (config.check); the
+# objective's own traps (eps, ratio_mode, loss_agg, temperature, top_p, n) are mopd.check_objective's
+LIMITS = {">= 1": "steps prompts_per_step max_new_tokens micro_batch eval_every ckpt_every",
+          ">= 0": "kl_coef min_lr warmup weight_decay eval_limit",
+          "> 0": "lr grad_clip",
+          "numbers": "domain_weights",
+          "device": "device"}
 
 
 def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
@@ -94,7 +107,8 @@ def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
     t0 = time.time()
     roll, rows, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step)
     adv = group_advantages(rewards, cfg.n, cfg.std_norm).to(roll.tokens.device)
-    batch = {"tokens": roll.tokens, "mask": roll.response_mask[:, 1:], "old_logp": roll.logprobs[:, 1:]}
+    # old_logp: the sampler's untruncated log-probs (top-p/top-k are not reweighted; README)
+    batch = {"tokens": roll.tokens, "mask": roll.response_mask[:, 1:], "old_logp": roll.policy_logprobs[:, 1:]}
     if ref is not None:
         with torch.no_grad():
             batch["ref_logp"] = policy_logprobs(ref, roll.tokens, batch["mask"], cfg.temperature)
@@ -102,7 +116,7 @@ def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
             ref.reshard()
     opt.zero_grad(set_to_none=True)
     # one advantage per sequence, broadcast over its tokens
-    m = pg_update(model, batch, lambda r, logp, w: adv[r, None].expand(-1, w), cfg, cfg.micro_batch)
+    m = pg_update(model, batch, lambda r, logp, w: adv[r, None].expand(-1, w), cfg, cfg.micro_batch, cfg.kl_coef)
     gnorm = clip_and_step(model, opt, cfg.grad_clip)
     # every rank's rows, in order: the same metrics on every rank (rank 0 logs them)
     rewards = distributed.gather_list(rewards)
@@ -120,15 +134,30 @@ def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, PRESETS)
+    cfg = parse_config(Config, argv, PRESETS, LIMITS)
     print_config(cfg)
-    set_seed(cfg.seed)
-    domains = get_domains(cfg.domains, cfg.data_dir or None)
-    weights = parse_weights(cfg.domain_weights, domains)
-    tok, model, opt, start, src = load_for_training(cfg)
-    ref = load_frozen(cfg.init, torch.float32, cfg.device) if cfg.kl_coef else None
-    train_loop(cfg, model, opt, tok, domains, lambda step: rl_step(model, opt, tok, domains, weights, cfg, step, ref),
-               start, src, desc="rl", postfix=("reward", "ratio_mean"))
+    check_objective(cfg)
+    if cfg.n < 2:  # one sample per prompt: every group advantage is 0, nothing would be learnt
+        raise ValueError(f"--n={cfg.n}: GRPO needs >= 2 samples per prompt (its advantage is r - mean of the group)")
+    check_start(cfg)
+    with checkpoint.Run(cfg, sources={"--init": cfg.init}) as run:  # OUT_DIR: locked, checked
+        set_seed(cfg.seed)
+        tok, model, opt, start, src = load_for_training(cfg, run.state)
+        domains = get_domains(cfg.domains, cfg.data_dir or None, fits=prompt_fits(tok, model, cfg))
+        weights = parse_weights(cfg.domain_weights, domains)
+        ref = load_frozen(cfg.init, torch.float32, cfg.device) if cfg.kl_coef else None
+        run.begin(start)
+        for step in range(start, cfg.steps):
+            lr = set_lr(opt, cfg, step)
+            row = {"step": step + 1, "lr": lr, **rl_step(model, opt, tok, domains, weights, cfg, step, ref)}
+            run.check_finite(row)  # NaN/Inf loss or gradient: stop, the last checkpoint stays the last good one
+            if due(step, cfg.eval_every, cfg.steps):
+                row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
+            run.log(row, show=("reward", "loss", "ratio_mean"))
+            if due(step, cfg.ckpt_every, cfg.steps):
+                checkpoint.save_checkpoint(cfg.out_dir, model, src, run.trainer_state(step + 1), opt)
+            run.stop_if_interrupted()  # Ctrl-C during this step: stop now that it is logged (and saved, if due)
+    print0(f"saved {cfg.out_dir}")
 
 
 if __name__ == "__main__":

@@ -1,75 +1,30 @@
 """
-What every training script shares, so that each of them reads as its own loop:
-- parse_config: one dataclass per script, overridden by --preset=NAME then --key=value.
+What every training script shares, so that each of them reads as its own loop (the command
+line, --help and the error convention are config.py's):
 - prompt/response glue: encode_prompt, stop_ids, decode.
 - evaluate: greedy accuracy on each domain's held-out split.
-- checkpoints: one format for every script, an HF model directory (transformers loads it)
-  plus trainer_state.pt (step, config) plus optimizer/ (a torch.distributed.checkpoint of
-  AdamW's state, one file per rank that wrote it; it loads at any world size), written
-  atomically; resume from it is bit-identical because every step's randomness is derived
-  from (seed, step).
-- MetricsLog: JSONL metrics, truncated back to the resumed step on --resume.
-Under torchrun every rank runs all of this: each takes its own slice of a step's prompts
-(distributed.rank_range), the sharded model and checkpoints are collective, rank 0 alone
-prints and writes the log.
+- the pieces of every loop: check_start (what can be refused before OUT_DIR is touched),
+  load_for_training (the model, sharded under torchrun, and AdamW; resumed from the
+  checkpoint checkpoint.Run found), set_lr, due, clip_and_step, prompt_fits (every prompt of
+  a JSONL domain must leave room for max_new_tokens in the model's context).
+Checkpoints, the metrics log and the rules that nothing already written is lost are
+checkpoint.py's; resume is bit-identical because every step's randomness is derived from
+(seed, step). Under torchrun every rank runs all of this: each takes its own slice of a
+step's prompts (distributed.rank_range), the sharded model and checkpoints are collective,
+rank 0 alone prints and writes the log.
 """
 
-import dataclasses
 import functools
-import json
 import math
 import os
 import random
-import sys
 import time
-import warnings
 
 import torch
 
+import checkpoint
 import distributed
-from model import replace_dir
 from rollout import generate
-
-# -----------------------------------------------------------------------------
-# config: a dataclass, presets, --key=value
-
-def parse_config(cls, argv=None, presets=None):
-    """Build cls() and apply --preset=NAME (from `presets`), then --key=value overrides."""
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = cls()
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    pairs = []
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"error: argument {arg!r}: expected --key=value (keys: {', '.join(names)})")
-        pairs.append(arg[2:].split("=", 1))
-    for key, val in [p for p in pairs if p[0] == "preset"]:
-        if not presets or val not in presets:
-            raise SystemExit(f"error: --preset={val}: unknown preset; presets: {', '.join(presets or [])}")
-        for k, v in presets[val].items():
-            setattr(cfg, k, v)
-    for key, val in pairs:
-        if key == "preset":
-            continue
-        if key not in names:
-            raise SystemExit(f"error: --{key}: unknown config key; keys: {', '.join(names)}")
-        setattr(cfg, key, _convert(key, val, type(getattr(cfg, key))))
-    return cfg
-
-
-def _convert(key, val, typ):
-    try:
-        if typ is bool:
-            if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            return val.lower() in ("1", "true", "yes")
-        return typ(val)
-    except ValueError:
-        raise SystemExit(f"error: --{key}={val}: expected a value of type {typ.__name__}") from None
-
-
-def print_config(cfg):
-    print0("config:", json.dumps(dataclasses.asdict(cfg), indent=None))
 
 # -----------------------------------------------------------------------------
 # prompts and responses
@@ -103,9 +58,12 @@ def parse_weights(spec, domains):
     """'0.35,0.35,0.3' -> one weight per domain; '' -> uniform."""
     if not spec:
         return [1.0] * len(domains)
-    w = [float(x) for x in spec.split(",")]
+    try:
+        w = [float(x) for x in spec.split(",")]
+    except ValueError:
+        w = []
     if len(w) != len(domains) or any(x < 0 for x in w) or sum(w) <= 0:
-        raise SystemExit(f"error: --domain_weights={spec}: need {len(domains)} non-negative weights "
+        raise ValueError(f"--domain_weights={spec}: need {len(domains)} non-negative weights "
                          f"for domains {[d.name for d in domains]}")
     return w
 
@@ -119,8 +77,11 @@ def lr_at(cfg, step):
 
 
 def step_seed(seed, step):
-    """Every step's randomness (prompts, sampling) comes from here, so resume is exact."""
-    return (seed * 1_000_003 + step) % (2**31 - 1)
+    """Every step's randomness (prompts, sampling) comes from here, so resume is exact: a 64-bit
+    hash of (seed, step), so that no two (seed, step) pairs share a stream (seed * K + step,
+    the old formula, made seed 0 at step K the same as seed 1 at step 0)."""
+    from rollout import mix_seed
+    return mix_seed(seed, step)
 
 
 @torch.no_grad()
@@ -128,8 +89,9 @@ def sample_and_reward(model, tok, domains, weights, cfg, step):
     """
     The on-policy half of an RL or MOPD step: cfg.prompts_per_step prompts by the domain
     mixture, cfg.n rollouts each from `model`, each scored by its own domain's reward.
-    Under torchrun this rank's contiguous slice of the prompts (whole GRPO groups), sampled
-    from the same per-prompt random streams as one process would use.
+    Under torchrun this rank's contiguous slice [a, b) of the prompts (whole GRPO groups),
+    sampled from the same random streams as one process would use: sample j of prompt a + i
+    draws from the stream of (step_seed(seed, step), a + i, j) (rollout.row_uniforms).
     Returns (rollout, the Example of each row, rewards, seconds spent sampling).
     """
     rng = random.Random(step_seed(cfg.seed, step))
@@ -141,7 +103,7 @@ def sample_and_reward(model, tok, domains, weights, cfg, step):
     with distributed.gathered(model, cfg.rollout_gather):
         roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
                         temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
-                        n=cfg.n, seed=step_seed(cfg.seed, step) + a, pad_id=tok.pad_token_id or 0)
+                        n=cfg.n, seed=step_seed(cfg.seed, step), first_prompt=a, pad_id=tok.pad_token_id or 0)
     t_sample = time.time() - t0
     by_name = {d.name: d for d in domains}
     rows = [exs[i] for i in roll.prompt_index]
@@ -163,7 +125,10 @@ EVAL_SAMPLES = 4
 def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=512, temperature=EVAL_TEMPERATURE,
              samples=EVAL_SAMPLES, seed=0):
     """Mean reward of `model` on each domain's held-out split (seeded, so it is repeatable).
-    Under torchrun each rank scores its slice; prompt i always gets the random stream seed + i."""
+    Under torchrun each rank scores its slice; sample j of a domain's held-out prompt i always
+    draws from the stream of (a hash of (seed, the domain's name), i, j), on any number of ranks,
+    in any batch, and whichever other domains are evaluated."""
+    import zlib
     was_training = model.training
     model.eval()
     n = 1 if temperature == 0 else samples
@@ -174,11 +139,12 @@ def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=512, tempera
         a, b = distributed.rank_range(len(exs))
         mine = exs[a:b]
         total = 0.0
+        dseed = step_seed(seed, zlib.crc32(d.name.encode()))  # the hash of (seed, the domain's name)
         for s in range(0, per * distributed.global_max(-(-len(mine) // per)), per):
             chunk = mine[s:s + per] or mine[:1]  # past this rank's end: a dummy batch, not counted
             res = generate(model, [encode_prompt(tok, e.prompt) for e in chunk], max_new_tokens,
                            temperature=temperature, stop_token_ids=stop_ids(tok, model), n=n,
-                           seed=seed + a + s, pad_id=tok.pad_token_id or 0)
+                           seed=dseed, first_prompt=a + s, pad_id=tok.pad_token_id or 0)
             if s < len(mine):
                 total += sum(d.reward(decode(tok, ids), chunk[i])
                              for ids, i in zip(res.response_ids, res.prompt_index))
@@ -188,129 +154,79 @@ def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=512, tempera
     return out
 
 # -----------------------------------------------------------------------------
-# checkpoints
-
-def save_checkpoint(path, model, tokenizer_dir, state, opt=None):
-    """
-    HF directory + trainer_state.pt (+ optimizer/ when training continues), swapped in
-    atomically: written under PATH.staging, renamed over PATH last, so a crash at any point
-    leaves the previous checkpoint whole, or the new one complete in PATH.staging (which
-    --resume then puts in place: recover_checkpoint). Collective under torchrun: every rank calls it,
-    save_pretrained gathers one file's tensors at a time to rank 0, and each rank writes
-    its own shard of the optimizer state (all ranks must see one filesystem).
-    """
-    rank = distributed.world()[0]
-    staging = model.save_pretrained(path + ".staging", tokenizer_dir=tokenizer_dir)
-    if opt is not None:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-        with warnings.catch_warnings():  # "no process group: assuming a single process" is the point
-            warnings.simplefilter("ignore", UserWarning)
-            dcp().save(get_optimizer_state_dict(model, opt), checkpoint_id=os.path.join(staging, "optimizer"))
-    distributed.barrier()
-    if rank == 0:
-        torch.save(state, os.path.join(staging, "trainer_state.pt"))
-        replace_dir(staging, path)
-    distributed.barrier()
-
-
-def recover_checkpoint(path):
-    """A crash inside replace_dir, between moving the old checkpoint aside and renaming the new
-    one into place, leaves no PATH but a complete PATH.staging (trainer_state.pt is written
-    last): put it in place, so that --resume continues from it instead of starting over."""
-    staging = path + ".staging"
-    if not os.path.exists(path) and os.path.exists(os.path.join(staging, "trainer_state.pt")):
-        os.rename(staging, path)
-        print(f"recovered {path} from {staging}")
-
-
-def load_optimizer(path, model, opt):
-    """Fill `opt` from PATH/optimizer (written by save_checkpoint at any world size)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    if not os.path.isdir(os.path.join(path, "optimizer")):
-        raise FileNotFoundError(f"{path}/optimizer: missing; cannot resume the optimizer state")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        osd = get_optimizer_state_dict(model, opt)  # a template: AdamW's state at step 0, our layout
-        dcp().load(osd, checkpoint_id=os.path.join(path, "optimizer"))
-        set_optimizer_state_dict(model, opt, osd)
-
-
-def dcp():
-    import torch.distributed.checkpoint as dcp
-    return dcp
-
-
-def load_trainer_state(path):
-    f = os.path.join(path, "trainer_state.pt")
-    return torch.load(f, weights_only=False) if os.path.exists(f) else None
-
+# the pieces of every training loop (train_sft.py, train_teacher_rl.py, train_mopd.py)
 
 def set_seed(seed):
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-class MetricsLog:
-    """Append-only JSONL; on resume, lines past the resumed step are dropped first."""
-    def __init__(self, path, resume_step=None):
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if resume_step is None:
-            open(path, "w").close()
-        elif os.path.exists(path):
-            keep = [l for l in open(path) if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(keep)
-        self.t0 = time.time()
+def check_start(cfg):
+    """What is refused before the output directory is even looked at: FSDP's options without
+    torchrun, and a missing --init for a fresh run (a resumed one starts from OUT_DIR)."""
+    if not distributed.active() and (getattr(cfg, "bf16", False) or getattr(cfg, "optimizer_offload", False)):
+        raise SystemExit("error: --bf16 / --optimizer_offload are FSDP options: run under torchrun "
+                         "(torchrun --nproc_per_node=1 for one GPU)")
+    if not cfg.resume and cfg.init != "scratch" and not os.path.isdir(cfg.init):
+        raise SystemExit(f"error: --init={cfg.init}: no such checkpoint directory")
 
-    def log(self, row):
-        row = {**row, "time": round(time.time() - self.t0, 3)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
 
-# -----------------------------------------------------------------------------
-# the loop every RL-style script runs (train_teacher_rl.py, train_mopd.py)
-
-def load_for_training(cfg):
+def load_for_training(cfg, state=None):
     """
-    (tokenizer, fp32 model, AdamW, start step, source dir), resuming from cfg.out_dir if asked.
+    (tokenizer, fp32 model, AdamW, start step, source dir): from cfg.init, or from cfg.out_dir
+    when `state` (the trainer_state.pt checkpoint.Run found to resume) is given, in which case
+    AdamW's state is restored too and start is the checkpoint's step.
     Under torchrun the model is sharded with FSDP2 as it is loaded (each rank reads only its
     shard): cfg.bf16 = bf16 compute with fp32 master weights and gradient reduction,
     cfg.optimizer_offload = sharded params, grads and AdamW state in host memory,
     cfg.activation_checkpointing = recompute each layer in backward.
     """
-    from transformers import AutoTokenizer
-
     from model import Transformer
+    check_start(cfg)
     if cfg.device == "auto":  # under torchrun on GPUs: this rank's own GPU
         cfg.device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    if cfg.resume and distributed.world()[0] == 0:
-        recover_checkpoint(cfg.out_dir)
-    distributed.barrier()
-    state = load_trainer_state(cfg.out_dir) if cfg.resume else None
     src = cfg.out_dir if state else cfg.init
     if not os.path.isdir(src):
         raise SystemExit(f"error: --init={src}: no such checkpoint directory")
-    tok = AutoTokenizer.from_pretrained(src)
+    tok = checkpoint.load_tokenizer(src, "--out_dir" if state else "--init")
     shard_fn = functools.partial(distributed.shard, mp_policy=distributed.BF16_MIXED if cfg.bf16 else None,
                                  offload=cfg.optimizer_offload, activation_checkpointing=cfg.activation_checkpointing)
     sharded = distributed.active()
-    if not sharded and (cfg.bf16 or cfg.optimizer_offload):
-        raise SystemExit("error: --bf16 / --optimizer_offload are FSDP options: run under torchrun "
-                         "(torchrun --nproc_per_node=1 for one GPU)")
     model = Transformer.from_pretrained(src, dtype=torch.float32, device="cpu" if cfg.optimizer_offload else cfg.device,
                                         shard_fn=shard_fn if sharded else None).train()
     if not sharded and cfg.activation_checkpointing:
         shard_fn(model)  # one process: nothing to shard, activation checkpointing only
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    start = 0
-    if state and "optimizer" in state:  # a checkpoint from before optimizer/ existed
-        opt.load_state_dict(state["optimizer"])
-    elif state:
-        load_optimizer(cfg.out_dir, model, opt)
-        start = state["step"]
-        print0(f"resumed {cfg.out_dir} at step {start}")
+    start = checkpoint.resume_optimizer(state, cfg.out_dir, model, opt)
     return tok, model, opt, start, src
+
+
+def prompt_fits(tok, model, cfg):
+    """For tasks.get_domains(fits=...): why a prompt (as encode_prompt tokenises it) leaves no
+    room for cfg.max_new_tokens in the model's context, or None when it fits. Checked when a
+    JSONL domain is loaded, so a long line is refused at start-up (`FILE:LINE: ...`), not at
+    the step that first draws it."""
+    ctx = model.config.max_position_embeddings
+    room = ctx - cfg.max_new_tokens
+
+    def why(text):
+        n = len(encode_prompt(tok, text))
+        return None if n <= room else (f"prompt is {n} tokens; the context leaves room for {room} "
+                                       f"(max_position_embeddings {ctx} - --max_new_tokens={cfg.max_new_tokens})")
+    return why
+
+
+def set_lr(opt, cfg, step):
+    """The learning rate of `step` (lr_at) into every param group; returns it."""
+    lr = lr_at(cfg, step)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def due(step, every, steps):
+    """Whether 0-based `step` ends a period of `every` steps, or is the last one."""
+    return (step + 1) % every == 0 or step + 1 == steps
 
 
 def clip_and_step(model, opt, max_norm):
@@ -323,45 +239,3 @@ def clip_and_step(model, opt, max_norm):
 def print0(*args):
     if distributed.world()[0] == 0:
         print(*args)
-
-
-def train_loop(cfg, model, opt, tok, domains, step_fn, start, src, desc, postfix=("reward",)):
-    """
-    For step in [start, cfg.steps): metrics = step_fn(step) (which samples, scores and
-    updates), held-out eval every cfg.eval_every steps, a JSONL row per step, and an atomic
-    checkpoint every cfg.ckpt_every steps and at the end. Every rank runs it; rank 0 logs.
-    """
-    from tqdm import tqdm
-    main = distributed.world()[0] == 0
-    log = MetricsLog(cfg.out_dir + ".log/metrics.jsonl", resume_step=start if start else None) if main else None
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, mininterval=2, disable=not main)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
-        row = {"step": step + 1, "lr": lr_at(cfg, step), **step_fn(step)}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
-            if main:
-                bar.write(f"step {step + 1}: eval " + " ".join(f"{k}={v:.3f}" for k, v in row["eval"].items()))
-        if main:
-            log.log(row)
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in postfix if k in row}, refresh=False)
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(cfg.out_dir, model, src, {"step": step + 1, "config": dataclasses.asdict(cfg),
-                                                      "world_size": distributed.world()[1]}, opt)
-    print0(f"saved {cfg.out_dir}")
-
-
-def cli(main):
-    """Run a script's main() (under torchrun too: it joins the process group first and leaves
-    it last); bad input (a ValueError, KeyError or missing file) becomes one line on stderr
-    and exit status 2, not a traceback."""
-    try:
-        distributed.init_distributed()
-        main()
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        distributed.teardown()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Teacher-count scaling (the paper leaves it open): MOPD with K = 2, 3, 4, 6, 8 toy domains,
 # one RL teacher each, all from one S0; plots normalised retention against K.
-#   bash runs/scaling.sh            (OUT=out/scaling; reuses OUT/base and OUT/teacher_* if present)
+#   bash runs/scaling.sh            (OUT=out/scaling; reuses OUT/base and OUT/teacher_* if present;
+#                                    the MOPD runs of an earlier call are replaced: --overwrite=true)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/scaling}
@@ -24,7 +25,7 @@ for k in $KS; do
   teachers=$(echo "$doms" | tr ',' '\n' | sed "s|.*|&=$OUT/teacher_&|" | paste -sd,)
   # same number of samples per domain at every K: prompts per step grow with K
   run mopd_k$k train_mopd.py --preset=toy --seed=$SEED --init=$OUT/base --domains=$doms --teacher=$teachers \
-      --prompts_per_step=$((22 * k)) --out_dir=$OUT/mopd_k$k
+      --prompts_per_step=$((22 * k)) --out_dir=$OUT/mopd_k$k --overwrite=true
   run eval_k$k evaluate.py --domains=$doms --base=$OUT/base --teacher=$teachers --model=MOPD=$OUT/mopd_k$k \
       --out=$OUT/results_k$k
   results+=("$k=$OUT/results_k$k.json")

@@ -9,6 +9,8 @@
 #   SEED_LIST="1 2" bash runs/toy.sh    # just these seeds (e.g. in parallel shells); the table
 #                                       # aggregates every OUT/seed*/results.json present
 #   DOMAINS=rev,sort,odd MULTI_ROUND=0 OUT=out/toy bash runs/toy.sh
+#   OVERWRITE=1 bash runs/toy.sh        # replace an earlier run's OUT/seedN (by default a rerun
+#                                       # stops before touching it: the trainers never overwrite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-1}
@@ -24,6 +26,10 @@ say() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
 SEED_LIST=${SEED_LIST:-$(seq 0 $((SEEDS - 1)))}
 for seed in $SEED_LIST; do
   o=$OUT/seed$seed
+  if [ -n "$(ls -A "$o" 2>/dev/null)" ]; then
+    [ "${OVERWRITE:-0}" = 1 ] || { echo "error: $o holds an earlier run: OVERWRITE=1 replaces it" >&2; exit 2; }
+    rm -rf "$o"
+  fi
   mkdir -p "$o"
   run() { local name=$1; shift; say "seed $seed: $name"; "$PY" "$@" > "$o/$name.txt" 2>&1 || { tail -20 "$o/$name.txt"; exit 1; }; }
 

@@ -1,7 +1,7 @@
 """Shared test fixtures: tiny random Hugging Face checkpoints built offline, and our loader."""
+import atexit
 import contextlib
 import os
-import socket
 import sys
 
 import pytest
@@ -9,7 +9,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-torch.set_num_threads(2)
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -78,18 +77,34 @@ def toy(tmp_path_factory):
 
 # ---- two torchrun-like ranks inside pytest (torch.multiprocessing.spawn) ------------------
 
+_served = []  # the rendezvous store of the latest spawned group: see free_port()
+atexit.register(_served.clear)  # its server thread stopped while the interpreter is whole
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The rendezvous port for the next group of spawned ranks (join_ranks), *held*: this (pytest)
+    process serves a TCPStore there on a port the OS picked, and keeps it until the next call.
+    The ranks join it as clients, as torchrun's ranks join their agent's store.
+    Two races this removes. (1) A port found free by bind-then-close is free only until the
+    ranks bind it seconds later (spawned interpreters import torch first): any process on the
+    machine (another test run, a gloo listener, an outgoing connection) can take it meanwhile.
+    (2) Without an outside store, rank 0 serves it: every rank's process group (and so the
+    store, which FSDP-sharded modules keep alive past destroy_process_group) then depends on
+    rank 0's process, whose server thread is torn down only at its interpreter's exit, possibly
+    while the other rank is still leaving the group. The name stays free_port for the callers
+    (tests/test_plan_memory.py)."""
+    import torch.distributed as dist
+    _served[:] = [dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)]
+    return _served[0].port
 
 
 def join_ranks(rank, port, world=2):
-    """In a spawned worker: torchrun's environment, one thread, then the project's own
-    init_distributed (gloo, a 60 s timeout so that a hang fails the test instead of CI)."""
+    """In a spawned worker: torchrun's environment (a client of the store free_port() serves, as
+    torchrun's agent store), one thread, then the project's own init_distributed (gloo, a 60 s
+    timeout so that a hang fails the test instead of CI)."""
     import distributed
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     return distributed.init_distributed(timeout_s=60)
 
@@ -108,16 +123,16 @@ def one_thread():
 def killed_after_step(step):
     """The training run inside this block dies (KeyboardInterrupt) right after its checkpoint
     of `step` is complete, like a job killed between two steps."""
-    import train_utils
-    save = train_utils.save_checkpoint
+    import checkpoint
+    save = checkpoint.save_checkpoint
 
     def save_then_die(path, model, tokenizer_dir, state, opt=None):
         save(path, model, tokenizer_dir, state, opt)
         if state["step"] == step:
             raise KeyboardInterrupt
-    train_utils.save_checkpoint = save_then_die
+    checkpoint.save_checkpoint = save_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
             yield
     finally:
-        train_utils.save_checkpoint = save
+        checkpoint.save_checkpoint = save

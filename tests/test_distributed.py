@@ -28,8 +28,10 @@ def _launch(script, args, nproc, env=None, check=True):
     if nproc == 1:
         cmd = [sys.executable, ENTRY, script, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "--max_restarts=0", ENTRY, script, *args]
+        # --standalone: torchrun's agent serves the rendezvous store on a port the OS picks and
+        # holds (not a port found free earlier, which another process may take meanwhile)
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+               "--max_restarts=0", ENTRY, script, *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -85,7 +87,7 @@ def test_mopd_two_ranks_equal_one_process_and_resume_after_a_kill(toy, tmp_path)
     _assert_same_run(two, killed, 0.0)  # bit for bit
     # the sharded checkpoint also resumes in one process (torch.distributed.checkpoint reshards)
     wk = _weights(killed)
-    _launch("mopd", args + [f"--out_dir={killed}", "--resume=true", "--steps=5"], 1)
+    _launch("mopd", args + [f"--out_dir={killed}", "--resume=true", "--steps=5", "--resume_override=steps"], 1)
     assert [r["step"] for r in _log(killed)] == [1, 2, 3, 4, 5]
     assert not all(torch.equal(wk[k], v) for k, v in _weights(killed).items())
 
@@ -149,3 +151,12 @@ def test_rank_range_and_collectives_at_world_size_1(monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: (0, 4))
     with pytest.raises(ValueError, match="3 prompts per step cannot be split over 4 ranks"):
         distributed.rank_range(3)
+
+
+def test_teardown_is_safe_without_a_process_group(tmp_path):
+    assert not dist.is_initialized()
+    distributed.teardown()  # plain python: nothing to leave
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    distributed.teardown()
+    assert not dist.is_initialized()
+    distributed.teardown()  # already left: still nothing to do

@@ -4,9 +4,19 @@ direction, the JSD ends, gradcheck, the sampled-token estimator, and the Triton 
 CPU under TRITON_INTERPRET=1 (in a child process, since the variable must be set before triton
 is imported and other test modules may have imported it already).
 
-Errors are norm-wise: |ours - ref| / |ref| over the whole tensor. Bounds: 1e-5 for fp32 inputs,
-1e-2 for bf16 inputs (the reference then sees the same bf16 values, upcast to float64).
+Every value and gradient is checked against the plain *_ref code (kernels.py) on the same
+inputs, evaluated in float64 as the truth. The error is norm-wise, |ours - truth| / |truth| over
+the whole tensor, and its bound is not a fixed number but follows from what plain code achieves:
+the same *_ref code run in the inputs' own precision (fp32; for bf16 inputs, fp32 math on the
+bf16 values with the gradients rounded to bf16, as ours) misses the truth by err_plain, and ours
+may miss it by 2 * err_plain + 2 sqrt(V) 2^-24 (see errors()). A fixed bound cannot be right for
+every vocabulary and machine: the hidden gradient is a V-long fp32 dot product per element, whose
+error grows with V and depends on the BLAS's summation order (plain fp32 code is off by ~4e-5 at
+V = 151936 on an MKL CPU, ~3e-7 at V = 1000). A real bug lands far outside: a gradient scaled by
+0.99 is off by 1e-2, a temperature of 0.71 for 0.7 by ~1e-2 too, against bounds of ~1e-6..1e-4
+(fp32) and ~4e-3 (bf16, where err_plain is bf16's own rounding, at most 2^-9 per element).
 """
+import importlib.util
 import json
 import math
 import os
@@ -20,12 +30,52 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels as K  # noqa: E402
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+U32 = 2**-24  # fp32 unit roundoff
 
 
 def rel_err(ours, ref):
     ours, ref = ours.double(), ref.double()
     return ((ours - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def cast(dtype, *tensors):
+    return [t.detach().to(dtype) for t in tensors]
+
+
+def grads_of(fn, tensors, g=None):
+    """[fn's output, gradients of sum(out * g) w.r.t. `tensors` (fresh leaves)...]: one flat
+    list. g=None: the outputs only (a tuple of several becomes the list)."""
+    if g is None:
+        with torch.no_grad():
+            out = fn(*tensors)
+        return list(out) if isinstance(out, tuple) else [out]
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    return [out, *torch.autograd.grad((out * g).sum(), leaves)]
+
+
+def reference(fn, tensors, g=None):
+    """Plain code `fn` (one of the *_ref functions) on the same inputs: (its outputs and gradients
+    in float64, the truth; the same in the inputs' own dtype, what plain code achieves)."""
+    return grads_of(fn, cast(torch.float64, *tensors), g), grads_of(fn, tensors, g)
+
+
+def errors(ours, ref, V):
+    """[(error of ours, its bound)] per tensor; ref = reference(...), V = the vocabulary size.
+    Bound: twice the plain code's error (same inputs, same precision, same conditioning), plus
+    what summing V fp32 terms in another order may cost (~sqrt(V) roundings, twice): ours
+    sums in chunks of rows, and a BLAS sums a few rows down another path than one big GEMM
+    (MKL, chunk_size=3: 3x the plain code's error, on gradients good to ~1e-6). That slack is
+    4e-6 at V = 1000 and 5e-5 at V = 151936, against the 1e-2 of a 1% bug."""
+    truth, plain = ref
+    assert len(ours) == len(truth) == len(plain)
+    slack = 2 * math.sqrt(V) * U32
+    return [(rel_err(a, t), 2 * rel_err(p, t) + slack) for a, t, p in zip(ours, truth, plain)]
+
+
+def check(ours, ref, V, what=""):
+    for i, (err, bound) in enumerate(errors(ours, ref, V)):
+        assert err <= bound, f"{what} tensor {i}: error {err:.3g} > bound {bound:.3g}"
 
 
 def lm_inputs(B, T, H, V, dtype=torch.float32, seed=0, scale=1.0):
@@ -37,18 +87,6 @@ def lm_inputs(B, T, H, V, dtype=torch.float32, seed=0, scale=1.0):
     mask = torch.rand(B, T, generator=g) > 0.25
     mask[0, 0] = True
     return hidden.to(dtype), weight.to(dtype), mask
-
-
-def grads_of(fn, tensors, g):
-    """Gradients of sum(out * g) w.r.t. `tensors` (fresh leaves), and out."""
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    total = out if not isinstance(out, tuple) else out[0] + 0.5 * out[1]
-    return out, torch.autograd.grad((total * g).sum(), leaves)
-
-
-def as64(*tensors):
-    return [t.detach().double() for t in tensors]
 
 
 def per_token_weights(shape, kind, seed=1):
@@ -71,28 +109,26 @@ def test_token_logprobs_vs_fp64(V, dtype, gkind):
     y = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
     y[~mask] = -100  # ignore-index style targets on masked tokens must never be looked up
     g = per_token_weights((B, T), gkind)
+    ref = reference(lambda a, b: K.token_logprobs_ref(a, b, y, temp, mask), (h, w), g)
     # several chunks with a ragged last one; the automatic size; gradients recomputed in backward
     for chunk, pre in ((4, True), (None, True), (4, False)):
-        ours, (gh, gw) = grads_of(lambda a, b: K.token_logprobs(a, b, y, temp, mask, True, chunk,
-                                                                precompute_grads=pre), (h, w), g)
-        ref, (rgh, rgw) = grads_of(lambda a, b: K.token_logprobs_ref(a, b, y, temp, mask, True), as64(h, w), g)
-        for a, b in [(ours[0], ref[0]), (ours[1], ref[1]), (gh, rgh), (gw, rgw)]:
-            assert rel_err(a, b) <= TOL[dtype], (chunk, rel_err(a, b))
-        assert gh.dtype == dtype and gw.dtype == dtype and ours[0].dtype == torch.float32
-        assert (ours[0][~mask] == 0).all() and (gh[~mask] == 0).all()
+        ours = grads_of(lambda a, b: K.token_logprobs(a, b, y, temp, mask, chunk, precompute_grads=pre), (h, w), g)
+        check(ours, ref, V, (chunk, pre))
+        lp, gh, gw = ours
+        assert gh.dtype == dtype and gw.dtype == dtype and lp.dtype == torch.float32
+        assert (lp[~mask] == 0).all() and (gh[~mask] == 0).all()
 
 
-def test_token_logprobs_without_entropy_and_frozen_weight():
-    h, w, mask = lm_inputs(2, 5, 16, 1000)
-    y = torch.randint(0, 1000, (2, 5))
+def test_token_logprobs_frozen_weight():
+    V = 1000
+    h, w, mask = lm_inputs(2, 5, 16, V)
+    y = torch.randint(0, V, (2, 5))
     g = per_token_weights((2, 5), "random")
-    hl = h.clone().requires_grad_()  # weight frozen (e.g. tied embeddings trained elsewhere)
-    (K.token_logprobs(hl, w, y, mask=mask, chunk_size=3) * g).sum().backward()
-    hr = h.double().requires_grad_()
-    (K.token_logprobs_ref(hr, w.double(), y, mask=mask) * g).sum().backward()
-    assert rel_err(hl.grad, hr.grad) <= 1e-5
+    # weight frozen (e.g. tied embeddings trained elsewhere): the gradient w.r.t. hidden only
+    truth, plain = reference(lambda a: K.token_logprobs_ref(a, w.to(a.dtype), y, mask=mask), (h,), g)
+    check(grads_of(lambda a: K.token_logprobs(a, w, y, mask=mask, chunk_size=3), (h,), g), (truth, plain), V)
     with torch.no_grad():  # values only: no autograd Function, no gradient work
-        assert rel_err(K.token_logprobs(h, w, y, mask=mask), K.token_logprobs_ref(h.double(), w.double(), y, mask=mask)) <= 1e-5
+        check([K.token_logprobs(h, w, y, mask=mask)], (truth[:1], plain[:1]), V)
 
 # -----------------------------------------------------------------------------
 # kl
@@ -107,30 +143,12 @@ def test_kl_vs_fp64(kind, beta, V, dtype):
     ht, wt, _ = lm_inputs(B, T, 2 * H, V, dtype, seed=1)  # teacher: another hidden size, same vocab
     for gkind, pre in (("sum", True), ("random", True), ("random", False)):
         g = per_token_weights((B, T), gkind)
-        ours, (gh, gw) = grads_of(lambda a, b: K.kl(a, b, ht, wt, kind=kind, beta=beta, temperature=temp,
-                                                    mask=mask, chunk_size=3, precompute_grads=pre), (hs, ws), g)
-        ref, (rgh, rgw) = grads_of(lambda a, b: K.kl_ref(a, b, ht.double(), wt.double(), kind=kind, beta=beta,
-                                                         temperature=temp, mask=mask), as64(hs, ws), g)
-        for a, b in [(ours, ref), (gh, rgh), (gw, rgw)]:
-            assert rel_err(a, b) <= TOL[dtype], (gkind, rel_err(a, b))
-        assert (ours[~mask] == 0).all() and (gh[~mask] == 0).all()
-
-
-@pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
-def test_kl_teacher_as_logits_or_logprobs(kind):
-    B, T, H, V, temp = 2, 6, 16, 1000, 0.8
-    hs, ws, mask = lm_inputs(B, T, H, V, seed=3)
-    ht, wt, _ = lm_inputs(B, T, H, V, seed=4)
-    t_logits = ht @ wt.t()
-    t_logprobs = F.log_softmax(t_logits / temp, dim=-1)  # already the tempered distribution
-    g = per_token_weights((B, T), "random")
-    ref, (rgh, rgw) = grads_of(lambda a, b: K.kl_ref(a, b, ht.double(), wt.double(), kind=kind, beta=0.6,
-                                                     temperature=temp, mask=mask), as64(hs, ws), g)
-    for teacher in (dict(teacher_logits=t_logits), dict(teacher_logprobs=t_logprobs)):
-        ours, (gh, gw) = grads_of(lambda a, b: K.kl(a, b, kind=kind, beta=0.6, temperature=temp, mask=mask,
-                                                    chunk_size=5, **teacher), (hs, ws), g)
-        for a, b in [(ours, ref), (gh, rgh), (gw, rgw)]:
-            assert rel_err(a, b) <= 1e-5, (list(teacher), rel_err(a, b))
+        ours = grads_of(lambda a, b: K.kl(a, b, ht, wt, kind=kind, beta=beta, temperature=temp,
+                                          mask=mask, chunk_size=3, precompute_grads=pre), (hs, ws), g)
+        check(ours, reference(lambda a, b: K.kl_ref(a, b, ht.to(a.dtype), wt.to(a.dtype), kind=kind, beta=beta,
+                                                    temperature=temp, mask=mask), (hs, ws), g), V, gkind)
+        out, gh, _ = ours
+        assert (out[~mask] == 0).all() and (gh[~mask] == 0).all()
 
 
 def test_kl_teacher_gets_no_gradient():
@@ -147,6 +165,8 @@ def test_kl_direction_by_hand():
     reverse = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)  # KL(s||t) = 0.368064...
     forward = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # KL(t||s) = 0.510825...
     eye = torch.eye(2)
+    # fp32 inputs: each log p is off by up to one rounding (2^-24 relative, |log p| <= 2.3), and
+    # two terms are summed: the result is good to ~1e-7; 1e-6 is ~16 roundings of an O(1) value
     assert abs(K.kl(ps.log(), eye, pt.log(), eye, kind="reverse").item() - reverse) < 1e-6
     assert abs(K.kl(ps.log(), eye, pt.log(), eye, kind="forward").item() - forward) < 1e-6
     # F.kl_div(input, target) is KL(target || input): reverse KL needs input = teacher.
@@ -154,17 +174,23 @@ def test_kl_direction_by_hand():
     assert abs(F.kl_div(ps.log(), pt.log(), reduction="sum", log_target=True).item() - forward) < 1e-6
 
 
+def _kls_by_hand(hs, ws, ht, wt, mask=None):
+    """reverse KL, forward KL and the symmetric (beta = 0.5) JSD written out, in the inputs' dtype."""
+    ls, lt = F.log_softmax(hs @ ws.t(), -1), F.log_softmax(ht @ wt.t(), -1)
+    logm = torch.log((ls.exp() + lt.exp()) / 2)
+    jsd = 0.5 * (ls.exp() * (ls - logm)).sum(-1) + 0.5 * (lt.exp() * (lt - logm)).sum(-1)
+    out = (ls.exp() * (ls - lt)).sum(-1), (lt.exp() * (lt - ls)).sum(-1), jsd
+    return out if mask is None else tuple(x * mask for x in out)
+
+
 def test_kl_direction_on_random_distributions():
     B, T, H, V = 1, 8, 16, 1000
     hs, ws, _ = lm_inputs(B, T, H, V, seed=7, scale=0.5)  # flat student
     ht, wt, _ = lm_inputs(B, T, H, V, seed=8, scale=2.0)  # peaked teacher: the two KLs differ a lot
-    ls = F.log_softmax((hs @ ws.t()).double(), -1)
-    lt = F.log_softmax((ht @ wt.t()).double(), -1)
-    reverse = (ls.exp() * (ls - lt)).sum(-1)
-    forward = (lt.exp() * (lt - ls)).sum(-1)
+    truth, plain = reference(_kls_by_hand, (hs, ws, ht, wt))
+    reverse, forward, _ = truth
     assert ((reverse - forward).abs() > 0.25).all()
-    assert rel_err(K.kl(hs, ws, ht, wt, kind="reverse"), reverse) <= 1e-5
-    assert rel_err(K.kl(hs, ws, ht, wt, kind="forward"), forward) <= 1e-5
+    check([K.kl(hs, ws, ht, wt, kind="reverse"), K.kl(hs, ws, ht, wt, kind="forward")], (truth[:2], plain[:2]), V)
 
 
 def test_jsd_ends_and_middle():
@@ -176,13 +202,10 @@ def test_jsd_ends_and_middle():
     assert torch.equal(K.kl(hs, ws, ht, wt, kind="jsd", beta=0.0, mask=mask), fwd)  # beta=0: forward KL
     assert torch.equal(K.kl(hs, ws, ht, wt, kind="jsd", beta=1.0, mask=mask), rev)  # beta=1: reverse KL
     # beta=0.5 is the textbook symmetric JSD: 0.5 KL(s||m) + 0.5 KL(t||m), m = (p_s + p_t) / 2
-    ls = F.log_softmax((hs @ ws.t()).double(), -1)
-    lt = F.log_softmax((ht @ wt.t()).double(), -1)
-    logm = torch.log((ls.exp() + lt.exp()) / 2)
-    jsd = 0.5 * (ls.exp() * (ls - logm)).sum(-1) + 0.5 * (lt.exp() * (lt - logm)).sum(-1)
+    truth, plain = reference(lambda *x: _kls_by_hand(*x, mask), (hs, ws, ht, wt))
     ours = K.kl(hs, ws, ht, wt, kind="jsd", beta=0.5, mask=mask)
-    assert rel_err(ours, jsd * mask) <= 1e-5
-    assert (ours[mask] <= math.log(2) + 1e-6).all()  # the symmetric JSD is bounded by log 2
+    check([ours], (truth[2:], plain[2:]), V)
+    assert (ours[mask] <= math.log(2) + 1e-6).all()  # bounded by log 2 (+ ~16 fp32 roundings of it)
     # the mixture at beta close to 1 is a *scaled* reverse KL that vanishes: why beta=1 is special
     near = K.kl(hs, ws, ht, wt, kind="jsd", beta=1 - 1e-3, mask=mask)
     assert (near[mask] < 0.01 * rev[mask]).all()
@@ -197,17 +220,16 @@ def test_teacher_topk_and_topk_kl_vs_fp64(dtype):
     ht, wt, mask = lm_inputs(B, T, H, V, dtype, seed=11)
     hs, ws, _ = lm_inputs(B, T, H, V, dtype, seed=12)
     ids, lps = K.teacher_topk(ht, wt, k=k, temperature=temp, mask=mask, chunk_size=5)
-    rids, rlps = K.teacher_topk_ref(ht.double(), wt.double(), k=k, temperature=temp, mask=mask)
+    (rids, rlps), (_, plain_lps) = reference(lambda a, b: K.teacher_topk_ref(a, b, k=k, temperature=temp,
+                                                                              mask=mask), (ht, wt))
     assert ids.shape == (B, T, k) and ids.dtype == torch.long
     assert torch.equal(ids, rids)  # random logits: no ties at the k-th place
-    assert rel_err(lps, rlps) <= 1e-5
+    check([lps], ([rlps], [plain_lps]), V)
     assert (lps[mask].exp().sum(-1) < 1).all()  # normalised over the full vocab, not over the top k
     for gkind in ("sum", "random"):
         g = per_token_weights((B, T), gkind)
-        ours, (gh, gw) = grads_of(lambda a, b: K.topk_kl(a, b, ids, lps, temp, mask, chunk_size=4), (hs, ws), g)
-        ref, (rgh, rgw) = grads_of(lambda a, b: K.topk_kl_ref(a, b, ids, lps, temp, mask), as64(hs, ws), g)
-        for a, b in [(ours, ref), (gh, rgh), (gw, rgw)]:
-            assert rel_err(a, b) <= TOL[dtype], (gkind, rel_err(a, b))
+        ours = grads_of(lambda a, b: K.topk_kl(a, b, ids, lps, temp, mask, chunk_size=4), (hs, ws), g)
+        check(ours, reference(lambda a, b: K.topk_kl_ref(a, b, ids, lps, temp, mask), (hs, ws), g), V, gkind)
 
 
 def test_topk_kl_is_zero_at_the_teacher():
@@ -216,7 +238,10 @@ def test_topk_kl_is_zero_at_the_teacher():
     hl = ht.clone().requires_grad_()
     loss = K.topk_kl(hl, wt, ids, lps, mask=mask)
     loss.sum().backward()
-    assert loss.abs().max() < 1e-6 and hl.grad.abs().max() < 1e-6  # minimum at p_s = p_t on K
+    # minimum at p_s = p_t on K: loss and gradient are 0 up to rounding. The student's log-probs
+    # come from the same fp32 code as the teacher's, so the terms (<= 1 each) cancel to within a
+    # few roundings; 1e-6 is ~16 roundings of 2^-24
+    assert loss.abs().max() < 1e-6 and hl.grad.abs().max() < 1e-6
     hs, ws, _ = lm_inputs(2, 4, 16, 1000, seed=14)
     assert (K.topk_kl(hs, ws, ids, lps) > 0).all()  # each term p log(p/q) - p + q >= 0
 
@@ -231,22 +256,15 @@ def test_qwen3_vocab_151936():
     mask = torch.tensor([[True, False, True]])
     y = torch.tensor([[5, 0, V - 1]])
     g = per_token_weights((B, T), "random")
-    hs64, ws64 = as64(hs, ws)
-    ours, grads = grads_of(lambda a, b: K.token_logprobs(a, b, y, 0.7, mask, True), (hs, ws), g)
-    ref, rgrads = grads_of(lambda a, b: K.token_logprobs_ref(a, b, y, 0.7, mask, True), (hs64, ws64), g)
-    for a, b in [(ours[0], ref[0]), (ours[1], ref[1]), *zip(grads, rgrads)]:
-        assert rel_err(a, b) <= 1e-5
+    ours = grads_of(lambda a, b: K.token_logprobs(a, b, y, 0.7, mask), (hs, ws), g)
+    check(ours, reference(lambda a, b: K.token_logprobs_ref(a, b, y, 0.7, mask), (hs, ws), g), V)
     for kind in ("reverse", "jsd"):
-        ours, grads = grads_of(lambda a, b: K.kl(a, b, ht, wt, kind=kind, temperature=1.5, mask=mask), (hs, ws), g)
-        ref, rgrads = grads_of(lambda a, b: K.kl_ref(a, b, ht.double(), wt.double(), kind=kind, temperature=1.5,
-                                                     mask=mask), (hs64, ws64), g)
-        for a, b in [(ours, ref), *zip(grads, rgrads)]:
-            assert rel_err(a, b) <= 1e-5, kind
+        ours = grads_of(lambda a, b: K.kl(a, b, ht, wt, kind=kind, temperature=1.5, mask=mask), (hs, ws), g)
+        check(ours, reference(lambda a, b: K.kl_ref(a, b, ht.to(a.dtype), wt.to(a.dtype), kind=kind,
+                                                    temperature=1.5, mask=mask), (hs, ws), g), V, kind)
     ids, lps = K.teacher_topk(ht, wt, k=64, mask=mask)
-    ours, grads = grads_of(lambda a, b: K.topk_kl(a, b, ids, lps, mask=mask), (hs, ws), g)
-    ref, rgrads = grads_of(lambda a, b: K.topk_kl_ref(a, b, ids, lps, mask=mask), (hs64, ws64), g)
-    for a, b in [(ours, ref), *zip(grads, rgrads)]:
-        assert rel_err(a, b) <= 1e-5
+    ours = grads_of(lambda a, b: K.topk_kl(a, b, ids, lps, mask=mask), (hs, ws), g)
+    check(ours, reference(lambda a, b: K.topk_kl_ref(a, b, ids, lps, mask=mask), (hs, ws), g), V)
 
 # -----------------------------------------------------------------------------
 # gradcheck (float64), chunking, retain_graph, empty masks
@@ -262,7 +280,7 @@ def test_gradcheck_float64():
     mask = torch.tensor([[True, False, True], [True, True, True]])
     gc = torch.autograd.gradcheck
     for pre in (True, False):
-        assert gc(lambda a, b: K.token_logprobs(a, b, y, 0.7, mask, True, chunk_size=2, precompute_grads=pre), (h, w))
+        assert gc(lambda a, b: K.token_logprobs(a, b, y, 0.7, mask, chunk_size=2, precompute_grads=pre), (h, w))
     for kind in ("reverse", "forward", "jsd"):
         assert gc(lambda a, b: K.kl(a, b, ht, wt, kind=kind, beta=0.3, temperature=1.3, mask=mask, chunk_size=2), (h, w))
     ids, lps = K.teacher_topk(ht, wt, k=3)
@@ -282,7 +300,7 @@ def test_chunks_never_exceed_the_budget(monkeypatch):
     out = K.kl(hs.requires_grad_(), ws, ht, wt, mem_budget_bytes=budget, backend="torch")
     out.mean().backward()
     assert len(seen) == B * T // 8 and all(s == (8, V) and t == (8, V) for s, t in seen)
-    assert rel_err(out, K.kl_ref(hs.double(), ws.double(), ht.double(), wt.double())) <= 1e-5
+    check([out], reference(K.kl_ref, (hs, ws, ht, wt)), V)
     # the default budget at the Qwen3 vocabulary
     c = K.auto_chunk_size(151936, 2)
     assert c * 2 * 151936 * 4 <= K.DEFAULT_MEM_BUDGET < (c + 1) * 2 * 151936 * 4
@@ -290,16 +308,17 @@ def test_chunks_never_exceed_the_budget(monkeypatch):
 
 def test_retain_graph_and_second_backward():
     """The fast path hands out its stored weight gradient once; a second backward recomputes."""
-    h, w, mask = lm_inputs(2, 5, 8, 300)
-    y = torch.randint(0, 300, (2, 5))
+    V = 300
+    h, w, mask = lm_inputs(2, 5, 8, V)
+    y = torch.randint(0, V, (2, 5))
     h, w = h.requires_grad_(), w.requires_grad_()
     out = K.token_logprobs(h, w, y, mask=mask)
     first = torch.autograd.grad(out.mean(), (h, w), retain_graph=True)
     second = torch.autograd.grad(out.mean(), (h, w), retain_graph=True)
     third = torch.autograd.grad((out * per_token_weights((2, 5), "random")).sum(), (h, w))
-    ref = torch.autograd.grad(K.token_logprobs_ref(h, w, y, mask=mask).mean(), (h, w))
-    for a, b in zip(first + second, ref + ref):
-        assert rel_err(a, b) <= 1e-5
+    ref = reference(lambda a, b: K.token_logprobs_ref(a, b, y, mask=mask), (h, w), torch.full((2, 5), 1 / 10))
+    check([out, *first], ref, V, "first")  # out.mean() = sum(out * 1/10)
+    check([out, *second], ref, V, "second")
     assert third[0].shape == h.shape
 
 
@@ -316,7 +335,11 @@ def test_all_tokens_masked():
 
 
 def test_sampled_estimate_matches_exact_reverse_kl():
-    N, H, V, M = 3, 16, 1000, 20000
+    """Monte-Carlo checks at 5 standard errors (se): the draw is seeded, and another seed would
+    fail with probability ~3e-5 (P(|Z| > 5) = 5.7e-7 per checked number, 51 numbers). Each check
+    is also shown to see a 10% error. V = 64 keeps M samples cheap (the estimator's noise, not V,
+    decides that power): at M = 120000, 0.9x the KL is ~35 se away, 0.9x its gradient >10 se."""
+    N, H, V, M = 3, 16, 64, 120_000
     hs, ws, _ = lm_inputs(1, N, H, V, seed=17, scale=0.8)
     ht, wt, _ = lm_inputs(1, N, H, V, seed=18, scale=1.5)
     hs, ht = hs[0], ht[0]
@@ -329,7 +352,8 @@ def test_sampled_estimate_matches_exact_reverse_kl():
     lp_t = K.token_logprobs(ht[:, None].expand(N, M, H), wt, y)
     ratio = (lp_s - lp_t).detach()  # per-token estimator of KL(s||t): log p_s(y) - log p_t(y), y ~ p_s
     est, stderr = ratio.mean(1), ratio.std(1) / math.sqrt(M)
-    assert ((est - exact).abs() < 4 * stderr).all(), (est, exact, stderr)
+    assert ((est - exact).abs() < 5 * stderr).all(), ((est - exact) / stderr)
+    assert ((est - 0.9 * exact).abs() > 5 * stderr).all()  # power: 0.9x the KL is ~35 se away
     assert ((est - forward).abs() > 10 * stderr).all()  # and it is not the forward KL
     # MOPD's PG form: the gradient of mean(-A * log p_s(y)) with A = sg[log p_t - log p_s] is an
     # unbiased estimate of the gradient of the exact reverse KL
@@ -337,17 +361,26 @@ def test_sampled_estimate_matches_exact_reverse_kl():
     leaf2 = hs.clone().requires_grad_()
     (exact_grad,) = torch.autograd.grad(K.kl(leaf2, ws, ht, wt).sum(), leaf2)
     # its standard error, from the per-sample terms ratio_i * d log p_s(y_i)/dh = ratio_i (w_{y_i} - E_p[w])
-    per_sample = ratio.double()[..., None] * (ws.double()[y] - (probs.double() @ ws.double())[:, None])
+    def terms(dt):
+        return ratio.to(dt)[..., None] * (ws.to(dt)[y] - (probs.to(dt) @ ws.to(dt))[:, None])
+    per_sample = terms(torch.float64)
     se = per_sample.std(1) / math.sqrt(M)  # [N, H]
-    assert rel_err(per_sample.mean(1), pg) <= 1e-5  # autograd through token_logprobs = the analytic terms
+    # autograd through token_logprobs = the analytic terms (as accurate as summing them in fp32)
+    check([pg], ([per_sample.mean(1)], [terms(torch.float32).mean(1)]), V)
     assert ((pg - exact_grad).abs() < 5 * se).all(), ((pg - exact_grad) / se).abs().max()
+    assert ((pg - 0.9 * exact_grad).abs() > 5 * se).any()  # power: its best component is 11-13 se away
 
 # -----------------------------------------------------------------------------
 # Triton kernels, on CPU through the interpreter, against the same float64 references
 
 
+def _worst(errs):
+    return max(errs, key=lambda e: e[0] / e[1])  # (error, bound) closest to failing
+
+
 def _triton_checks():
-    """Runs in a child with TRITON_INTERPRET=1; prints one JSON line of worst errors per case."""
+    """Runs in a child with TRITON_INTERPRET=1; prints one JSON line: per case, the (error,
+    bound) pair of its tensor closest to failing (see errors())."""
     results = {}
     cases = [(1000, torch.float32, 5), (4097, torch.float32, 5), (4097, torch.bfloat16, 5), (151936, torch.float32, 2)]
     for V, dtype, T in cases:
@@ -355,20 +388,17 @@ def _triton_checks():
         ht, wt, _ = lm_inputs(1, T, 16, V, dtype, seed=21)
         y = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(22))
         g = per_token_weights((1, T), "random")
-        hs64, ws64 = as64(hs, ws)
-        ours, grads = grads_of(lambda a, b: K.token_logprobs(a, b, y, 0.7, mask, True, backend="triton"), (hs, ws), g)
-        ref, rgrads = grads_of(lambda a, b: K.token_logprobs_ref(a, b, y, 0.7, mask, True), (hs64, ws64), g)
-        errs = [rel_err(a, b) for a, b in [(ours[0], ref[0]), (ours[1], ref[1]), *zip(grads, rgrads)]]
-        results[f"token_logprobs V={V} {dtype}"] = max(errs)
+        ours = grads_of(lambda a, b: K.token_logprobs(a, b, y, 0.7, mask, backend="triton"), (hs, ws), g)
+        ref = reference(lambda a, b: K.token_logprobs_ref(a, b, y, 0.7, mask), (hs, ws), g)
+        results[f"token_logprobs V={V} {dtype}"] = _worst(errors(ours, ref, V))
         for kind, beta in [("reverse", 0.5), ("forward", 0.5), ("jsd", 0.3)]:
             for gkind in ("sum", "random"):
                 gg = per_token_weights((1, T), gkind)
-                ours, grads = grads_of(lambda a, b: K.kl(a, b, ht, wt, kind=kind, beta=beta, temperature=1.3,
-                                                         mask=mask, backend="triton"), (hs, ws), gg)
-                ref, rgrads = grads_of(lambda a, b: K.kl_ref(a, b, ht.double(), wt.double(), kind=kind, beta=beta,
-                                                             temperature=1.3, mask=mask), (hs64, ws64), gg)
-                errs = [rel_err(a, b) for a, b in [(ours, ref), *zip(grads, rgrads)]]
-                results[f"kl {kind} {gkind} V={V} {dtype}"] = max(errs)
+                ours = grads_of(lambda a, b: K.kl(a, b, ht, wt, kind=kind, beta=beta, temperature=1.3,
+                                                  mask=mask, backend="triton"), (hs, ws), gg)
+                ref = reference(lambda a, b: K.kl_ref(a, b, ht.to(a.dtype), wt.to(a.dtype), kind=kind, beta=beta,
+                                                      temperature=1.3, mask=mask), (hs, ws), gg)
+                results[f"kl {kind} {gkind} V={V} {dtype}"] = _worst(errors(ours, ref, V))
     # out.sum() without a mask hands backward a stride-0 (expanded) grad_output; with
     # precompute_grads=False it reaches the kernels, which must not read past its one element
     hs, ws, _ = lm_inputs(2, 3, 16, 1000, seed=23)
@@ -377,21 +407,20 @@ def _triton_checks():
     pairs = [(lambda a, b: K.token_logprobs(a, b, y, backend="triton", precompute_grads=False),
               lambda a, b: K.token_logprobs_ref(a, b, y)),
              (lambda a, b: K.kl(a, b, ht, wt, backend="triton", precompute_grads=False),
-              lambda a, b: K.kl_ref(a, b, ht.double(), wt.double()))]
+              lambda a, b: K.kl_ref(a, b, ht.to(a.dtype), wt.to(a.dtype)))]
+
+    def out_and_grads_of_sum(f, ins):
+        leaves = [t.clone().requires_grad_() for t in ins]
+        out = f(*leaves)
+        return [out, *torch.autograd.grad(out.sum(), leaves)]
     for i, (fn, ref_fn) in enumerate(pairs):
-        errs = []
-        for f, ins in ((fn, (hs, ws)), (ref_fn, as64(hs, ws))):
-            leaves = [t.clone().requires_grad_() for t in ins]
-            out = f(*leaves)
-            errs.append((out, *torch.autograd.grad(out.sum(), leaves)))
-        results[f"expanded grad_output {i}"] = max(rel_err(a, b) for a, b in zip(*errs))
+        ref = [out_and_grads_of_sum(ref_fn, cast(dt, hs, ws)) for dt in (torch.float64, torch.float32)]
+        results[f"expanded grad_output {i}"] = _worst(errors(out_and_grads_of_sum(fn, (hs, ws)), ref, 1000))
     print(json.dumps(results))
 
 
 def test_triton_kernels_under_interpreter():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install -r requirements-test.txt)")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
@@ -399,11 +428,10 @@ def test_triton_kernels_under_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == 4 * 7 + 2
-    for name, err in results.items():
-        assert err <= (1e-2 if "bfloat16" in name else 1e-5), (name, err)
+    for name, (err, bound) in results.items():
+        assert err <= bound, (name, err, bound)
 
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_triton_kernels_under_interpreter"
-    torch.set_num_threads(2)
     _triton_checks()

@@ -30,10 +30,15 @@ def test_pg_expected_gradient_is_reverse_kl_gradient():
     adv, _ = mopd_advantage(log_t[y].view(N, 1), logp, clip=50.0)
     loss, _ = pg_token_loss(logp, logp.detach(), adv, mask, "band", 0.5, 2.0)
     est = torch.autograd.grad(aggregate(loss, mask, "seq-mean-token-mean"), z)[0]
-    assert torch.allclose(est, exact, atol=0.03), (est, exact)
+    # est is the mean of N per-sample gradients -A_i (onehot(y_i) - softmax(z)): its standard error
+    # per component is their std / sqrt(N) (~1e-3 here). 5 se: a seeded draw, but any seed passes
+    # except with probability ~V * P(|Z| > 5) = 3e-6, while 0.9 * exact is ~25 se away
+    per_sample = -adv * (torch.nn.functional.one_hot(y, V) - torch.softmax(z, -1).detach())
+    se = per_sample.std(0) / N**0.5
+    assert ((est - exact).abs() <= 5 * se).all(), ((est - exact) / se)
     # and it is not the forward-KL gradient (the direction matters)
     fwd = torch.autograd.grad((log_t.exp() * (log_t - torch.log_softmax(z, -1))).sum(), z)[0]
-    assert (est - fwd).abs().max() > 0.1
+    assert ((est - fwd).abs() > 10 * se).any()
 
 
 def test_distill_forms_hand_case():

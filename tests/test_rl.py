@@ -117,8 +117,11 @@ def test_rl_runs_and_logs(tiny_base, tmp_path):
     rows = [json.loads(l) for l in open(out + ".log/metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert set(rows[-1]["eval"]) == {"rev", "sort"}
-    # sampler and trainer compute the same log-probs: the importance weight is 1
-    assert all(abs(r["ratio_mean"] - 1) < 1e-4 for r in rows)
+    # sampler and trainer compute the same log-probs: the importance weight is 1, up to two fp32
+    # evaluations (KV cache vs one forward) of log-probs of a few units each: ~1e-6 per token at
+    # worst (measured: mean |ratio - 1| ~1e-7). A trainer temperature off by 0.1% moves the mean
+    # by ~2e-5, 1% by ~2e-4 (a bound of 1e-4 would miss the first)
+    assert all(abs(r["ratio_mean"] - 1) < 1e-5 for r in rows)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     AutoTokenizer.from_pretrained(out)
     AutoModelForCausalLM.from_pretrained(out)  # the teacher is an ordinary HF directory
@@ -154,18 +157,89 @@ def test_resume_recovers_a_checkpoint_left_in_staging(tiny_base, tmp_path):
     common = ["--preset=tiny", f"--init={tiny_base}", "--domains=rev", f"--out_dir={out}"]
     train_teacher_rl.main(common + ["--steps=2"])
     os.rename(out, out + ".staging")
-    train_teacher_rl.main(common + ["--steps=3", "--resume=true"])
+    train_teacher_rl.main(common + ["--steps=3", "--resume=true", "--resume_override=steps"])
     assert [json.loads(l)["step"] for l in open(out + ".log/metrics.jsonl")] == [1, 2, 3]
     assert torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)["step"] == 3
 
 
-def test_bad_config_is_a_clear_error(tiny_base):
+def test_bad_config_is_a_clear_error(tiny_base, tmp_path):
     import train_teacher_rl
     with pytest.raises(SystemExit, match="FSDP options: run under torchrun"):
         train_teacher_rl.main([f"--init={tiny_base}", "--bf16=true"])
-    with pytest.raises(SystemExit, match="--stepz: unknown config key"):
+    with pytest.raises(ValueError, match="--stepz: unknown config key"):
         train_teacher_rl.main(["--stepz=3"])
-    with pytest.raises(SystemExit, match="--steps=abc: expected a value of type int"):
+    with pytest.raises(ValueError, match="--steps=abc: expected a value of type int"):
         train_teacher_rl.main(["--steps=abc"])
     with pytest.raises(ValueError, match="unknown domain 'nope'; toy domains: rev, sort"):
-        train_teacher_rl.main([f"--init={tiny_base}", "--domains=nope"])
+        train_teacher_rl.main([f"--init={tiny_base}", "--domains=nope", f"--out_dir={tmp_path}/o"])
+
+
+@pytest.mark.parametrize("script,args,match", [
+    # eps_* are distances from 1 under clip but the band's ends under band: clip's defaults
+    # as a band would drop every token with ratio ~1, zeroing every gradient
+    ("rl", ["--ratio_mode=band"], r"--ratio_mode=band .* needs eps_low < 1 < eps_high .* got --eps_low=0.2 --eps_high=0.28"),
+    ("mopd", ["--eps_low=1.2"], r"needs eps_low < 1 < eps_high .* got --eps_low=1.2 --eps_high=2.0"),
+    ("rl", ["--eps_low=0"], r"--ratio_mode=clip .* got --eps_low=0.0 --eps_high=0.28"),
+    ("rl", ["--eps_high=-1"], r"--ratio_mode=clip .* got --eps_low=0.2 --eps_high=-1.0"),
+    ("rl", ["--ratio_mode=ppo"], r"--ratio_mode=ppo: expected clip or band"),
+    ("mopd", ["--loss_agg=mean"], r"--loss_agg=mean: expected one of token-mean, seq-mean-token-mean"),
+    ("rl", ["--temperature=0"], r"--temperature=0.0: training samples need a temperature > 0"),
+    ("mopd", ["--top_p=0"], r"--top_p=0.0: must be in \(0, 1\]"),
+    ("rl", ["--n=1"], r"--n=1: GRPO needs >= 2 samples per prompt"),
+])
+def test_objective_traps_are_refused_before_step_1(script, args, match):
+    import train_mopd
+    import train_teacher_rl
+    main = {"rl": train_teacher_rl.main, "mopd": train_mopd.main}[script]
+    with pytest.raises(ValueError, match=match):
+        main(args + ["--init=/nonexistent"])  # refused before the checkpoint is even looked at
+    # the defaults of each script pass the same checks (they fail later, at the missing --init)
+    with pytest.raises(SystemExit, match="--init=/nonexistent: no such checkpoint"):
+        main(["--init=/nonexistent"])
+
+
+def test_a_config_trap_is_one_line_and_exit_2():
+    import os
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "train_teacher_rl.py", "--ratio_mode=band"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "error: --ratio_mode=band keeps tokens with eps_low <= pi/mu <= eps_high, so it needs eps_low < 1 < eps_high "
+        "(e.g. 0.5 and 2.0); got --eps_low=0.2 --eps_high=0.28"]
+
+
+def test_k3_penalty_reaches_the_gradient(hf_dirs):
+    """pg_update(kl_coef=c) with zero advantages: the gradient is exactly that of
+    c * token-mean(k3(logp, ref_logp)); with c = 0 it is zero (a dead KL term would pass
+    every end-to-end run, whose rewards dominate)."""
+    from types import SimpleNamespace
+
+    from model import Transformer
+    from mopd import pg_update, policy_logprobs
+    cfg = SimpleNamespace(temperature=1.0, ratio_mode="clip", eps_low=0.2, eps_high=0.28, loss_agg="token-mean",
+                          max_new_tokens=8)
+    tokens = torch.randint(0, 128, (4, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(4, 9, dtype=torch.bool)
+    mask[:, 4:] = True
+    m = Transformer.from_pretrained(hf_dirs["qwen3"]).train()
+    with torch.no_grad():
+        logp0 = policy_logprobs(m, tokens, mask)
+    ref = logp0 + torch.linspace(-0.5, 0.5, 9)  # the reference disagrees, by token
+    batch = {"tokens": tokens, "mask": mask, "old_logp": logp0, "ref_logp": ref}
+
+    def grads(c):
+        m.zero_grad(set_to_none=False)
+        out = pg_update(m, batch, lambda r, logp, w: torch.zeros_like(logp), cfg, micro_batch=3, kl_coef=c)
+        return [p.grad.clone() for p in m.parameters()], out
+    g0, _ = grads(0.0)
+    assert all(g.abs().max() == 0 for g in g0)
+    g, out = grads(0.5)
+    m.zero_grad(set_to_none=False)
+    logp = policy_logprobs(m, tokens, mask, uniform_weights=False)
+    (0.5 * (k3_kl(logp, ref) * mask).sum() / mask.sum()).backward()
+    want = [p.grad.clone() for p in m.parameters()]
+    for a, b in zip(g, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(a.abs().max() > 0 for a in g) and out["kl"] > 0

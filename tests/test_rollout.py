@@ -1,10 +1,14 @@
-"""rollout.py: cache correctness, ragged batches, the sampling distribution, stops, bad input."""
+"""rollout.py: cache correctness, ragged batches, random streams, the sampling distribution (exact
+at a 152k vocabulary), the two recorded log-probs (top-p) and the importance weight, stops, bad input."""
+import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from rollout import generate, sampling_logprobs
+from rollout import generate, row_uniforms, sample_next, sampling_logprobs
+from train_utils import step_seed
 
 
 def _prompts(lengths, seed=0):
@@ -19,9 +23,10 @@ def test_ragged_batch_equals_each_prompt_alone(tiny_model):
 
 
 def _assert_each_prompt_alone(model, prompts, batch, max_new_tokens, seed):
-    """Each prompt's n=2 rows of `batch` equal generating that prompt alone with its own seed."""
+    """Each prompt's n=2 rows of `batch` equal generating that prompt alone as prompt i (first_prompt=i:
+    what one rank does with its slice of a step's prompts)."""
     for i, p in enumerate(prompts):
-        alone = generate(model, [p], max_new_tokens=max_new_tokens, seed=seed + i, n=2)
+        alone = generate(model, [p], max_new_tokens=max_new_tokens, seed=seed, first_prompt=i, n=2)
         for j in range(2):
             assert batch.response_ids[2 * i + j] == alone.response_ids[j]
             assert torch.allclose(torch.tensor(batch.response_logprobs[2 * i + j]),
@@ -37,8 +42,34 @@ def test_seed_reproducible_and_n_samples_differ(tiny_model):
     assert len({tuple(r) for r in a.response_ids[:4]}) > 1  # n samples are independent draws
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 10, 1.0), (0.8, 20, 0.6)])
+def test_row_streams_never_repeat():
+    """Row (seed, step, prompt, sample) streams are distinct: 2 seeds x 50 steps x 16 prompts x 4
+    samples give 6400 distinct (u_0, u_1). (The old seed ((seed*K + step) + i)*K' + j gave prompt i
+    at step s + 1 the stream of prompt i + 1 at step s: 65 distinct streams per seed here.)"""
+    firsts = torch.cat([row_uniforms(step_seed(seed, step), 0, 16, 4, 2) for seed in (0, 1) for step in range(50)])
+    assert len({tuple(r) for r in firsts.tolist()}) == len(firsts) == 6400
+    # 53-bit float64 uniforms, not fp32's 2^-24 grid
+    assert firsts.dtype == torch.float64 and ((firsts * 2**24) % 1 != 0).all()
+    # a slice starting at global prompt 5 (a rank's share) has exactly the whole batch's streams
+    whole = row_uniforms(123, 0, 8, 4, 10)
+    assert torch.equal(row_uniforms(123, 5, 3, 4, 10), whole[20:32])
+
+
+@pytest.mark.parametrize("s1,s2", [(7, 8), (step_seed(0, 7), step_seed(0, 8))])
+def test_seed_and_next_seed_share_no_row(tiny_model, s1, s2):
+    """The same prompt at seed s and s + 1 (or at two consecutive steps) shares no response. With
+    seed + i, every row of seed s + 1 repeated a row of seed s, one prompt on."""
+    prompts = _prompts([5]) * 4
+    a = generate(tiny_model, prompts, max_new_tokens=16, seed=s1, n=2)
+    b = generate(tiny_model, prompts, max_new_tokens=16, seed=s2, n=2)
+    assert not {tuple(r) for r in a.response_ids} & {tuple(r) for r in b.response_ids}
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 10, 1.0), (0.8, 20, 0.6),
+                                                     (0.8, 0, 0.3)])
 def test_response_logprobs_match_recomputed_forward(tiny_model, temperature, top_k, top_p):
+    """logprobs = log mu, the truncated distribution sampled; policy_logprobs = the untruncated
+    log-softmax(logits / T) of a full forward, what the trainer computes on-policy."""
     res = generate(tiny_model, _prompts([4, 12, 7]), max_new_tokens=24, temperature=temperature,
                    top_k=top_k, top_p=top_p, seed=1)
     with torch.no_grad():
@@ -47,6 +78,13 @@ def test_response_logprobs_match_recomputed_forward(tiny_model, temperature, top
     mask = res.response_mask[:, 1:]
     assert torch.isfinite(lp[mask]).all()
     assert (lp[mask] - res.logprobs[:, 1:][mask]).abs().max().item() <= 1e-5
+    pi = F.log_softmax(logits / temperature, -1).gather(-1, res.tokens[:, 1:, None])[..., 0]
+    assert (pi[mask] - res.policy_logprobs[:, 1:][mask]).abs().max().item() <= 1e-5
+    assert (res.policy_logprobs[~res.response_mask] == 0).all()
+    if top_k == 0 and top_p == 1.0:
+        assert res.policy_logprobs is res.logprobs  # the same distribution: computed once
+    else:  # truncation renormalises: mu > pi wherever the nucleus / top-k holds < all the mass
+        assert (res.logprobs - res.policy_logprobs)[:, 1:][mask].max().item() > 0.05
     # the training layout: mask covers exactly prompt_len .. prompt_len + response_len
     for r in range(len(res.prompt_index)):
         p, n = res.prompt_lens[r].item(), res.response_lens[r].item()
@@ -82,6 +120,63 @@ def test_sampling_frequencies_match_softmax(tiny_model):
     assert wrong > bound, (wrong, bound)
 
 
+def _peaked_logits(V=151_936, seed=0):
+    """A Qwen-sized vocabulary: one token holds ~0.9, the other 151,935 share ~0.1."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(V, generator=g) * 2
+    logits[V // 3] = 16.0
+    return logits
+
+
+def _old_fp32_distribution(p32):
+    """The exact distribution of the previous sampler: fp32 CDF, fp32 uniforms (torch.rand: k / 2^24),
+    target u * cdf[-1] in fp32, searchsorted right: count where each of the 2^24 uniforms lands."""
+    cdf = p32.cumsum(-1)
+    counts = torch.zeros(len(p32), dtype=torch.float64)
+    for k0 in range(0, 2**24, 2**22):
+        u = torch.arange(k0, k0 + 2**22, dtype=torch.float64).float() / 2**24
+        tok = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=len(p32) - 1)
+        counts += torch.bincount(tok, minlength=len(p32)).double()
+    return counts / 2**24
+
+
+def test_exact_draws_at_large_vocabulary():
+    """At V = 151,936 the sampler draws softmax(logits / T) within 1e-5 in total variation, and the
+    log mu it records is the log-prob of that very distribution. The distribution is checked, not
+    estimated (1e-5 would take ~1e10 draws): sample_next is inverse-CDF sampling, so token v is drawn
+    iff u lands in [cdf[v-1], cdf[v]) / cdf[-1], with cdf the float64 cumsum of the fp32 softmax
+    (its docstring; built in two levels, the same CDF to ~1e-16). We (1) probe sample_next inside the intervals of the mode, the rarest tokens
+    and random ones, each interval at 1/4 and 3/4 of its width (down to ~1e-11 wide): it returns that
+    token and records log((cdf[v] - cdf[v-1]) / cdf[-1]); (2) compare those intervals' lengths with
+    the float64 softmax: TV 2.3e-8 (the fp32 softmax's rounding). The old fp32 CDF with fp32 uniforms,
+    enumerated exactly over all 2^24 uniforms, is 1.2e-3 away and never draws 54% of the tokens
+    (7e-4 of the mass)."""
+    T = 0.9
+    logits = _peaked_logits()
+    q = torch.softmax(logits.double() / T, -1)                     # the ideal distribution
+    p32 = torch.softmax(logits / T, -1)
+    cdf = p32.double().cumsum(-1)
+    exact = torch.diff(cdf, prepend=cdf.new_zeros(1)) / cdf[-1]   # the interval lengths
+    tv_new = 0.5 * (exact - q).abs().sum().item()
+    old = _old_fp32_distribution(p32)
+    tv_old = 0.5 * (old - q).abs().sum().item()
+    assert tv_new < 1e-5 and tv_old > 1e-4, (tv_new, tv_old)
+    assert (old == 0).float().mean() > 0.3 and (exact > 0).all()   # the old one never drew these
+
+    # (1) sample_next draws from those intervals and records their log-lengths
+    g = torch.Generator().manual_seed(1)
+    probe = torch.cat([q.argmax()[None], q.argsort()[:8], torch.randint(0, len(q), (7,), generator=g)])
+    lo = torch.cat([cdf.new_zeros(1), cdf[:-1]])[probe]
+    u = torch.cat([lo + (cdf[probe] - lo) * f for f in (0.25, 0.75)]) / cdf[-1]
+    tok, lp, plp = sample_next(logits.expand(len(u), -1), u, temperature=T)
+    assert torch.equal(tok, probe.repeat(2))
+    # mu = the interval's length, to ~1e-17 absolute (the fp64 CDF's rounding: 2e-5 relative on the
+    # rarest tokens, p ~ 1e-12) and fp32 storage of log mu (~2e-6 relative)
+    assert ((lp.double().exp() - exact[tok]).abs() <= 1e-5 * exact[tok] + 1e-15).all()
+    assert (lp.double() - q[tok].log()).abs().max() < 1e-5       # = log softmax, to fp32 rounding
+    assert plp is lp                                             # no truncation: one log-prob
+
+
 def test_top_k_and_top_p_support_is_exact(tiny_model):
     prompt = _prompts([6], seed=4)[0]
     with torch.no_grad():
@@ -104,6 +199,23 @@ def test_top_k_and_top_p_support_is_exact(tiny_model):
     ref[nucleus] = p[nucleus] / p[nucleus].sum()
     stat, bound = _chi2(counts, ref)
     assert stat < bound
+
+
+def test_top_p_importance_weight_is_one_on_policy(toy, tmp_path):
+    """--top_p=0.3: the trainers compare their policy with the sampler's untruncated log-probs, so
+    on-policy the importance weight is 1 and MOPD's band [0.5, 2] drops nothing. (With log mu of
+    the nucleus as the denominator the ratio is the nucleus' mass: 0.31 here, and the band dropped
+    every token.)"""
+    import train_mopd
+    import train_teacher_rl
+    common = ["--preset=tiny", f"--init={toy['base']}", "--domains=rev,sort", "--steps=1", "--top_p=0.3",
+              "--temperature=0.9"]
+    train_mopd.main(common + [f"--out_dir={tmp_path}/m", f"--teacher=rev={toy['rev']},sort={toy['sort']}"])
+    train_teacher_rl.main(common + [f"--out_dir={tmp_path}/r"])
+    (m,) = [json.loads(l) for l in open(f"{tmp_path}/m.log/metrics.jsonl")]
+    (r,) = [json.loads(l) for l in open(f"{tmp_path}/r.log/metrics.jsonl")]
+    assert abs(m["ratio_mean"] - 1) < 1e-5 and m["band_drop_frac"] == 0, m
+    assert abs(r["ratio_mean"] - 1) < 1e-5 and r["ratio_absdev"] < 1e-5, r
 
 
 def test_stop_tokens(tiny_model):

@@ -1,14 +1,11 @@
 """Tests for tasks.py: toy domains, the toy tokenizer, real-domain loading and rewards, and
-the code sandbox against hostile snippets. Every sandbox test is bounded in time."""
+the code reward against hostile programs (the sandbox itself: tests/test_sandbox.py)."""
 
 import json
 import os
 import random
-import socket
 import sys
 import threading
-import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -311,204 +308,99 @@ def test_code_reward(tmp_path):
         tasks.code_demo(bare)
 
 
-# -----------------------------------------------------------------------------
-# Sandbox
+# Programs that try to get the code reward without a right add() (and a HumanEval-style
+# inc()). The verdict must come from the tests alone: each of these scores 0.
+_FIND_TOKENS = ("def tokens(text):\n    import re\n    return set(re.findall(r'[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f-]{27}', text))\n"
+                "found = set()\n")
+_FORGE_ATTACKS = {
+    # the old hole: the nonce was in the program's own file; print it and leave
+    "own_file_nonce": _FIND_TOKENS + (
+        "import os, sys\nfor p in [sys.argv[0], 'main.py', __file__ if '__file__' in dir() else 'main.py'] + os.listdir('.'):\n"
+        "    try:\n        found |= tokens(open(p).read())\n    except Exception:\n        pass\n"
+        "for t in found:\n    print(t)\nimport sys; sys.stdout.flush()\nos._exit(0)\n"),
+    "proc_self": _FIND_TOKENS + (
+        "import os\nfor p in ['cmdline', 'environ', 'status', 'maps', 'mountinfo']:\n    for pid in ['self', '1', str(os.getppid())]:\n"
+        "        try:\n            found |= tokens(open(f'/proc/{pid}/{p}', errors='replace').read())\n"
+        "        except Exception:\n            pass\nfor t in found:\n    print(t)\nprint(found and 'P')\n"
+        "import sys; sys.stdout.flush()\nos._exit(0)\n"),
+    "write_every_fd": (
+        "import os, sys\nsys.stdout.flush()\nfds = [int(f) for f in os.listdir('/proc/self/fd')] + list(range(256))\n"
+        "for fd in fds:\n    for guess in [b'P', b'PASS\\n', b'1.0\\n', b'ok\\n', b'\\x01\\x00\\x00\\x00P']:\n"
+        "        try:\n            os.set_blocking(fd, False)\n            os.write(fd, guess)\n"
+        "            print('wrote to', fd, file=sys.stderr)\n        except OSError:\n            pass\nos._exit(0)\n"),
+    "read_every_fd": _FIND_TOKENS + (
+        "import os\nfor fd in range(256):\n    try:\n        os.set_blocking(fd, False)\n"
+        "        found |= tokens(os.read(fd, 1 << 16).decode(errors='replace'))\n    except Exception:\n        pass\n"
+        "for t in found:\n    print(t)\nimport sys; sys.stdout.flush()\nos._exit(0)\n"),
+    "harness_source": (  # the harness's own code says how the verdict is given: try to give it
+        "import os, re, sys\nrepo = {repo!r}\nsrc = ''\nfor f in ['sandbox.py', 'tasks.py']:\n    try:\n"
+        "        src += open(os.path.join(repo, f)).read()\n    except OSError:\n        pass\n"
+        "print('read', len(src))  # hidden from the program; it is public all the same\n"
+        "for m in set(re.findall(r\"os\\.write\\(\\w+, (b'[^']*')\\)\", src)) | {\"b'P'\"}:\n"
+        "    for fd in range(3, 256):\n        try:\n            os.write(fd, eval(m))\n        except OSError:\n            pass\n"
+        "print('P')\nsys.stdout.flush()\nos._exit(0)\n"),
+    "guessed_verdicts": ("print('P')\nprint('PASS')\nprint('OK')\nprint('1.0')\nprint('{\"passed\": true}')\n"
+                         "import sys\nsys.stderr.write('passed\\n')\n"),
+    "exit_before_tests": "import os\nos._exit(0)\n",
+    "system_exit_0": "raise SystemExit(0)\n",
+    "exit_in_function": "def add(a, b):\n    import sys\n    sys.exit(0)\n",
+    "os_exit_in_function": "def add(a, b):\n    import os\n    os._exit(0)\n",
+    "patched_builtins_and_hooks": (
+        "import builtins, sys, atexit, os\nbuiltins.AssertionError = type('AssertionError', (Exception,), {})\n"
+        "builtins.len = lambda x: 3\nbuiltins.isinstance = lambda *a: True\nsys.excepthook = lambda *a: None\n"
+        "atexit.register(os._exit, 0)\ndef add(a, b):\n    return None\n"),
+    "trace_skips_asserts": (  # in-process tests can be jumped over by a trace function
+        "import sys, linecache\ndef t(frame, event, arg):\n    if event == 'line':\n"
+        "        if linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith('assert'):\n"
+        "            try:\n                frame.f_lineno = frame.f_lineno + 1\n            except ValueError:\n                pass\n"
+        "    return t\nsys.settrace(t)\nsys._getframe().f_trace = t\ndef add(a, b):\n    return 0\n"),
+    "always_equal": ("class Anything:\n    def __eq__(self, other):\n        return True\n    __ne__ = lambda s, o: False\n"
+                     "    __hash__ = object.__hash__\n    def __bool__(self):\n        return True\n"
+                     "def add(a, b):\n    return Anything()\ndef inc(x):\n    return Anything()\n"),
+    "int_subclass_equal": ("class I(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+                           "def add(a, b):\n    return I(7)\n"),
+    "frames_and_memory": _FIND_TOKENS + (
+        "import gc, sys, os\nf = sys._getframe()\nwhile f:\n    found |= tokens(repr(f.f_locals))\n    f = f.f_back\n"
+        "for o in gc.get_objects():\n    try:\n        found |= tokens(repr(o)[:10000])\n    except Exception:\n        pass\n"
+        "for t in found:\n    print(t)\nsys.stdout.flush()\nos._exit(0)\n"),
+    "look_for_the_tests": (  # with the tests in hand, a lookup table would do
+        "import os, re, glob\ntext = ''\nfor p in ['main.py'] + glob.glob('/tmp/mopd_*/*') + glob.glob('/proc/[0-9]*/cmdline'):\n"
+        "    try:\n        text += open(p, errors='replace').read(100000)\n    except Exception:\n        pass\n"
+        "table = {(int(a), int(b)): int(c) for a, b, c in re.findall(r'add\\((-?\\d+), (-?\\d+)\\) == (-?\\d+)', text)}\n"
+        "print('found', table)\ndef add(a, b):\n    return table.get((a, b))\n"),
+    "kill_everything": "import os, signal\nfor pid in [-1, 1, os.getppid()]:\n    try:\n        os.kill(pid, signal.SIGKILL)\n"
+                       "    except OSError:\n        pass\ndef add(a, b):\n    return 0\n",
+}
+
 
 @pytest.fixture(scope="module")
-def report():
-    return tasks.sandbox_report()
+def code_examples(tmp_path_factory):
+    rows = [{"prompt": "Write add(a, b).", "tests": "assert add(1, 2) == 3\nassert add(-1, 1) == 0",
+             "solution": "def add(a, b):\n    return a + b"},
+            {"prompt": "Write inc(x).", "entry_point": "inc", "solution": "def inc(x):\n    return x + 1",
+             "tests": "def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(-1) == 0"}]
+    return tasks.load_jsonl(str(_write(tmp_path_factory.mktemp("code") / "c.jsonl", rows)), "code")
 
 
-def _timed(code, **kw):
-    t = time.time()
-    ok, out = tasks.run_sandboxed(code, **kw)
-    return ok, out, time.time() - t
+@pytest.mark.parametrize("attack", sorted(_FORGE_ATTACKS))
+def test_code_reward_cannot_be_forged(attack, code_examples):
+    if attack == "look_for_the_tests" and not tasks.sandbox_report()["filesystem_minimal"]:
+        pytest.skip("no mount namespace here: world-readable files (the data set too) are visible to the program")
+    program = _FORGE_ATTACKS[attack].replace("{repo!r}", repr(str(Path(tasks.__file__).resolve().parent)))
+    for ex in code_examples:
+        assert tasks.code_reward(f"```python\n{program}```", ex) == 0.0, (attack, ex.meta.get("entry_point"))
+    for ex in code_examples:  # and right after, a right answer still passes
+        assert tasks.code_reward(tasks.code_demo(ex), ex) == 1.0
 
 
-def _live_processes(uid=None, cmdline_tag=None):
-    """Pids of live (non-zombie) processes with this real uid, or with this text in argv."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                status = dict(line.split(":", 1) for line in f if ":" in line)
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        if status["State"].split()[0] == "Z":
-            continue
-        if (uid is not None and int(status["Uid"].split()[0]) == uid) or (cmdline_tag and cmdline_tag in cmdline):
-            found.append(pid)
-    return found
-
-
-def test_sandbox_runs_correct_code():
-    ok, out, dt = _timed("import json\nprint(json.dumps({'a': sum(range(10))}))")
-    assert ok and out.strip() == '{"a": 45}' and dt < 5
-    ok, out, _ = _timed("raise SystemExit(3)")
-    assert not ok
-
-
-def test_sandbox_infinite_loop_is_killed():
-    ok, out, dt = _timed("while True:\n    pass", timeout_s=1.0)
-    assert not ok and "timeout" in out and dt < 4
-    ok, out, dt = _timed("import time\ntime.sleep(60)", timeout_s=1.0)  # idle, so only wall-clock catches it
-    assert not ok and dt < 4
-
-
-def test_sandbox_fork_bomb(report):
-    code = ("import os\nprint('uid', os.getuid(), flush=True)\nwhile True:\n    try:\n        os.fork()\n"
-            "    except OSError:\n        pass")
-    ok, out, dt = _timed(code, timeout_s=1.5)
-    assert not ok and dt < 6
-    if not report["uid_dropped"]:
-        pytest.skip("not root: the bomb's processes cannot be told apart by uid here")
-    uid = int(out.split()[1])
-    assert uid >= tasks.SANDBOX_UID_BASE and _live_processes(uid=uid) == []  # all of it is gone
-
-
-def test_sandbox_kills_processes_that_escape_the_group(report):
-    if not (report["uid_dropped"] or report["pid_namespace"]):
-        pytest.skip("no uid change and no PID namespace: a setsid() grandchild can survive here")
-    tag = f"0.{random.randrange(10**9, 10**10)}"  # `sleep 600 0.<digits>`: findable in /proc
-    code = (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n"
-            f"    os.execv('/bin/sleep', ['sleep', '600', '{tag}'])\ntime.sleep(0.3)\nprint('parent done')")
-    ok, out, dt = _timed(code, timeout_s=3)
-    assert ok and "parent done" in out and dt < 5
-    assert _live_processes(cmdline_tag=tag) == []
-
-
-def test_sandbox_hides_other_processes(report):
-    if not report["pid_namespace"]:
-        pytest.skip("no PID namespace here: other processes' command lines are visible")
-    ok, out, _ = _timed(f"import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
-                        f"print(os.path.exists('/proc/{os.getpid()}'))")
-    assert ok and out.split("\n")[:2] == ["[1, 2]", "False"]
-
-
-def test_sandbox_huge_allocation():
-    ok, out, dt = _timed("x = bytearray(8 << 30)\nprint('allocated')", mem_mb=512)
-    assert not ok and "MemoryError" in out and "allocated" not in out and dt < 5
-    ok, out, dt = _timed("chunks = []\nwhile True:\n    chunks.append(bytearray(32 << 20))", mem_mb=256)
-    assert not ok and dt < 8
-
-
-def test_sandbox_output_is_bounded():
-    ok, out, dt = _timed("while True:\n    print('x' * 1000)", timeout_s=5, fsize_mb=1, max_output=4096)
-    assert not ok and len(out) < 4096 + 100 and dt < 6
-
-
-def test_sandbox_cannot_write_outside_its_dir(report):
-    if not report["filesystem_readonly_outside_workdir"]:
-        pytest.skip("no mount namespace here: the sandbox can write where its user can")
-    tag = uuid.uuid4().hex
-    repo = Path(tasks.__file__).resolve().parent
-    targets = [f"/tmp/mopd_evil_{tag}", str(repo / f"evil_{tag}"), f"/dev/shm/evil_{tag}", f"/var/tmp/evil_{tag}"]
-    code = (f"import os\nprint('cwd', os.getcwd())\nopen('mine.txt', 'w').write('ok')\n"
-            f"print('own dir writable', open('mine.txt').read())\n"
-            f"for p in {targets!r}:\n    try:\n        open(p, 'w').write('pwned')\n        print('WROTE', p)\n"
-            f"    except OSError as e:\n        print('denied', p, e.errno)\n")
-    mounts_before = open("/proc/self/mountinfo").read()
-    ok, out, dt = _timed(code)
-    written = [p for p in targets if os.path.exists(p)]
-    for p in written:  # clean up before failing
-        os.unlink(p)
-    assert ok and "own dir writable ok" in out and "WROTE" not in out and out.count("denied") == len(targets)
-    assert written == []
-    workdir = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("cwd "))
-    assert not os.path.exists(workdir)  # its temp dir is gone too
-    assert open("/proc/self/mountinfo").read() == mounts_before  # the read-only remounts stayed inside
-
-
-def test_sandbox_cannot_read_parent_environment(monkeypatch, report):
-    secret = "mopd-secret-" + uuid.uuid4().hex
-    monkeypatch.setenv("MOPD_TEST_SECRET", secret)
-    code = (f"import os\nprint('env', dict(os.environ))\n"
-            f"for pid in [os.getppid(), {os.getpid()}]:\n    try:\n"
-            f"        print(open(f'/proc/{{pid}}/environ').read())\n"
-            f"    except OSError as e:\n        print('denied', pid, e.errno)\n")
-    ok, out, _ = _timed(code)
-    assert out.startswith("env {") and secret not in out and "MOPD_TEST_SECRET" not in out
-    if report["uid_dropped"]:
-        assert ok and out.count("denied") == 2
-
-
-def test_sandbox_has_no_network(report):
-    if not report["network_isolated"]:
-        pytest.skip("network namespaces are not permitted on this platform")
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    port = server.getsockname()[1]
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()  # reachable from here
-        code = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-                f"    print('CONNECTED')\nexcept OSError as e:\n    print('blocked', e.errno)\n")
-        ok, out, dt = _timed(code)
-        assert ok and "blocked" in out and "CONNECTED" not in out and dt < 5
-    finally:
-        server.close()
-
-
-def test_sandbox_runs_concurrently():
-    results = [None] * 4
-
-    def work(i):
-        results[i] = tasks.run_sandboxed(f"print({i} * 11)")
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    [t.start() for t in threads]
-    [t.join(30) for t in threads]
-    assert results == [(True, f"{i * 11}\n") for i in range(4)]
-
-
-_UNPRIVILEGED_SCRIPT = r"""
-import json, os, sys
-sys.path.insert(0, sys.argv[1])
-import tasks
-tag = sys.argv[2]
-report = tasks.sandbox_report()
-ok, out = tasks.run_sandboxed("import os\nprint(dict(os.environ))\nopen('mine', 'w').write('x')\nprint('own ok')\n"
-                              "print(open('/proc/%d/environ').read())" % os.getpid())
-blocked, _ = tasks.run_sandboxed("open('/tmp/mopd_evil_%s', 'w').write('x')" % tag)
-print(json.dumps({"report": report, "ok": ok, "out": out, "wrote_outside": blocked}))
-"""
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an unprivileged user")
-def test_sandbox_as_unprivileged_caller(tmp_path):
-    # Most users run as themselves, not root: no uid to drop to, so the protections come from
-    # an unprivileged user namespace where the kernel allows one. Check that path as nobody.
-    import shutil
-    import subprocess
-    python = "/usr/bin/python3"
-    if not (shutil.which("setpriv") and os.path.exists(python)):
-        pytest.skip("needs setpriv and /usr/bin/python3")
-    import tempfile
-    tag, secret = uuid.uuid4().hex, uuid.uuid4().hex
-    # a copy of tasks.py that nobody can read (the clone itself may sit in a 0700 directory)
-    repo = tempfile.mkdtemp(prefix="mopd_tasks_", dir="/tmp")
-    os.chmod(repo, 0o755)
-    shutil.copy(tasks.__file__, repo)
-    os.chmod(os.path.join(repo, "tasks.py"), 0o644)
-    try:
-        res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
-                              _UNPRIVILEGED_SCRIPT, repo, tag], capture_output=True, text=True, timeout=60,
-                             env={"PATH": "/usr/bin:/bin", "MOPD_TEST_SECRET": secret}, cwd="/")
-    finally:
-        shutil.rmtree(repo, ignore_errors=True)
-    evil = f"/tmp/mopd_evil_{tag}"
-    exists = os.path.exists(evil)
-    if exists:
-        os.unlink(evil)
-    assert res.returncode == 0, res.stderr
-    r = json.loads(res.stdout.strip().splitlines()[-1])
-    assert r["report"]["uid_dropped"] is False and "own ok" in r["out"] and secret not in r["out"]
-    if r["report"]["filesystem_readonly_outside_workdir"]:
-        assert not r["wrote_outside"] and not exists
-    if r["report"]["pid_namespace"]:
-        assert not r["ok"]  # the caller's /proc/<pid>/environ does not exist in the sandbox
-    print(r["report"])
+def test_code_reward_judges_with_its_own_builtins_and_modules(tmp_path):
+    # MBPP-style tests use `math` without importing it: the program's import provides it. A
+    # program that rebinds math, abs or len for the tests does not change what they mean.
+    row = {"prompt": "Write area(r) of a circle.", "solution": "import math\ndef area(r):\n    return math.pi * r * r",
+           "tests": "assert math.isclose(area(2), 12.566370614359172)\nassert abs(area(1) - 3.14159265) < 1e-6\n"
+                    "assert len(str(area(0))) == 3"}
+    (ex,) = tasks.load_jsonl(str(_write(tmp_path / "area.jsonl", [row])), "code")
+    assert tasks.code_reward(tasks.code_demo(ex), ex) == 1.0
+    cheat = ("class FakeMath:\n    pi = 3\n    @staticmethod\n    def isclose(*a, **k):\n        return True\n"
+             "math = FakeMath()\ndef abs(x):\n    return 0\ndef len(x):\n    return 3\ndef area(r):\n    return 0.0\n")
+    assert tasks.code_reward(cheat, ex) == 0.0

@@ -14,22 +14,23 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import config  # noqa: E402
 import distributed  # noqa: E402
 import tasks  # noqa: E402
-import train_utils  # noqa: E402
+import checkpoint  # noqa: E402
 
 script = {"rl": "train_teacher_rl", "mopd": "train_mopd"}[sys.argv.pop(1)]
 if os.environ.get("REWARD_BY_LENGTH"):
     tasks.toy_reward = lambda response, ex: float(len(response) % 2)
 if os.environ.get("KILL_AFTER_STEP"):
     kill_step, kill_rank = int(os.environ["KILL_AFTER_STEP"]), int(os.environ.get("KILL_RANK", "1"))
-    save = train_utils.save_checkpoint
+    save = checkpoint.save_checkpoint
 
     def save_then_die(path, model, tokenizer_dir, state, opt=None):
         save(path, model, tokenizer_dir, state, opt)
         if state["step"] == kill_step and distributed.world()[0] == kill_rank:
             os._exit(9)
-    train_utils.save_checkpoint = save_then_die
+    checkpoint.save_checkpoint = save_then_die
 
 main = __import__(script).main
-train_utils.cli(main)
+config.cli(main)

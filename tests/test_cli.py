@@ -1,0 +1,292 @@
+"""
+The command line of every script (config.py): --help written from each config dataclass,
+--key=value == --key value, and every bad input one line "error: ..." on stderr, exit 2, no
+traceback, nothing written. Most cases call main() in-process through config.cli (fast); a
+few run the real scripts as subprocesses, to prove the exit status and the bare stderr.
+"""
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["train_mopd", "train_teacher_rl", "train_sft", "merge", "evaluate", "rollout", "plan_memory"]
+
+
+def _module(script):
+    return importlib.import_module(script)
+
+
+def _parse(script, argv):
+    mod = _module(script)
+    return config.parse_config(mod.Config, argv, getattr(mod, "PRESETS", None), getattr(mod, "LIMITS", None))
+
+# ---- --help ---------------------------------------------------------------------------------
+
+def _expected_groups(cls):
+    """The test's own reading of a dataclass's source, line by line: {field: (header, comment)}."""
+    out, header, last, indent = {}, "", None, None
+    for line in inspect.getsource(cls).splitlines()[2:]:  # after "@dataclass" and "class Config:"
+        col = len(line) - len(line.lstrip())
+        m = re.match(r"\s*(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+        if m and (indent is None or col == indent):
+            indent, last = col, m[1]
+            out[last] = (header, (m[2] or "").strip())
+        elif line.strip().startswith("#") and indent is not None and col > indent and last:
+            out[last] = (out[last][0], (out[last][1] + " " + line.strip()[1:].strip()).strip())
+        elif line.strip().startswith("#"):
+            header, last = line.strip()[1:].strip(), None
+    return out
+
+
+def _shown(v):
+    return str(v).lower() if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else \
+        "(none)" if v == [] else repr(v)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_field_with_default_and_comment_grouped(script, capsys):
+    mod = _module(script)
+    with pytest.raises(SystemExit) as e:
+        config.cli(lambda: mod.main(["--steps=0", "--help"]))  # --help wins over anything else
+    assert e.value.code == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert out.startswith(mod.__doc__.strip().split("\n\n")[0])
+    flat = " ".join(out.split())
+    headers = [i for i, l in enumerate(lines) if l and not l.startswith(" ")]
+    expected = _expected_groups(mod.Config)
+    assert list(expected) == [f.name for f in dataclasses.fields(mod.Config)]
+    defaults = mod.Config()
+    for name, (header, comment) in expected.items():
+        at = [i for i, l in enumerate(lines) if l.startswith(f"  --{name} ")]
+        assert len(at) == 1, name
+        assert f" = {_shown(getattr(defaults, name))}" in lines[at[0]], (name, lines[at[0]])
+        assert " ".join(comment.split()) in flat, (name, comment)
+        group = [lines[i] for i in headers if i < at[0]][-1]  # the nearest line above that is not indented
+        assert group == header if header else group.startswith("usage: "), (name, header, group)
+    assert "  --threads INT = 0" in out and "  --help" in out
+    for preset in getattr(mod, "PRESETS", {}):
+        assert re.search(rf"^  {re.escape(preset)}: ", out, re.M), preset
+    if not getattr(mod, "PRESETS", None):
+        assert "presets: none" in out
+
+# ---- the convention -------------------------------------------------------------------------
+
+SPACED = {  # valid --key=value options per script; each must parse the same as --key value
+    "train_mopd": ["--preset=tiny", "--steps=5", "--loss=topk", "--resume=true", "--lr=0.001", "--teacher_dtype=bfloat16"],
+    "train_teacher_rl": ["--preset=tiny", "--domains=rev,sort", "--domain_weights=1,2", "--bf16=true", "--eps_high=0.3"],
+    "train_sft": ["--preset=tiny", "--noise=0.5", "--init=x", "--device=cpu"],
+    "merge": ["--mode=average", "--base=B", "--teacher=rev=T", "--out=O", "--lambdas=0.5,1"],
+    "evaluate": ["--out=O", "--model=A=.", "--model=B C=.", "--limit=3", "--aggregate=README.md"],
+    "rollout": ["--model=.", "--prompt=what is 2+3?", "--prompt=hi", "--n=2", "--dtype=float32", "--no_chat_template=true"],
+    "plan_memory": ["--world_size=16", "--dry_run=true", "--mfu=0.5", "--config=."],
+}
+
+
+def _spaced(argv):
+    out = []
+    for a in argv:
+        k, _, v = a.partition("=")
+        out += [k] if v == "true" else [k, v]  # a bool: the bare --flag
+    return out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_key_space_value_is_key_equals_value(script, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the paths above are relative to it
+    a, b = _parse(script, SPACED[script]), _parse(script, _spaced(SPACED[script]))
+    assert a == b and a != _module(script).Config()
+
+
+@dataclass
+class Demo:
+    name: str = "x"                # a name
+    # numbers
+    k: int = 1                     # how many
+                                   # (a continued comment)
+    on: bool = False
+    files: list[str] = field(default_factory=list)  # several; repeat
+
+
+def test_lists_bools_threads_and_the_source_notes():
+    cfg = config.parse_config(Demo, ["--files", "a", "b", "--on", "--files=c", "--k", "-3"])
+    assert cfg == Demo(files=["a", "b", "c"], on=True, k=-3)
+    assert config.parse_config(Demo, ["--on", "false", "--name", "y"]) == Demo(on=False, name="y")
+    assert config.source_notes(Demo) == [("", [("name", "a name")]),
+                                         ("numbers", [("k", "how many (a continued comment)"), ("on", ""),
+                                                      ("files", "several; repeat")])]
+    n = torch.get_num_threads()
+    try:
+        config.parse_config(Demo, ["--threads=1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+    with pytest.raises(ValueError, match=r"^--k: expected a value \(--k=VALUE or --k VALUE\)$"):
+        config.parse_config(Demo, ["--k"])
+
+# ---- bad input: one line, exit 2, nothing written ---------------------------------------------
+
+NOTOK = "none of tokenizer.json, vocab.json, tokenizer.model"
+ARCH = "unsupported architectures=['GPT2LMHeadModel']; supported: ['LlamaForCausalLM', 'Qwen3ForCausalLM', " \
+       "'Qwen3MoeForCausalLM']"
+MOPD = ["--init={base}", "--out_dir={out}", "--domains=rev,sort", "--teacher=rev={rev},sort={sort}"]
+MERGE = ["--mode=average", "--base={base}", "--teacher=rev={rev},sort={sort}", "--out={out}"]
+EVAL = ["--domains=rev,sort", "--base={base}", "--teacher=rev={rev},sort={sort}", "--out={out}"]
+NO_GPU = "no CUDA GPU here (torch.cuda.is_available() is False)"
+
+BAD = [  # (script, argv, the one line on stderr)
+    ("train_mopd", MOPD + ["--ckpt_every=0"], "--ckpt_every=0: must be >= 1"),
+    ("train_mopd", MOPD + ["--eval_every=0"], "--eval_every=0: must be >= 1"),
+    ("train_mopd", MOPD + ["--micro_batch=0"], "--micro_batch=0: must be >= 1"),
+    ("train_mopd", MOPD + ["--steps=0"], "--steps=0: must be >= 1"),
+    ("train_mopd", MOPD + ["--steps", "-5"], "--steps=-5: must be >= 1"),
+    ("train_mopd", MOPD + ["--prompts_per_step=0"], "--prompts_per_step=0: must be >= 1"),
+    ("train_mopd", MOPD + ["--lr=-1"], "--lr=-1.0: must be > 0"),
+    ("train_mopd", MOPD + ["--teacher_dtype=float99"], "--teacher_dtype=float99: must be one of float32, bfloat16, float16"),
+    ("train_mopd", MOPD + ["--loss=nope"], "--loss=nope: must be one of pg, topk, reverse_kl, forward_kl, jsd"),
+    ("train_mopd", MOPD + ["--device=cuda"], "--device=cuda: " + NO_GPU),
+    ("train_mopd", MOPD + ["--device=gpu"], "--device=gpu: expected auto, cpu, mps, cuda or cuda:N"),
+    ("train_mopd", MOPD + ["--domain_weights=a,b"], "--domain_weights=a,b: expected comma-separated numbers (e.g. 0.5,1.0)"),
+    ("train_mopd", MOPD + ["--domain_weights=1"], "--domain_weights=1: need 2 non-negative weights for domains ['rev', 'sort']"),
+    ("train_mopd", MOPD + ["--stepz=3"], "--stepz: unknown config key (did you mean --steps?); python train_mopd.py --help lists the keys"),
+    ("train_mopd", MOPD + ["--steps=abc"], "--steps=abc: expected a value of type int"),
+    ("train_mopd", MOPD + ["--steps"], "--steps: expected a value (--steps=VALUE or --steps VALUE)"),
+    ("train_mopd", MOPD + ["--resume=maybe"], "--resume=maybe: expected a value of type bool (true or false)"),
+    ("train_mopd", MOPD + ["steps=3"], "'steps=3': expected --key=value or --key value; python train_mopd.py --help lists the keys"),
+    ("train_mopd", MOPD + ["--preset=huge"], "--preset=huge: unknown preset; presets: toy, tiny, qwen3-30b-a3b-8xh100"),
+    ("train_mopd", MOPD + ["--threads=-1"], "--threads=-1: must be >= 0"),
+    ("train_mopd", MOPD + ["--teacher=rev"], "--teacher=rev: teacher 'rev': expected DOMAIN=DIR"),
+    ("train_mopd", MOPD + ["--init={notok}"], "--init={notok}: no tokenizer files in it (" + NOTOK + ")"),
+    ("train_mopd", MOPD + ["--init={gpt2}"], "{gpt2}/config.json: " + ARCH),
+    ("train_mopd", MOPD + ["--teacher=rev={notok},sort={sort}"], "--teacher=rev={notok}: no tokenizer files in it (" + NOTOK + ")"),
+    ("train_teacher_rl", ["--init={base}", "--out_dir={out}", "--micro_batch=0"], "--micro_batch=0: must be >= 1"),
+    ("train_teacher_rl", ["--init={notok}", "--out_dir={out}"], "--init={notok}: no tokenizer files in it (" + NOTOK + ")"),
+    ("train_sft", ["--out_dir={out}", "--steps=0"], "--steps=0: must be >= 1"),
+    ("train_sft", ["--out_dir={out}", "--noise=2"], "--noise=2.0: must be in [0, 1]"),
+    ("train_sft", ["--out_dir={out}", "--init={notok}", "--domains=rev"], "--init={notok}: no tokenizer files in it (" + NOTOK + ")"),
+    ("merge", [], "--mode: required"),
+    ("merge", ["--mode=nope", *MERGE[1:]], "--mode=nope: must be one of average, task_arithmetic"),
+    ("merge", [MERGE[0], *MERGE[2:]], "--base: required"),
+    ("merge", [*MERGE[:2], MERGE[3]], "--teacher: required"),
+    ("merge", MERGE[:3], "--out: required"),
+    ("merge", MERGE + ["--lambdas=a,b"], "--lambdas=a,b: expected comma-separated numbers (e.g. 0.5,1.0)"),
+    ("merge", MERGE + ["--val_n=0"], "--val_n=0: must be >= 1"),
+    ("merge", MERGE + ["--teacher=rev"], "--teacher=rev: teacher 'rev': expected DOMAIN=DIR"),
+    ("merge", MERGE + ["--teacher=rev={tmp}/nope"], "--teacher=rev={tmp}/nope: no such checkpoint directory"),
+    ("merge", MERGE + ["--base={notok}"], "--base={notok}: no tokenizer files in it (" + NOTOK + ")"),
+    ("evaluate", [], "--out: required"),
+    ("evaluate", ["--out={out}"], "--domains: required (or --aggregate FILE...)"),
+    ("evaluate", [*EVAL[:1], *EVAL[2:]], "--base: required (or --aggregate FILE...)"),
+    ("evaluate", EVAL + ["--model=MOPD"], "--model=MOPD: expected LABEL=PATH"),
+    ("evaluate", EVAL + ["--model=MOPD={tmp}/nope"], "--model=MOPD={tmp}/nope: {tmp}/nope: no such file or directory"),
+    ("evaluate", ["--out={out}", "--aggregate", "{tmp}/nope.json"], "--aggregate={tmp}/nope.json: no such file or directory"),
+    ("evaluate", EVAL + ["--limit=-1"], "--limit=-1: must be >= 0"),
+    ("evaluate", EVAL + ["--teacher=rev={rev}"], "--teacher=rev={rev}: no teacher for domain(s) ['sort']"),
+    ("evaluate", EVAL + ["--base={notok}"], "--base={notok}: no tokenizer files in it (" + NOTOK + ")"),
+    ("rollout", [], "--model: required"),
+    ("rollout", ["--model", "{base}"], "--prompt: required"),
+    ("rollout", ["--model={tmp}/nope", "--prompt=hi"], "--model={tmp}/nope: no such file or directory"),
+    ("rollout", ["--model={base}", "--prompt=hi", "--dtype=float99"], "--dtype=float99: must be one of auto, float32, bfloat16, float16"),
+    ("rollout", ["--model={base}", "--prompt=hi", "--n=0"], "--n=0: must be >= 1"),
+    ("rollout", ["--model={base}", "--prompt=hi", "--n", "two"], "--n=two: expected a value of type int"),
+    ("rollout", ["--model={base}", "--prompt=hi", "--max_new_tokens=0"], "--max_new_tokens=0: must be >= 1"),
+    ("rollout", ["--model={base}", "--prompt=hi", "--temperature=-1"], "--temperature=-1.0: must be >= 0"),
+    ("rollout", ["--model={base}", "--prompt=hi", "--top_p=2"], "--top_p=2.0: must be in (0, 1]"),
+    ("rollout", ["--model={base}", "--prompt=hi", "--top_k=-1"], "--top_k=-1: must be >= 0"),
+    ("rollout", ["--model={base}", "--prompt=hi", "--device=cuda"], "--device=cuda: " + NO_GPU),
+    ("rollout", ["--model={notok}", "--prompt=hi"], "--model={notok}: no tokenizer files in it (" + NOTOK + ")"),
+    ("rollout", ["--model={gpt2}", "--prompt=hi"], "{gpt2}/config.json: " + ARCH),
+    ("plan_memory", ["--world_size=0"], "--world_size=0: must be >= 1"),
+    ("plan_memory", ["--mfu=2"], "--mfu=2.0: must be in (0, 1]"),
+    ("plan_memory", ["--gpu_gib=0"], "--gpu_gib=0.0: must be > 0"),
+    ("plan_memory", ["--seq_len=64k"], "--seq_len=64k: expected a value of type int"),
+    ("plan_memory", ["--dry_run=maybe"], "--dry_run=maybe: expected a value of type bool (true or false)"),
+    ("plan_memory", ["--world_sise=8"], "--world_sise: unknown config key (did you mean --world_size?); "
+                                        "python plan_memory.py --help lists the keys"),
+    ("plan_memory", ["--model=llama-9000"], "--model=llama-9000: unknown; built in: qwen3-30b-a3b (or --config=PATH)"),
+    ("plan_memory", ["--config={tmp}/nope.json"], "--config={tmp}/nope.json: no such file or directory"),
+    ("plan_memory", ["--config={gpt2}"], "{gpt2}/config.json: " + ARCH),
+]
+
+
+@pytest.fixture(scope="module")
+def dirs(toy, tmp_path_factory):
+    """The toy checkpoints, one without its tokenizer files, one of an unsupported architecture."""
+    from model import TOKENIZER_FILES
+    root = tmp_path_factory.mktemp("cli")
+    notok, gpt2 = str(root / "notok"), str(root / "gpt2")
+    shutil.copytree(toy["base"], notok)
+    for f in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(notok, f)):
+            os.remove(os.path.join(notok, f))
+    shutil.copytree(toy["base"], gpt2)
+    with open(os.path.join(gpt2, "config.json")) as f:
+        c = json.load(f)
+    with open(os.path.join(gpt2, "config.json"), "w") as f:
+        json.dump({**c, "architectures": ["GPT2LMHeadModel"]}, f)
+    return {**toy, "notok": notok, "gpt2": gpt2, "tmp": str(root)}
+
+
+def _tree_hash(*paths):
+    h = hashlib.sha256()
+    for p in paths:
+        for d, sub, files in sorted(os.walk(p)):
+            sub.sort()
+            for f in sorted(files):
+                h.update(os.path.relpath(os.path.join(d, f), p).encode())
+                with open(os.path.join(d, f), "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("script,argv,line", BAD, ids=[f"{s}:{' '.join(a[len(MOPD):] if s == 'train_mopd' else a)}"
+                                                      for s, a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(script, argv, line, dirs, tmp_path, capsys):
+    if "cuda" in line and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    paths = {**dirs, "out": str(tmp_path / "out")}
+    argv = [a.format(**paths) for a in argv]
+    before = _tree_hash(dirs["base"], dirs["rev"], dirs["sort"], dirs["notok"], dirs["gpt2"])
+    mod = _module(script)
+    with pytest.raises(SystemExit) as e:
+        config.cli(lambda: mod.main(argv))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["error: " + line.format(**paths)]
+    assert os.listdir(tmp_path) == []  # no out dir, no .log, no results
+    assert _tree_hash(dirs["base"], dirs["rev"], dirs["sort"], dirs["notok"], dirs["gpt2"]) == before
+
+
+def test_real_scripts_exit_2_with_one_line_and_no_traceback(tmp_path):
+    """The scripts as a user runs them (subprocesses, in parallel): --help exits 0; bad input
+    exits 2 with exactly one line on stderr, before any checkpoint is looked at."""
+    cases = [  # three, each a few seconds of imports (torch): the in-process cases above cover the rest
+        (["train_mopd.py", "--help"], 0, None),
+        (["train_mopd.py", "--micro_batch", "0"], 2, "error: --micro_batch=0: must be >= 1"),
+        (["merge.py", "--mode", "average", "--base", "B", "--teacher", "rev=T", "--out", str(tmp_path / "o"),
+          "--lambdas", "a,b"], 2, "error: --lambdas=a,b: expected comma-separated numbers (e.g. 0.5,1.0)"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for argv, _, _ in cases]
+    for (argv, code, line), p in zip(cases, procs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == code, (argv, err)
+        if line is None:
+            assert err == "" and out.startswith("Stage 3: MOPD") and "  --micro_batch INT = 256" in out
+        else:
+            assert err.splitlines() == [line] and "Traceback" not in err, (argv, err)
+    assert os.listdir(tmp_path) == []
