@@ -576,11 +576,6 @@ class Transformer(nn.Module):
                 for n, t in self.state_dict(keep_vars=keep_vars).items()
                 if not (n == "lm_head.weight" and self.config.tie_word_embeddings)]
 
-    def hf_state_dict(self):
-        """Our parameters under HF names: 'model.' prefix, experts unstacked per expert
-        (unsharded models; a sharded one is saved with the collective save_pretrained)."""
-        return {hf: t if e is None else t[e] for _, t, keys in self._hf_layout() for hf, e in keys}
-
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", shard_fn=None):
         """Load an HF directory (checkpoint.load_pretrained: built on the meta device, each tensor
