@@ -293,7 +293,9 @@ def test_total_memory_of_a_run_is_bounded(bound, monkeypatch, report):
     else:  # no cgroup: RLIMIT_AS = 128 MiB refuses every 400 MB, and only 3 children start
         assert out.count("held") == 0 and out.count("refused") <= sandbox.FALLBACK_NPROC - 1
         if report["uid_dropped"]:  # the run's processes are the ones of its uid: their sum
-            assert 0 < peak[0] <= mem_mb << 20
+            # (an upper bound only: on an idle machine the refused children can be gone before
+            # the sampler's first look, so "it saw something" is timing, not a property)
+            assert peak[0] <= mem_mb << 20
     # and as a code reward, the same program gets nothing
     assert sandbox.run_tests(_ALLOCATORS, "assert add(1, 2) == 3", timeout_s=4, mem_mb=mem_mb)[0] is False
 
