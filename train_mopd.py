@@ -103,12 +103,15 @@ PRESETS = {
 LOSSES = ("pg", "topk", "reverse_kl", "forward_kl", "jsd")
 # refused as soon as the command line is read, before anything loads (config.check); the
 # objective's own traps (eps, ratio_mode, loss_agg, temperature, top_p, n) are mopd.check_objective's
-LIMITS = {">= 1": "steps prompts_per_step max_new_tokens topk exact_kl_every micro_batch eval_every ckpt_every",
+LIMITS = {">= 1": "n steps prompts_per_step max_new_tokens topk exact_kl_every micro_batch eval_every ckpt_every",
           ">= 0": "orm_alpha exact_kl_rows min_lr warmup weight_decay eval_limit",
-          "> 0": "adv_clip lr grad_clip",
+          "> 0": "adv_clip lr grad_clip temperature",
           "in [0, 1]": "beta",
           "one of " + " ".join(LOSSES): "loss",
           "one of float32 bfloat16 float16": "teacher_dtype",
+          "in (0, 1]": "top_p",
+          "one of " + " ".join(mopd.RATIO_MODES): "ratio_mode",
+          "one of " + " ".join(mopd.LOSS_AGGS): "loss_agg",
           "numbers": "domain_weights",
           "device": "device"}
 

@@ -30,7 +30,7 @@ import torch
 import checkpoint
 import distributed
 from config import cli, parse_config, print_config
-from mopd import check_objective, group_advantages, pg_update, policy_logprobs
+from mopd import LOSS_AGGS, RATIO_MODES, check_objective, group_advantages, pg_update, policy_logprobs
 from tasks import get_domains
 from teachers import load_frozen
 from train_utils import (check_start, clip_and_step, due, evaluate, load_for_training, parse_weights, print0,
@@ -94,9 +94,12 @@ PRESETS = {
 }
 # refused as soon as the command line is read, before anything loads (config.check); the
 # objective's own traps (eps, ratio_mode, loss_agg, temperature, top_p, n) are mopd.check_objective's
-LIMITS = {">= 1": "steps prompts_per_step max_new_tokens micro_batch eval_every ckpt_every",
+LIMITS = {">= 1": "n steps prompts_per_step max_new_tokens micro_batch eval_every ckpt_every",
           ">= 0": "kl_coef min_lr warmup weight_decay eval_limit",
-          "> 0": "lr grad_clip",
+          "> 0": "lr grad_clip temperature",
+          "in (0, 1]": "top_p",
+          "one of " + " ".join(RATIO_MODES): "ratio_mode",
+          "one of " + " ".join(LOSS_AGGS): "loss_agg",
           "numbers": "domain_weights",
           "device": "device"}
 

@@ -181,9 +181,9 @@ def test_bad_config_is_a_clear_error(tiny_base, tmp_path):
     ("mopd", ["--eps_low=1.2"], r"needs eps_low < 1 < eps_high .* got --eps_low=1.2 --eps_high=2.0"),
     ("rl", ["--eps_low=0"], r"--ratio_mode=clip .* got --eps_low=0.0 --eps_high=0.28"),
     ("rl", ["--eps_high=-1"], r"--ratio_mode=clip .* got --eps_low=0.2 --eps_high=-1.0"),
-    ("rl", ["--ratio_mode=ppo"], r"--ratio_mode=ppo: expected clip or band"),
-    ("mopd", ["--loss_agg=mean"], r"--loss_agg=mean: expected one of token-mean, seq-mean-token-mean"),
-    ("rl", ["--temperature=0"], r"--temperature=0.0: training samples need a temperature > 0"),
+    ("rl", ["--ratio_mode=ppo"], r"--ratio_mode=ppo: must be one of clip, band"),
+    ("mopd", ["--loss_agg=mean"], r"--loss_agg=mean: must be one of token-mean, seq-mean-token-mean"),
+    ("rl", ["--temperature=0"], r"--temperature=0.0: must be > 0"),
     ("mopd", ["--top_p=0"], r"--top_p=0.0: must be in \(0, 1\]"),
     ("rl", ["--n=1"], r"--n=1: GRPO needs >= 2 samples per prompt"),
 ])
