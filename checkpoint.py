@@ -24,8 +24,12 @@ Everything that touches the disk, and the rules that keep what is written there 
   resumed checkpoint's config with this one (RESUMABLE lists what may change without
   breaking bit-identical resume; --resume_override=key,... accepts others), recovers a
   complete staging and removes the leftovers of interrupted saves. During the run: the
-  metrics log (OUT_DIR.log/metrics.jsonl), the divergence guard (check_finite) and the
-  one-line report of a Ctrl-C.
+  metrics log (OUT_DIR.log/metrics.jsonl; a row is appended whole or not at all, and a write
+  that fails, a full disk, stops the run with one line), the divergence guard (check_finite)
+  and the one-line report of a Ctrl-C.
+- The same rules for the other scripts' outputs: check_out_dir (not a source, not a file, a
+  writable parent) and refuse_held (what an output already holds is replaced only with
+  --overwrite=true, and only by a complete new one): merge.py's --out, evaluate.py's results.
 Under torchrun every rank enters Run and saves (collectives), rank 0 alone takes the lock,
 checks, writes the log and renames; the others learn its verdict through one collective.
 """
@@ -595,17 +599,14 @@ class Run:
         if cfg.resume and cfg.overwrite:
             raise ValueError(f"--resume=true and --overwrite=true: choose one (continue the run in {out}, "
                              f"or replace it)")
-        refuse_source(out, "--out_dir", self.sources)
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise ValueError(f"--out_dir={out}: exists and is not a directory")
-        writable_parent(out, "--out_dir")
+        check_out_dir(out, "--out_dir", self.sources)
         self._lock()
         if cfg.resume:
             recover_checkpoint(out)
         held = self._held()
-        if held and not cfg.resume and not cfg.overwrite:
-            raise ValueError(f"--out_dir={out} already holds a run ({', '.join(held)}): --resume=true continues "
-                             f"it, --overwrite=true replaces it")
+        if not cfg.resume:
+            refuse_held(out, "--out_dir", f"a run ({', '.join(held)})" if held else "", cfg.overwrite,
+                        "--resume=true continues it, --overwrite=true replaces it")
         if cfg.resume:
             state = load_trainer_state(out)
             if state is not None:
@@ -630,8 +631,8 @@ class Run:
             held.append(f"an unreadable {out}/trainer_state.pt")
         if state:
             held.append(f"a checkpoint at step {state.get('step', '?')}")
-        elif os.path.isdir(out) and os.listdir(out):
-            held.append(f"{len(os.listdir(out))} files")
+        elif files_in(out):
+            held.append(files_in(out))
         if self._complete_staging():
             held.append(f"a complete {out}.staging")
         if os.path.exists(self.log_path) and os.path.getsize(self.log_path):
@@ -702,9 +703,7 @@ class Run:
             keep = []
             if self.state and os.path.exists(self.log_path):
                 keep = [l for l in open(self.log_path) if l.strip() and json.loads(l).get("step", 0) <= start]
-            with open(self.log_path + ".tmp", "w") as f:  # replaced in one rename: never half cut
-                f.writelines(keep)
-            os.replace(self.log_path + ".tmp", self.log_path)
+            write_text(self.log_path, "".join(keep))  # replaced in one rename: never half cut
         self.done, self._t0 = start, time.time()
 
     def check_finite(self, row):
@@ -718,13 +717,26 @@ class Run:
                              + f": diverged; last good checkpoint: {last_checkpoint(self.out)}")
 
     def log(self, row, show=("loss",)):
-        """Append the step's row to OUT_DIR.log/metrics.jsonl and print one line (rank 0)."""
+        """Append the step's row to OUT_DIR.log/metrics.jsonl and print one line (rank 0). A write
+        that fails (a full disk, like save_checkpoint's) is cut back out of the log and stops the
+        run with one line, on every rank (one collective), before this step's checkpoint: the
+        last checkpoint and the log up to it stay as they were, and --resume continues."""
         self.done = row["step"]
-        if distributed.world()[0] != 0:
-            return
+        main = distributed.world()[0] == 0
         row = {**row, "time": round(time.time() - self._t0, 3)}
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        err = None
+        if main:
+            try:
+                append_line(self.log_path, json.dumps(row))
+            except OSError as e:
+                why = "no space left on device" if _disk_full(e) else (e.strerror or str(e))
+                err = (f"{self.log_path}: {why} while logging step {row['step']}; last checkpoint: "
+                       f"{last_checkpoint(self.out)}")
+        err = next((e for e in distributed.gather_list([err]) if e), None)  # every rank: rank 0's verdict
+        if err:
+            raise SystemExit(err)
+        if not main:
+            return
         line = f"step {row['step']}/{self.cfg.steps}: " + " ".join(f"{k} {row[k]:.4f}" for k in show if k in row)
         if "eval" in row:
             line += " | eval " + " ".join(f"{k}={v:.3f}" for k, v in row["eval"].items())
@@ -756,6 +768,57 @@ def refuse_source(out, flag, sources):
             continue
         raise ValueError(f"{flag}={out} {how} {src_flag}={src}: saving would replace or alter it; "
                          f"choose another {flag}")
+
+
+def check_out_dir(out, flag, sources):
+    """Before anything loads, an output directory a script writes (a trainer's OUT_DIR, merge.py's
+    --out): not a source, nor in or around one (refuse_source), not a file, and in a writable
+    parent (writable_parent). What it already holds is refuse_held's."""
+    refuse_source(out, flag, sources)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{flag}={out}: exists and is not a directory")
+    writable_parent(out, flag)
+
+
+def refuse_held(out, flag, held, overwrite, hint="--overwrite=true replaces it"):
+    """What `out` already holds (`held`: "a run (...)", files_in(out), ...; empty: nothing) is
+    replaced only with --overwrite=true; else one line naming the option, the path and what is
+    there. (Replaced only once the new output is complete: replace_dir, write_text.)"""
+    if held and not overwrite:
+        raise ValueError(f"{flag}={out} already holds {held}: {hint}")
+
+
+def files_in(path):
+    """'N files' when `path` is a non-empty directory, else ''."""
+    n = len(os.listdir(path)) if os.path.isdir(path) else 0
+    return f"{n} files" if n else ""
+
+
+def write_text(path, text):
+    """Write a file beside its final name, then rename it over that: never half a file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def append_line(path, text):
+    """Append `text` + newline to `path`, whole or not at all: a write that fails part-way (a full
+    disk) is cut back to the file's old length, so the log never ends in half a row."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        data = (text + "\n").encode()
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
 
 
 def writable_parent(out, flag):

@@ -9,8 +9,9 @@ The command line of every script, one convention:
   follows OMP_NUM_THREADS) and `--help`.
 - `--help` is written from the code itself: the script's docstring (first paragraph), then
   every field with its type, default, limits and the comment beside it in the dataclass,
-  grouped under the dataclass's own comment headers (read from the source by tokenize), then
-  the presets.
+  grouped under the dataclass's own comment headers (read from the source by tokenize, the
+  bases' too: options two scripts share are declared once, in a base dataclass), then the
+  presets.
 - Limits: each script's LIMITS, {rule: "field field ..."}, are checked as soon as the
   command line is read, before anything is loaded (check lists the rules).
 - Bad input is one line: cli(main) turns a ValueError, KeyError, FileNotFoundError or a
@@ -198,10 +199,29 @@ def _broken(rule, v):
 # --help, from the dataclass's source
 
 def source_notes(cls):
-    """[(header, [(field, comment)])] read from the dataclass's source with tokenize: a comment on
-    a line of its own at the fields' indentation is a header that starts a group (the fields
-    before the first header have header ""), a comment after a field is that field's meaning,
-    a comment line indented deeper than the fields continues the meaning above it."""
+    """[(header, [(field, comment)])] read from the dataclass's source with tokenize, and from its
+    bases' (a base first: options several scripts share are declared once, e.g.
+    train_utils.OnPolicyConfig). In one class (_own_notes) a comment on a line of its own at the
+    fields' indentation is a header that starts a group (the fields before the first header have
+    header ""), a comment after a field is that field's meaning, a comment line indented deeper
+    than the fields continues the meaning above it. A subclass's new fields join the group of
+    the same header (or start one at the end); a field it redeclares (another default) keeps
+    its place, and its base's comment unless it has its own."""
+    groups, notes = {"": []}, {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for header, fields in _own_notes(klass):
+            for f, note in fields:
+                if f not in notes:
+                    groups.setdefault(header, []).append(f)
+                if note or f not in notes:
+                    notes[f] = note
+    return [(h, [(f, notes[f]) for f in fs]) for h, fs in groups.items() if fs]
+
+
+def _own_notes(cls):
+    """source_notes of the fields written in this one class's source."""
     src = textwrap.dedent(inspect.getsource(cls))
     toks = list(tokenize.generate_tokens(io.StringIO(src).readline))
     names = {f.name for f in dataclasses.fields(cls)}
@@ -284,7 +304,11 @@ def _show(v, cmd=False):
 
 
 def _script(cls):
-    return "python " + os.path.basename(getattr(sys.modules[cls.__module__], "__file__", "") or "SCRIPT.py")
+    """'python SCRIPT.py', the path from the project's root (bench/bench_rl.py)."""
+    path = getattr(sys.modules[cls.__module__], "__file__", "") or "SCRIPT.py"
+    here = os.path.dirname(os.path.abspath(__file__))
+    inside = os.path.abspath(path).startswith(here + os.sep)
+    return "python " + (os.path.relpath(os.path.abspath(path), here) if inside else os.path.basename(path))
 
 # -----------------------------------------------------------------------------
 # the one error convention

@@ -25,11 +25,11 @@ keeps stepping finished rows (rollout._all_done); micro-batch loops run global_m
 iterations, a rank with nothing left running a zero-weight dummy; every teacher is called
 on every rank each step, on a dummy row when that rank has none of its domain.
 
-    dist_info = init_distributed()           # first thing (train_utils.cli does it)
+    dist_info = init_distributed()           # first thing (config.cli does it)
     model = shard(model)                     # before building the optimizer (or
                                              # Transformer.from_pretrained(shard_fn=...))
     ...
-    teardown()                               # last thing (train_utils.cli again)
+    teardown()                               # last thing (config.cli again)
 
 Parameters after shard() are DTensors: build the optimizer after sharding, and read a full
 weight with p.full_tensor() (a collective: every rank must call it).

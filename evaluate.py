@@ -1,5 +1,6 @@
 """
-Held-out evaluation and the paper's table.
+Held-out evaluation and the paper's table: evaluate() (the held-out accuracy every training
+script logs, and merge.py's validation score) and the command line that scores checkpoints.
 
     python evaluate.py --domains=rev,sort,uniq --base=out/toy/base \
         --teacher=rev=out/toy/teacher_rev,sort=... \
@@ -7,12 +8,13 @@ Held-out evaluation and the paper's table.
     python evaluate.py --aggregate out/seed0/results.json out/seed1/results.json --out=out/toy/results
 
 Per-domain accuracy = pass@1: the mean reward of 4 samples per prompt at T = 1 on the
-domain's held-out split (train_utils.evaluate).
+domain's held-out split (evaluate below).
 The paper's normalised score (SFT = 0, teacher = 1):
       norm_d = (acc_d(method) - acc_d(S0)) / (acc_d(teacher_d) - acc_d(S0)),  score = mean_d norm_d
 The "RL teacher" row is each domain's own teacher on its own column (1.0 by definition).
 Writes OUT.md (markdown table), OUT.json and OUT.png (bar chart; needs matplotlib, skipped
-with a note when it is missing). With --curve=NAME=metrics.jsonl it also reports sample
+with a note when it is missing), each whole or not at all; existing ones are refused before
+anything loads unless --overwrite=true. With --curve=NAME=metrics.jsonl it also reports sample
 efficiency: the sampled responses a run needed until each domain first reached 90% of the
 teacher headroom, from the run's periodic evals.
 """
@@ -20,16 +22,21 @@ teacher headroom, from the run's periodic evals.
 import json
 import os
 import statistics
+import zlib
 from dataclasses import dataclass, field
 
 import torch
 
+import distributed
+from checkpoint import refuse_held, write_text, writable_parent
 from config import cli, parse_config
+from rollout import decode, encode_prompt, generate, step_seed, stop_ids
 
 
 @dataclass
 class Config:
     out: str = ""                  # output prefix: OUT.md, OUT.json, OUT.png
+    overwrite: bool = False        # replace the results OUT.* already holds
     # the table: every checkpoint on every domain's held-out split
     domains: str = ""              # tasks.get_domains spec, e.g. rev,sort,uniq
     base: str = ""                 # S0
@@ -50,6 +57,50 @@ LIMITS = {"required": "out",
           ">= 0": "limit",
           ">= 1": "max_new_tokens"}
 
+
+# -----------------------------------------------------------------------------
+# held-out accuracy
+
+# Held-out accuracy is pass@1 of the policy itself: the mean reward of EVAL_SAMPLES samples per
+# prompt at EVAL_TEMPERATURE (what RL and distillation optimise). Greedy decoding
+# (temperature 0) can score a 51%-likely answer as 100% right and hide what training changed.
+EVAL_TEMPERATURE = 1.0
+EVAL_SAMPLES = 4
+
+
+@torch.no_grad()
+def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=512, temperature=EVAL_TEMPERATURE,
+             samples=EVAL_SAMPLES, seed=0):
+    """Mean reward of `model` on each domain's held-out split (seeded, so it is repeatable).
+    Under torchrun each rank scores its slice; sample j of a domain's held-out prompt i always
+    draws from the stream of (a hash of (seed, the domain's name), i, j), on any number of ranks,
+    in any batch, and whichever other domains are evaluated."""
+    was_training = model.training
+    model.eval()
+    n = 1 if temperature == 0 else samples
+    per = max(1, batch // n)
+    out = {}
+    for d in domains:
+        exs = d.eval_set[:limit] if limit else d.eval_set
+        a, b = distributed.rank_range(len(exs))
+        mine = exs[a:b]
+        total = 0.0
+        dseed = step_seed(seed, zlib.crc32(d.name.encode()))  # the hash of (seed, the domain's name)
+        for s in range(0, per * distributed.global_max(-(-len(mine) // per)), per):
+            chunk = mine[s:s + per] or mine[:1]  # past this rank's end: a dummy batch, not counted
+            res = generate(model, [encode_prompt(tok, e.prompt) for e in chunk], max_new_tokens,
+                           temperature=temperature, stop_token_ids=stop_ids(tok, model), n=n,
+                           seed=dseed, first_prompt=a + s, pad_id=tok.pad_token_id or 0)
+            if s < len(mine):
+                total += sum(d.reward(decode(tok, ids), chunk[i])
+                             for ids, i in zip(res.response_ids, res.prompt_index))
+        total = distributed.all_sum(torch.tensor(total, dtype=torch.float64, device=res.tokens.device))
+        out[d.name] = float(total) / (len(exs) * n)
+    model.train(was_training)
+    return out
+
+# -----------------------------------------------------------------------------
+# the paper's table
 
 def normalised(acc, base, teacher):
     """(x - S0) / (teacher - S0) per domain, and their mean."""
@@ -74,7 +125,6 @@ def evaluate_all(args):
     from model import Transformer, load_tokenizer
     from tasks import get_domains
     from teachers import parse_registry
-    from train_utils import evaluate
     domains = get_domains(args.domains, args.data_dir or None)
     names = [d.name for d in domains]
     try:
@@ -167,24 +217,26 @@ def chart(res, path):
     ax.axhline(1.0, ls="--", c="gray")
     ax.set_ylabel("normalised score (S0 = 0, teacher = 1)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path + ".tmp", dpi=120, format="png")
+    os.replace(path + ".tmp", path)  # never half a picture
 
 
 def main(argv=None):
     args = parse_config(Config, argv, limits=LIMITS)
-    if args.aggregate:
-        res = aggregate(args.aggregate)
-    else:
+    if not args.aggregate:
         for k in ("domains", "base", "teacher"):
             if not getattr(args, k):
                 raise ValueError(f"--{k}: required (or --aggregate FILE...)")
-        res = evaluate_all(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(res, f, indent=2)
+    # before anything loads: results already there are replaced only with --overwrite=true
+    # (checkpoint.py's rules for every output); the parent is made if it is missing
+    held = [p for p in (args.out + ".json", args.out + ".md", args.out + ".png") if os.path.exists(p)]
+    refuse_held(args.out, "--out", f"results ({', '.join(held)})" if held else "", args.overwrite,
+                "--overwrite=true replaces them")
+    writable_parent(args.out, "--out")
+    res = aggregate(args.aggregate) if args.aggregate else evaluate_all(args)
+    write_text(args.out + ".json", json.dumps(res, indent=2))
     text = markdown(res)
-    with open(args.out + ".md", "w") as f:
-        f.write(text)
+    write_text(args.out + ".md", text)
     chart(res, args.out + ".png")
     print(text)
 

@@ -7,6 +7,9 @@ The parameter-merging baselines: combine teachers without any training.
 
     python merge.py --mode=average --base=out/toy/base --teacher=rev=DIR,sort=DIR --out=out/toy/merge_avg
     python merge.py --mode=task_arithmetic --lambdas=0.3,0.5,0.7,1.0 --base=... --teacher=... --out=...
+
+--out is written beside its final name and swapped in when complete (checkpoint.replace_dir);
+a non-empty --out is refused unless --overwrite=true.
 """
 
 import os
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_tokenizer, refuse_source
+from checkpoint import check_out_dir, files_in, load_tokenizer, refuse_held
 from config import cli, parse_config
 from model import Transformer
 from tasks import Domain, get_domains
@@ -28,6 +31,7 @@ class Config:
     base: str = ""                 # S0, the checkpoint every teacher started from
     teacher: str = ""              # DOMAIN=DIR,... or a JSON file {"rev": "DIR", ...}
     out: str = ""                  # the merged checkpoint (an HF directory, with the base's tokenizer)
+    overwrite: bool = False        # --out may replace a non-empty directory (once the merge is complete)
     # task arithmetic: lambda chosen on a validation split of fresh training prompts
     lambdas: str = "0.2,0.4,0.6,0.8,1.0"  # the candidates
     val_n: int = 200               # validation prompts per domain
@@ -65,7 +69,8 @@ def validation_domains(domains, n=200, seed=12345):
 
 
 def main(argv=None):
-    from train_utils import evaluate, prompt_fits
+    from evaluate import evaluate
+    from train_utils import prompt_fits
     cfg = parse_config(Config, argv, limits=LIMITS)
     try:
         reg = parse_registry(cfg.teacher)
@@ -74,8 +79,10 @@ def main(argv=None):
     for d, path in reg.items():
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--teacher={d}={path}: no such checkpoint directory")
-    # --out must not be a checkpoint this merge reads: the save would replace it
-    refuse_source(cfg.out, "--out", {"--base": cfg.base, **{f"--teacher={d}": path for d, path in reg.items()}})
+    # --out must not be a checkpoint this merge reads (the save would replace it), nor a directory
+    # holding anything else, unless --overwrite=true: checkpoint.py's rules for every output
+    check_out_dir(cfg.out, "--out", {"--base": cfg.base, **{f"--teacher={d}": path for d, path in reg.items()}})
+    refuse_held(cfg.out, "--out", files_in(cfg.out), cfg.overwrite)
     tok = load_tokenizer(cfg.base, "--base")  # before any model loads; the merged checkpoint gets it
     base = Transformer.from_pretrained(cfg.base, dtype=torch.float32)
     for d, path in reg.items():  # whole files, the base's tokenizer: else the average is of unrelated tokens

@@ -19,13 +19,19 @@ Hand-written KV-cached sampling: the student's rollouts for RL and for MOPD.
   seeded by a hash of (seed, first_prompt + i, j) (row_uniforms), so a row's tokens do not
   depend on what else is in the batch, and a slice of the prompts starting at first_prompt
   (one rank's share under torchrun) samples exactly what the whole batch samples for them.
-  The trainers pass seed = train_utils.step_seed(seed, step), itself a hash of (seed, step),
-  so no two (seed, step, prompt, sample) share a stream (seed + i would: (s, i + 1) == (s + 1, i)).
+  The trainers pass seed = step_seed(seed, step), itself a hash of (seed, step), so no two
+  (seed, step, prompt, sample) share a stream (seed + i would: (s, i + 1) == (s + 1, i)).
+- The rollout half of an RL or MOPD step, sample_and_reward(): the step's prompts by the
+  domain mixture (sample_examples, from step_seed(seed, step), so resume is exact), this
+  rank's slice of them, n rollouts each, each scored by its own domain's reward; and the
+  prompt/response glue every caller shares (encode_prompt, stop_ids, decode).
 - A command line, like nanoGPT's sample.py:
       python rollout.py --model DIR --prompt "What is 2+3?" --n 4 --temperature 0.8
 """
 
 import contextlib
+import random
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -345,6 +351,70 @@ def _all_done(done):
 
 
 # -----------------------------------------------------------------------------
+# prompts and responses, and the rollout half of a training step
+
+def encode_prompt(tok, text):
+    """Token ids of a prompt: the chat template when the tokenizer has one, else <bos> + text."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+
+
+def stop_ids(tok, model):
+    """Every id that ends a response: the tokenizer's EOS and the model config's (one or a list)."""
+    eos = model.config.eos_token_id
+    ids = {tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def decode(tok, ids):
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def step_seed(seed, step):
+    """Every step's randomness (prompts, sampling) comes from here, so resume is exact: a 64-bit
+    hash of (seed, step), so that no two (seed, step) pairs share a stream (seed * K + step,
+    the old formula, made seed 0 at step K the same as seed 1 at step 0)."""
+    return mix_seed(seed, step)
+
+
+def sample_examples(domains, weights, num, rng):
+    """`num` fresh training examples, each from a domain drawn by the mixing weights."""
+    picks = rng.choices(range(len(domains)), weights=weights, k=num)
+    return [domains[i].sample(rng) for i in picks]
+
+
+@torch.no_grad()
+def sample_and_reward(model, tok, domains, weights, cfg, step):
+    """
+    The on-policy half of an RL or MOPD step: cfg.prompts_per_step prompts by the domain
+    mixture, cfg.n rollouts each from `model`, each scored by its own domain's reward.
+    Under torchrun this rank's contiguous slice [a, b) of the prompts (whole GRPO groups),
+    sampled from the same random streams as one process would use: sample j of prompt a + i
+    draws from the stream of (step_seed(seed, step), a + i, j) (row_uniforms).
+    Returns (rollout, the Example of each row, rewards, seconds spent sampling).
+    """
+    rng = random.Random(step_seed(cfg.seed, step))
+    exs = sample_examples(domains, weights, cfg.prompts_per_step, rng)
+    a, b = distributed.rank_range(len(exs))
+    exs = exs[a:b]
+    model.eval()
+    t0 = time.time()
+    with distributed.gathered(model, cfg.rollout_gather):
+        roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
+                        temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
+                        n=cfg.n, seed=step_seed(cfg.seed, step), first_prompt=a, pad_id=tok.pad_token_id or 0)
+    t_sample = time.time() - t0
+    by_name = {d.name: d for d in domains}
+    rows = [exs[i] for i in roll.prompt_index]
+    rewards = [by_name[e.domain].reward(decode(tok, ids), e) for ids, e in zip(roll.response_ids, rows)]
+    model.train()
+    return roll, rows, rewards, t_sample
+
+
+# -----------------------------------------------------------------------------
 # the command line, like nanoGPT's sample.py: python rollout.py --model DIR --prompt TEXT
 
 @dataclass
@@ -380,15 +450,13 @@ def main(argv=None):
                                            tokenize=True, return_dict=False) for p in args.prompt]
     else:
         prompts = [tok.encode(p, add_special_tokens=False) for p in args.prompt]
-    eos = model.config.eos_token_id
-    stops = {tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
     res = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                   stop_token_ids=sorted(s for s in stops if s is not None), n=args.n,
+                   stop_token_ids=stop_ids(tok, model), n=args.n,
                    seed=None if args.seed == -1 else args.seed,
                    pad_id=tok.pad_token_id or 0, progress=args.max_new_tokens >= 64)
     for r, ids in enumerate(res.response_ids):
         print(f"--- prompt {res.prompt_index[r]}, sample {r % args.n}:")
-        print(args.prompt[res.prompt_index[r]] + tok.decode(ids, skip_special_tokens=True))
+        print(args.prompt[res.prompt_index[r]] + decode(tok, ids))
 
 
 if __name__ == "__main__":

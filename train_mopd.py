@@ -27,64 +27,37 @@ import distributed
 import kernels
 import mopd
 from config import cli, parse_config, print_config
+from evaluate import evaluate
+from rollout import sample_and_reward
 from tasks import get_domains
 from teachers import Teachers, each_domain, parse_registry, route, validate
-from train_utils import (check_start, clip_and_step, due, evaluate, load_for_training, parse_weights, print0,
-                         prompt_fits, sample_and_reward, set_lr, set_seed)
+from train_utils import (OnPolicyConfig, check_start, clip_and_step, due, load_for_training, parse_weights, print0,
+                         prompt_fits, set_lr, set_seed)
 
 
 @dataclass
-class Config:
-    init: str = "out/toy/base"     # the student's starting checkpoint (S0)
-    out_dir: str = "out/toy/mopd"
-    domains: str = "rev,sort,inc"
-    domain_weights: str = ""       # e.g. "0.35,0.35,0.3" (the paper's mix); default uniform
-    data_dir: str = ""
+class Config(OnPolicyConfig):  # the options shared with train_teacher_rl.py: train_utils.py
     teacher: str = ""              # "rev=DIR,sort=DIR,..." or a JSON file {"rev": "DIR", ...}
     teacher_offload: bool = False  # keep teachers in CPU memory, on the device only while scoring
     teacher_dtype: str = "float32" # frozen teachers compute in this dtype (bfloat16 at scale)
-    # rollouts
-    steps: int = 300
-    prompts_per_step: int = 64
-    n: int = 1                     # rollouts per prompt (the paper: 1; ORM mixing needs > 1)
-    max_new_tokens: int = 12
-    temperature: float = 1.0
-    top_p: float = 1.0
     # objective
     loss: str = "pg"               # pg | topk | reverse_kl | forward_kl | jsd
     adv_clip: float = 5.0          # |A_t| <= adv_clip (PG form)
+    orm_alpha: float = 0.0         # A_t += alpha * A_ORM (GRPO outcome advantage; needs n > 1)
+    topk: int = 64                 # k of Eq. 5
+    beta: float = 0.5              # jsd mixture (0 = forward KL, 1 = reverse KL)
+    exact_kl_rows: int = 8         # rows per domain on which the exact full-vocab KL is logged (0 = off)
+    exact_kl_every: int = 10       # ... every this many steps (it costs two extra forwards)
+    # MOPD's defaults of shared options (each keeps its place in --help)
+    out_dir: str = "out/toy/mopd"
+    domains: str = "rev,sort,inc"  # tasks.get_domains spec, each domain with its teacher in --teacher
+    steps: int = 300
+    prompts_per_step: int = 64
+    n: int = 1                     # rollouts per prompt (the paper: 1; ORM mixing needs > 1)
     ratio_mode: str = "band"       # band: MiMo's w_t = sg[pi/mu] inside [eps_low, eps_high], else 0
     eps_low: float = 0.5
     eps_high: float = 2.0
-    orm_alpha: float = 0.0         # A_t += alpha * A_ORM (GRPO outcome advantage; needs n > 1)
-    std_norm: bool = True
-    topk: int = 64                 # k of Eq. 5
-    beta: float = 0.5              # jsd mixture (0 = forward KL, 1 = reverse KL)
     loss_agg: str = "seq-mean-token-mean"  # the paper's per-sequence then batch mean; or token-mean
-    exact_kl_rows: int = 8         # rows per domain on which the exact full-vocab KL is logged (0 = off)
-    exact_kl_every: int = 10       # ... every this many steps (it costs two extra forwards)
-    # optimisation
-    lr: float = 3e-4
-    min_lr: float = 3e-5           # cosine decay from lr to min_lr over the run
-    warmup: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch: int = 256
-    # bookkeeping
-    eval_every: int = 25
-    eval_limit: int = 200
-    ckpt_every: int = 25
-    resume: bool = False           # continue the run in out_dir (bit for bit) from its checkpoint
-    overwrite: bool = False        # a fresh run may replace the run out_dir already holds
-    resume_override: str = ""      # with --resume: config keys that may differ from the checkpoint's
-                                   # (e.g. steps,lr; checkpoint.RESUMABLE lists those that always may)
-    seed: int = 0
-    # scale: under torchrun the model is sharded with FSDP2 (distributed.py); see README "Scale"
-    bf16: bool = False             # bf16 compute, fp32 master weights and gradient reduction
-    activation_checkpointing: bool = False  # recompute each layer's activations in backward
-    optimizer_offload: bool = False  # sharded params, grads and AdamW state in host memory
-    rollout_gather: bool = False   # keep layers gathered for a whole rollout (distributed.gathered)
-    device: str = "auto"           # auto: this rank's GPU if there is one, else cpu
 
 
 PRESETS = {

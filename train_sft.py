@@ -31,12 +31,13 @@ import torch
 
 import checkpoint
 from config import cli, parse_config, print_config
+from evaluate import evaluate
 from model import ModelConfig, Transformer, num_params
 from mopd import policy_logprobs
+from rollout import decode, encode_prompt, generate, sample_examples, step_seed, stop_ids
 from tasks import TOY_OPS, get_domains, save_toy_tokenizer, toy_tokenizer
 from teachers import parse_registry, validate
-from train_utils import (check_start, clip_and_step, due, encode_prompt, evaluate, prompt_fits, sample_examples,
-                         set_lr, set_seed, step_seed)
+from train_utils import check_start, clip_and_step, due, prompt_fits, set_lr, set_seed
 
 
 @dataclass
@@ -167,8 +168,6 @@ def load_model(cfg, state, tmp):
 def teacher_samples(cfg, tok, model, domains, registry, path):
     """Each domain's teacher answers fresh training prompts of its domain (T = 1). Every teacher
     is checked first (teachers.validate: whole files, the student's tokenizer)."""
-    from rollout import generate
-    from train_utils import decode, stop_ids
     for d in domains:
         if d.name not in registry:
             raise SystemExit(f"error: --teacher: no teacher for domain {d.name!r}; given: {sorted(registry)}")

@@ -30,56 +30,19 @@ import torch
 import checkpoint
 import distributed
 from config import cli, parse_config, print_config
+from evaluate import evaluate
 from mopd import LOSS_AGGS, RATIO_MODES, check_objective, group_advantages, pg_update, policy_logprobs
+from rollout import sample_and_reward
 from tasks import get_domains
 from teachers import load_frozen
-from train_utils import (check_start, clip_and_step, due, evaluate, load_for_training, parse_weights, print0,
-                         prompt_fits, sample_and_reward, set_lr, set_seed)
+from train_utils import (OnPolicyConfig, check_start, clip_and_step, due, load_for_training, parse_weights, print0,
+                         prompt_fits, set_lr, set_seed)
 
 
 @dataclass
-class Config:
-    init: str = "out/toy/base"     # the starting checkpoint (S0), an HF directory
-    out_dir: str = "out/toy/teacher"
-    domains: str = "rev"           # one domain -> a teacher; several -> Mix-RL
-    domain_weights: str = ""       # mixing weights, e.g. "0.35,0.35,0.3" (default uniform)
-    data_dir: str = ""             # where relative JSONL paths of real domains live
-    # rollouts
-    steps: int = 100
-    prompts_per_step: int = 16
-    n: int = 8                     # samples per prompt (the GRPO group)
-    max_new_tokens: int = 12
-    temperature: float = 1.0
-    top_p: float = 1.0
+class Config(OnPolicyConfig):  # the options shared with train_mopd.py, and their defaults: train_utils.py
     # objective
-    ratio_mode: str = "clip"       # clip (PPO/GRPO) | band (MiMo's masked importance weight)
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    loss_agg: str = "token-mean"   # token-mean | seq-mean-token-mean | seq-mean-token-sum
-    std_norm: bool = True
     kl_coef: float = 0.0           # k3 KL to the initial model; 0 = no reference model
-    # optimisation
-    lr: float = 3e-4               # 1e-3 wrecks the toy S0 in one Adam step (every weight moves by lr)
-    min_lr: float = 3e-5           # cosine decay from lr to min_lr over the run
-    warmup: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch: int = 256
-    # bookkeeping
-    eval_every: int = 25
-    eval_limit: int = 200
-    ckpt_every: int = 25
-    resume: bool = False           # continue the run in out_dir (bit for bit) from its checkpoint
-    overwrite: bool = False        # a fresh run may replace the run out_dir already holds
-    resume_override: str = ""      # with --resume: config keys that may differ from the checkpoint's
-                                   # (e.g. steps,lr; checkpoint.RESUMABLE lists those that always may)
-    seed: int = 0
-    # scale: under torchrun the model is sharded with FSDP2 (distributed.py); see README "Scale"
-    bf16: bool = False             # bf16 compute, fp32 master weights and gradient reduction
-    activation_checkpointing: bool = False  # recompute each layer's activations in backward
-    optimizer_offload: bool = False  # sharded params, grads and AdamW state in host memory
-    rollout_gather: bool = False   # keep layers gathered for a whole rollout (distributed.gathered)
-    device: str = "auto"           # auto: this rank's GPU if there is one, else cpu
 
 
 PRESETS = {

@@ -1,58 +1,85 @@
 """
 What every training script shares, so that each of them reads as its own loop (the command
-line, --help and the error convention are config.py's):
-- prompt/response glue: encode_prompt, stop_ids, decode.
-- evaluate: greedy accuracy on each domain's held-out split.
+line, --help and the error convention are config.py's; the rollout half of a step and the
+prompt/response glue are rollout.py's; held-out evaluation is evaluate.py's):
+- OnPolicyConfig: the options train_teacher_rl.py and train_mopd.py share (rollouts, the
+  objective's common part, optimisation, bookkeeping, scale), declared once; each script's
+  Config adds its own options and redeclares the defaults it changes.
+- the domain mixture (parse_weights) and the learning-rate schedule (lr_at).
 - the pieces of every loop: check_start (what can be refused before OUT_DIR is touched),
   load_for_training (the model, sharded under torchrun, and AdamW; resumed from the
   checkpoint checkpoint.Run found), set_lr, due, clip_and_step, prompt_fits (every prompt of
   a JSONL domain must leave room for max_new_tokens in the model's context).
 Checkpoints, the metrics log and the rules that nothing already written is lost are
 checkpoint.py's; resume is bit-identical because every step's randomness is derived from
-(seed, step). Under torchrun every rank runs all of this: each takes its own slice of a
-step's prompts (distributed.rank_range), the sharded model and checkpoints are collective,
-rank 0 alone prints and writes the log.
+(seed, step) (rollout.step_seed). Under torchrun every rank runs all of this: each takes its
+own slice of a step's prompts (distributed.rank_range), the sharded model and checkpoints are
+collective, rank 0 alone prints and writes the log.
 """
 
 import functools
 import math
 import os
 import random
-import time
+from dataclasses import dataclass
 
 import torch
 
 import checkpoint
 import distributed
-from rollout import generate
+from rollout import encode_prompt
 
 # -----------------------------------------------------------------------------
-# prompts and responses
+# the options of the two on-policy trainers, declared once
 
-def encode_prompt(tok, text):
-    """Token ids of a prompt: the chat template when the tokenizer has one, else <bos> + text."""
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                       tokenize=True, return_dict=False)
-    ids = tok.encode(text, add_special_tokens=False)
-    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+@dataclass
+class OnPolicyConfig:
+    """The options train_teacher_rl.py and train_mopd.py share, with teacher RL's defaults
+    (train_mopd.Config redeclares those it changes). --help shows the comments beside them,
+    grouped under the headers (config.source_notes walks a Config's bases)."""
+    init: str = "out/toy/base"     # the starting checkpoint (S0), an HF directory
+    out_dir: str = "out/toy/teacher"
+    domains: str = "rev"           # one domain -> a teacher; several -> Mix-RL (tasks.get_domains spec)
+    domain_weights: str = ""       # mixing weights, e.g. "0.35,0.35,0.3" (the paper's mix); default uniform
+    data_dir: str = ""             # where relative JSONL paths of real domains live
+    # rollouts
+    steps: int = 100
+    prompts_per_step: int = 16
+    n: int = 8                     # samples per prompt (the GRPO group)
+    max_new_tokens: int = 12
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # objective
+    ratio_mode: str = "clip"       # clip (PPO/GRPO) | band (MiMo's masked importance weight)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    loss_agg: str = "token-mean"   # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    std_norm: bool = True          # GRPO advantages divided by the group's std (false: Dr. GRPO, mean only)
+    # optimisation
+    lr: float = 3e-4               # 1e-3 wrecks the toy S0 in one Adam step (every weight moves by lr)
+    min_lr: float = 3e-5           # cosine decay from lr to min_lr over the run
+    warmup: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch: int = 256
+    # bookkeeping
+    eval_every: int = 25
+    eval_limit: int = 200
+    ckpt_every: int = 25
+    resume: bool = False           # continue the run in out_dir (bit for bit) from its checkpoint
+    overwrite: bool = False        # a fresh run may replace the run out_dir already holds
+    resume_override: str = ""      # with --resume: config keys that may differ from the checkpoint's
+                                   # (e.g. steps,lr; checkpoint.RESUMABLE lists those that always may)
+    seed: int = 0
+    # scale: under torchrun the model is sharded with FSDP2 (distributed.py); see README "Scale"
+    bf16: bool = False             # bf16 compute, fp32 master weights and gradient reduction
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward
+    optimizer_offload: bool = False  # sharded params, grads and AdamW state in host memory
+    rollout_gather: bool = False   # keep layers gathered for a whole rollout (distributed.gathered)
+    device: str = "auto"           # auto: this rank's GPU if there is one, else cpu
 
-
-def stop_ids(tok, model):
-    eos = model.config.eos_token_id
-    ids = {tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
-    return sorted(i for i in ids if i is not None)
-
-
-def decode(tok, ids):
-    return tok.decode(ids, skip_special_tokens=True)
-
-
-def sample_examples(domains, weights, num, rng):
-    """`num` fresh training examples, each from a domain drawn by the mixing weights."""
-    picks = rng.choices(range(len(domains)), weights=weights, k=num)
-    return [domains[i].sample(rng) for i in picks]
-
+# -----------------------------------------------------------------------------
+# the domain mixture and the learning-rate schedule
 
 def parse_weights(spec, domains):
     """'0.35,0.35,0.3' -> one weight per domain; '' -> uniform."""
@@ -74,84 +101,6 @@ def lr_at(cfg, step):
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-def step_seed(seed, step):
-    """Every step's randomness (prompts, sampling) comes from here, so resume is exact: a 64-bit
-    hash of (seed, step), so that no two (seed, step) pairs share a stream (seed * K + step,
-    the old formula, made seed 0 at step K the same as seed 1 at step 0)."""
-    from rollout import mix_seed
-    return mix_seed(seed, step)
-
-
-@torch.no_grad()
-def sample_and_reward(model, tok, domains, weights, cfg, step):
-    """
-    The on-policy half of an RL or MOPD step: cfg.prompts_per_step prompts by the domain
-    mixture, cfg.n rollouts each from `model`, each scored by its own domain's reward.
-    Under torchrun this rank's contiguous slice [a, b) of the prompts (whole GRPO groups),
-    sampled from the same random streams as one process would use: sample j of prompt a + i
-    draws from the stream of (step_seed(seed, step), a + i, j) (rollout.row_uniforms).
-    Returns (rollout, the Example of each row, rewards, seconds spent sampling).
-    """
-    rng = random.Random(step_seed(cfg.seed, step))
-    exs = sample_examples(domains, weights, cfg.prompts_per_step, rng)
-    a, b = distributed.rank_range(len(exs))
-    exs = exs[a:b]
-    model.eval()
-    t0 = time.time()
-    with distributed.gathered(model, cfg.rollout_gather):
-        roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
-                        temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
-                        n=cfg.n, seed=step_seed(cfg.seed, step), first_prompt=a, pad_id=tok.pad_token_id or 0)
-    t_sample = time.time() - t0
-    by_name = {d.name: d for d in domains}
-    rows = [exs[i] for i in roll.prompt_index]
-    rewards = [by_name[e.domain].reward(decode(tok, ids), e) for ids, e in zip(roll.response_ids, rows)]
-    model.train()
-    return roll, rows, rewards, t_sample
-
-# -----------------------------------------------------------------------------
-# evaluation
-
-# Held-out accuracy is pass@1 of the policy itself: the mean reward of EVAL_SAMPLES samples per
-# prompt at EVAL_TEMPERATURE (what RL and distillation optimise). Greedy decoding
-# (temperature 0) can score a 51%-likely answer as 100% right and hide what training changed.
-EVAL_TEMPERATURE = 1.0
-EVAL_SAMPLES = 4
-
-
-@torch.no_grad()
-def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=512, temperature=EVAL_TEMPERATURE,
-             samples=EVAL_SAMPLES, seed=0):
-    """Mean reward of `model` on each domain's held-out split (seeded, so it is repeatable).
-    Under torchrun each rank scores its slice; sample j of a domain's held-out prompt i always
-    draws from the stream of (a hash of (seed, the domain's name), i, j), on any number of ranks,
-    in any batch, and whichever other domains are evaluated."""
-    import zlib
-    was_training = model.training
-    model.eval()
-    n = 1 if temperature == 0 else samples
-    per = max(1, batch // n)
-    out = {}
-    for d in domains:
-        exs = d.eval_set[:limit] if limit else d.eval_set
-        a, b = distributed.rank_range(len(exs))
-        mine = exs[a:b]
-        total = 0.0
-        dseed = step_seed(seed, zlib.crc32(d.name.encode()))  # the hash of (seed, the domain's name)
-        for s in range(0, per * distributed.global_max(-(-len(mine) // per)), per):
-            chunk = mine[s:s + per] or mine[:1]  # past this rank's end: a dummy batch, not counted
-            res = generate(model, [encode_prompt(tok, e.prompt) for e in chunk], max_new_tokens,
-                           temperature=temperature, stop_token_ids=stop_ids(tok, model), n=n,
-                           seed=dseed, first_prompt=a + s, pad_id=tok.pad_token_id or 0)
-            if s < len(mine):
-                total += sum(d.reward(decode(tok, ids), chunk[i])
-                             for ids, i in zip(res.response_ids, res.prompt_index))
-        total = distributed.all_sum(torch.tensor(total, dtype=torch.float64, device=res.tokens.device))
-        out[d.name] = float(total) / (len(exs) * n)
-    model.train(was_training)
-    return out
 
 # -----------------------------------------------------------------------------
 # the pieces of every training loop (train_sft.py, train_teacher_rl.py, train_mopd.py)

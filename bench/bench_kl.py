@@ -9,14 +9,15 @@ and ours alternate, `rounds` times; the table gives medians. Besides wall time i
 child's CPU time (user + sys, both threads): on a shared machine the wall time also counts
 time spent waiting for a core, the CPU time does not.
 
-    python bench/bench_kl.py                      # N=2048, V=151936, H=1024, fp32, 2 threads
+    python bench/bench_kl.py --threads=2          # N=2048, V=151936, H=1024, fp32, 2 threads
     python bench/bench_kl.py --tokens 256 --rounds 1    # a quick smoke run
 
 Cases: "mean" losses (one grad_output for every token: kernels.py's fast path) and the
 per-token-weight losses MOPD actually uses (PG: -A_t * log p; per-sequence means), which take
 kernels.py's recompute path for the weight gradient (see kernels.py's docstring).
+The command line is every script's (config.py): --key=value or --key value, --threads=N
+(torch's threads, passed on to each child; 0, the default, leaves torch's own), --help.
 """
-import argparse
 import json
 import os
 import resource
@@ -24,24 +25,27 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import kernels as K  # noqa: E402
+from config import cli, parse_config  # noqa: E402
 
-# -----------------------------------------------------------------------------
-# Settings
-parser = argparse.ArgumentParser()
-parser.add_argument("--tokens", type=int, default=2048)      # N
-parser.add_argument("--vocab", type=int, default=151936)     # V (Qwen3)
-parser.add_argument("--hidden", type=int, default=1024)      # H
-parser.add_argument("--rounds", type=int, default=3)         # fresh-process runs per (case, impl)
-parser.add_argument("--threads", type=int, default=2)
-parser.add_argument("--seq_len", type=int, default=512)      # for the per-sequence-mean case
-parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)  # CASE IMPL
-args = parser.parse_args()
+
+@dataclass
+class Config:
+    tokens: int = 2048             # N
+    vocab: int = 151936            # V (Qwen3)
+    hidden: int = 1024             # H
+    rounds: int = 3                # fresh-process runs per (case, impl)
+    seq_len: int = 512             # for the per-sequence-mean case
+    child: list[str] = field(default_factory=list)  # internal: CASE IMPL, one run in this (fresh) process
+
+
+LIMITS = {">= 1": "tokens vocab hidden rounds seq_len"}
 
 CASES = {  # name -> (function family, loss reduction, kernels.py's precompute_grads)
     "reverse KL, mean loss": ("kl", "mean", True),
@@ -62,8 +66,7 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def child(case, impl):
-    torch.set_num_threads(args.threads)
+def child(args, case, impl):
     family, reduction, pre = CASES[case]
     N, V, H = args.tokens, args.vocab, args.hidden
     g = torch.Generator().manual_seed(0)
@@ -103,9 +106,9 @@ def child(case, impl):
                           baseline=baseline, baseline_peak=baseline_peak)))
 
 
-def run_child(case, impl):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", case, impl] + [
-        f"--{k}={getattr(args, k)}" for k in ("tokens", "vocab", "hidden", "threads", "seq_len")]
+def run_child(args, case, impl):
+    cmd = [sys.executable, os.path.abspath(__file__), f"--threads={torch.get_num_threads()}"] + [
+        f"--{k}={getattr(args, k)}" for k in ("tokens", "vocab", "hidden", "seq_len")] + ["--child", case, impl]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)
@@ -116,10 +119,13 @@ def gib(b):
     return b / 2**30
 
 
-def main():
+def main(argv=None):
+    args = parse_config(Config, argv, limits=LIMITS)
+    if args.child:
+        return child(args, *args.child)
     N, V, H = args.tokens, args.vocab, args.hidden
     grad_w = V * H * 4
-    print(f"N={N} tokens, V={V}, H={H}, fp32, CPU, {args.threads} threads, torch {torch.__version__}; "
+    print(f"N={N} tokens, V={V}, H={H}, fp32, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"medians of {args.rounds} forward+backward runs, each in a fresh process, naive and ours alternating; "
           f"load average at start: {os.getloadavg()[0]:.1f}")
     print(f"kernels.py chunk sizes from the default {K.DEFAULT_MEM_BUDGET / 2**20:.0f} MiB budget: "
@@ -130,8 +136,8 @@ def main():
         for case, (family, reduction, _) in CASES.items():
             if (family, reduction) not in done_naive:
                 done_naive.add((family, reduction))
-                runs.setdefault((family, reduction, "naive"), []).append(run_child(case, "naive"))
-            runs.setdefault((case, "ours"), []).append(run_child(case, "ours"))
+                runs.setdefault((family, reduction, "naive"), []).append(run_child(args, case, "naive"))
+            runs.setdefault((case, "ours"), []).append(run_child(args, case, "ours"))
 
     def med(rs, key):
         return statistics.median(r[key] for r in rs)
@@ -163,7 +169,4 @@ def main():
 
 
 if __name__ == "__main__":
-    if args.child:
-        child(*args.child)
-    else:
-        main()
+    cli(main)

@@ -27,35 +27,49 @@ three variants (--variants=LOSS:EXACT_KL_ROWS,...), each with its own model and 
 A TRL step, then one of each variant, alternate in one process (from a TrainerCallback); the
 first step of each is a warm-up; the table reports the median of the timed steps.
 
-    python bench/bench_mopd.py                                 # the full run (2 threads)
+    python bench/bench_mopd.py --threads=2                     # the full run (2 threads, as in README)
     OMP_NUM_THREADS=1 python bench/bench_mopd.py --threads=1   # when other jobs share the cores
     python bench/bench_mopd.py --skip_trl --steps=2            # ours only
+The command line is every script's (config.py): --key=value or --key value, --threads=N
+(torch's threads; 0, the default, leaves torch's own), --help.
 """
 
-import argparse
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_rl import (IgnoreEOS, Ours, add_common_args, bench_domain, check_lengths, instrumented,  # noqa: E402
-                      load_label, make_checkpoint, make_prompts, matmul_params, num_params,
+from bench_rl import (BENCH_LIMITS, BenchConfig, IgnoreEOS, Ours, bench_domain, check_lengths,  # noqa: E402
+                      instrumented, load_label, make_checkpoint, make_prompts, matmul_params, num_params,
                       print_results, run_alternating, trl_common_args, _trl_version)
+from config import cli, parse_config  # noqa: E402
 
 LOSSES = ("pg", "reverse_kl")
+
+
+@dataclass
+class Config(BenchConfig):  # the options shared with bench_rl.py: bench_rl.BenchConfig
+    prompts: int = 16              # prompts per step (one completion each)
+    # ours
+    variants: str = "pg:8,pg:0,reverse_kl:0"  # ours as LOSS:EXACT_KL_ROWS,... with LOSS in pg, reverse_kl
+                                              # (8 rows: the training default)
+
+
+LIMITS = {**BENCH_LIMITS, "required": "variants"}
 
 
 def ours_mopd(student_dir, teacher_dir, args, prompts, loss, exact_kl_rows):
     """train_mopd.mopd_step on this benchmark's batch, with the adapter."""
     from teachers import Teachers, validate
-    from train_mopd import Config, mopd_step
+    from train_mopd import Config as TrainConfig, mopd_step
     from train_utils import load_for_training
-    cfg = Config(init=student_dir, out_dir=os.path.join(student_dir, "unused_out"), domains="bench",
-                 teacher=f"bench={teacher_dir}", prompts_per_step=args.prompts, n=1,
-                 max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, loss=loss, lr=1e-4, grad_clip=1.0,
-                 exact_kl_rows=exact_kl_rows, seed=args.seed)
+    cfg = TrainConfig(init=student_dir, out_dir=os.path.join(student_dir, "unused_out"), domains="bench",
+                       teacher=f"bench={teacher_dir}", prompts_per_step=args.prompts, n=1,
+                       max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, loss=loss, lr=1e-4, grad_clip=1.0,
+                       exact_kl_rows=exact_kl_rows, seed=args.seed)
     tok, model, opt, _, _ = load_for_training(cfg)  # the training script's own loader and AdamW
     validate(tok, model, teacher_dir, "bench")  # what train_mopd.main checks before any step
     teachers = Teachers({"bench": teacher_dir}, device=cfg.device)
@@ -74,18 +88,12 @@ def ours_mopd(student_dir, teacher_dir, args, prompts, loss, exact_kl_rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(ap)
-    ap.add_argument("--prompts", type=int, default=16, help="prompts per step (one completion each)")
-    ap.add_argument("--variants", default="pg:8,pg:0,reverse_kl:0",
-                    help=f"ours as LOSS:EXACT_KL_ROWS,...; LOSS in {','.join(LOSSES)}; 8 rows = the training default")
-    args = ap.parse_args(argv)
+    args = parse_config(Config, argv, limits=LIMITS)
     try:
         variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.variants.split(",") if v]
         assert all(loss in LOSSES and rows >= 0 for loss, rows in variants) and variants
     except (IndexError, ValueError, AssertionError):
         raise SystemExit(f"--variants={args.variants}: expected LOSS:ROWS,... with LOSS in {','.join(LOSSES)}")
-    torch.set_num_threads(args.threads)
     tokens_per_step = args.prompts * args.new_tokens
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); {load_label()}", flush=True)
@@ -135,4 +143,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -33,12 +33,13 @@ For context the run also measures this machine's fp32 matmul rate and prints the
 work that any implementation of the step must do (sampling, the training forward and
 backward): at that rate it is a floor on the step time, hence a ceiling on the speed-up.
 
-    python bench/bench_rl.py                                   # the full run (2 threads)
+    python bench/bench_rl.py --threads=2                       # the full run (2 threads, as in README)
     OMP_NUM_THREADS=1 python bench/bench_rl.py --threads=1     # when other jobs share the cores
     python bench/bench_rl.py --skip_trl --steps=2              # ours only
+The command line is every script's (config.py): --key=value or --key value, --threads=N
+(torch's threads; 0, the default, leaves torch's own), --help.
 """
 
-import argparse
 import os
 import random
 import statistics
@@ -46,11 +47,14 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from config import cli, parse_config  # noqa: E402
 
 TARGET = 5.0  # the issues' target: ours / TRL completion tokens/s
 
@@ -61,24 +65,31 @@ SPECIALS = ["<pad>", "<eos>", "<unk>"]  # ids 0, 1, 2
 CHAR_BASE = 0x4E00  # token id i >= 3 is the character chr(CHAR_BASE + i); CHAR_BASE is even
 
 
-def add_common_args(ap):
-    g = ap.add_argument_group("model and lengths")
-    g.add_argument("--vocab", type=int, default=4096)
-    g.add_argument("--hidden", type=int, default=256)
-    g.add_argument("--layers", type=int, default=4)
-    g.add_argument("--heads", type=int, default=8)
-    g.add_argument("--kv_heads", type=int, default=4)
-    g.add_argument("--head_dim", type=int, default=32)
-    g.add_argument("--intermediate", type=int, default=1024, help="MLP width (1024: 4.98M params in all)")
-    g.add_argument("--prompt_len", type=int, default=32, help="tokens per prompt")
-    g.add_argument("--new_tokens", type=int, default=64, help="tokens per completion, exactly")
-    g = ap.add_argument_group("timing")
-    g.add_argument("--steps", type=int, default=7, help="timed steps per implementation (median)")
-    g.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    g.add_argument("--threads", type=int, default=2, help="torch threads (this machine: 2 cores)")
-    g.add_argument("--skip_trl", action="store_true", help="time ours only (TRL is not imported)")
-    g.add_argument("--trl_grad_ckpt", action="store_true", help="TRL with gradient checkpointing (its default)")
-    g.add_argument("--seed", type=int, default=0)
+@dataclass
+class BenchConfig:
+    """The options bench_rl.py and bench_mopd.py share, with bench_rl.py's defaults."""
+    # model, batch and lengths
+    vocab: int = 4096
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    head_dim: int = 32
+    intermediate: int = 1024       # MLP width (1024: 4.98M params in all)
+    prompt_len: int = 32           # tokens per prompt
+    new_tokens: int = 64           # tokens per completion, exactly
+    prompts: int = 4               # prompts per step
+    # timing
+    steps: int = 7                 # timed steps per implementation (median)
+    warmup: int = 1                # untimed steps first
+    skip_trl: bool = False         # time ours only (TRL is not imported)
+    trl_grad_ckpt: bool = False    # TRL with gradient checkpointing (its default)
+    seed: int = 0
+
+
+# refused as soon as the command line is read (config.check)
+BENCH_LIMITS = {">= 1": "vocab hidden layers heads kv_heads head_dim intermediate prompt_len new_tokens prompts steps",
+                ">= 0": "warmup"}
 
 
 def tokenizer(vocab):
@@ -181,7 +192,7 @@ def bench_domain(prompts, name="bench"):
 
 class IgnoreEOS:
     """
-    The tokenizer, seen without an EOS id: train_utils.stop_ids() then finds no stop token,
+    The tokenizer, seen without an EOS id: rollout.stop_ids() then finds no stop token,
     so rollout.generate samples exactly max_new_tokens per row (TRL's side gets
     min_new_tokens instead). Everything else is forwarded to the real tokenizer.
     """
@@ -256,6 +267,7 @@ def run_alternating(make_trainer, ours, args):
     matmul FLOP/s measured in each round, and the time of TRL's steps spent in generate().
     """
     trl_times, trl_lens, flops, trl_gen = [], [], [], []
+    threads = torch.get_num_threads()  # as --threads set it
 
     def round_of_ours():
         for o in ours:
@@ -289,7 +301,7 @@ def run_alternating(make_trainer, ours, args):
         finally:
             gen_s[0] += time.perf_counter() - t
     trainer.model.generate = timed_generate
-    torch.set_num_threads(args.threads)  # in case anything in the setup changed it
+    torch.set_num_threads(threads)  # in case anything in the setup changed it
     trainer.train()
     return trl_times, trl_lens, flops, trl_gen
 
@@ -346,7 +358,7 @@ def print_results(title, trl_name, trl_times, trl_gen, ours, tokens_per_step, wo
               f"optimiser) {statistics.mean(trl_times) - g:.3f} s.")
     rate = statistics.median(flops)
     floor = sum(w for _, w in work) / rate
-    print(f"\nMatmul work any implementation must do per step: "
+    print("\nMatmul work any implementation must do per step: "
           + ", ".join(f"{name} {w / 1e9:.1f}" for name, w in work)
           + f" GFLOP; at this machine's fp32 matmul rate during the run ({rate / 1e9:.0f} GFLOP/s: a 1024^3 "
           f"matmul, best of 3, after each round, median; {torch.get_num_threads()} threads) that alone takes "
@@ -367,12 +379,12 @@ def print_results(title, trl_name, trl_times, trl_gen, ours, tokens_per_step, wo
 
 def ours_rl(model_dir, args, prompts):
     """train_teacher_rl.rl_step on this benchmark's batch, with the adapter."""
-    from train_teacher_rl import Config, rl_step
+    from train_teacher_rl import Config as TrainConfig, rl_step
     from train_utils import load_for_training
-    cfg = Config(init=model_dir, out_dir=os.path.join(model_dir, "unused_out"), prompts_per_step=args.prompts,
-                 n=args.n, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, ratio_mode="clip",
-                 eps_low=0.2, eps_high=0.28, loss_agg="token-mean", kl_coef=0.0, lr=3e-4, grad_clip=1.0,
-                 seed=args.seed)
+    cfg = TrainConfig(init=model_dir, out_dir=os.path.join(model_dir, "unused_out"), prompts_per_step=args.prompts,
+                       n=args.n, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, ratio_mode="clip",
+                       eps_low=0.2, eps_high=0.28, loss_agg="token-mean", kl_coef=0.0, lr=3e-4, grad_clip=1.0,
+                       seed=args.seed)
     tok, model, opt, _, _ = load_for_training(cfg)  # the training script's own loader and AdamW
     model.config.eos_token_id = None  # with IgnoreEOS: no stop token, exactly max_new_tokens per row
     tok, domain = IgnoreEOS(tok), bench_domain(prompts)
@@ -382,13 +394,17 @@ def ours_rl(model_dir, args, prompts):
                               ("update", "update (mopd.pg_update: forward + backward)")])
 
 
+@dataclass
+class Config(BenchConfig):  # the options shared with bench_mopd.py: BenchConfig above
+    # model, batch and lengths
+    n: int = 4                     # samples per prompt (the GRPO group)
+
+
+LIMITS = {**BENCH_LIMITS, "> 0": "n"}
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(ap)
-    ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
-    ap.add_argument("--n", type=int, default=4, help="samples per prompt (the GRPO group)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_config(Config, argv, limits=LIMITS)
     R = args.prompts * args.n
     tokens_per_step = R * args.new_tokens
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
@@ -441,4 +457,4 @@ def _trl_version():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -24,36 +24,42 @@ implementations timed alternately so that drifting machine load hits both alike.
 "bound" is what a perfect implementation could reach under this accounting: each prefill
 at the FLOP limit, each decode step at max(FLOPs / FLOP/s, weight bytes / bandwidth).
 
-    python bench/bench_sampling.py                 # the full run, prints a markdown table
+    python bench/bench_sampling.py --threads=2     # the full run, prints a markdown table
     python bench/bench_sampling.py --quick         # fewer tokens, one timed run: a smoke test
     python bench/bench_sampling.py --skip_smollm   # the tiny model only
+The command line is every script's (config.py): --key=value or --key value, --threads=N
+(torch's threads; 0, the default, leaves torch's own), --help.
 
 Timings on a shared machine are only as good as its idleness: the load average is printed
 before and after; other busy processes make everything (ours most, OpenMP threads wait on
 each other) several times slower.
 """
 
-import argparse
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import cli, parse_config  # noqa: E402
 from model import Transformer, num_params  # noqa: E402
 from rollout import _shared_prefix_len, generate  # noqa: E402
 
-ap = argparse.ArgumentParser(description="Sampling throughput: ours vs transformers.")
-ap.add_argument("--quick", action="store_true", help="fewer new tokens and one timed run")
-ap.add_argument("--skip_smollm", action="store_true", help="only the tiny random model")
-ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
-ap.add_argument("--threads", type=int, default=2, help="torch threads (this machine: 2 cores)")
-ap.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/mopd"),
-                help="where the SmolLM2 GGUF is converted to an HF dir, once")
+
+@dataclass
+class Config:
+    quick: bool = False            # fewer new tokens and one timed run
+    skip_smollm: bool = False      # only the tiny random model
+    repeats: int = 3               # timed runs per measurement (median)
+    cache_dir: str = os.path.expanduser("~/.cache/mopd")  # where the SmolLM2 GGUF is converted to an HF dir, once
+
+
+LIMITS = {">= 1": "repeats"}
 
 
 def timed(fn):
@@ -195,8 +201,7 @@ def bench_case(name, hf_dir, prompts, n_new, limits, repeats):
 
 
 def main(argv=None):
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_config(Config, argv, limits=LIMITS)
     repeats = 1 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -241,4 +246,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,18 +1,23 @@
-"""Smoke test of bench/bench_rl.py and bench/bench_mopd.py: our side only, a tiny config (TRL is not run)."""
+"""Smoke test of bench/bench_rl.py and bench/bench_mopd.py: our side only, a tiny config (TRL is not run);
+their command line is every script's (config.py): --key=value or --key value, one-line errors."""
 import os
 import sys
+
+import pytest
+
+import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-TINY = ["--vocab=64", "--hidden=32", "--layers=1", "--heads=2", "--kv_heads=1", "--head_dim=16",
-        "--intermediate=64", "--prompt_len=4", "--new_tokens=5", "--steps=1", "--warmup=1", "--threads=1",
+TINY = ["--vocab=64", "--hidden", "32", "--layers=1", "--heads=2", "--kv_heads=1", "--head_dim=16",
+        "--intermediate=64", "--prompt_len=4", "--new_tokens", "5", "--steps=1", "--warmup=1", "--threads=1",
         "--skip_trl"]
 
 
 def test_bench_rl_ours_runs(capsys):
     import bench_rl
-    out = bench_rl.main(TINY + ["--prompts=2", "--n=2"])  # asserts every completion has exactly 5 tokens
+    out = bench_rl.main(TINY + ["--prompts=2", "--n", "2"])  # asserts every completion has exactly 5 tokens
     assert list(out) == ["ours (train_teacher_rl.rl_step)"] and out["ours (train_teacher_rl.rl_step)"] > 0
     assert "| ours (train_teacher_rl.rl_step) |" in capsys.readouterr().out
 
@@ -23,6 +28,22 @@ def test_bench_mopd_ours_runs(capsys):
     assert len(out) == 2 and all(v > 0 for v in out.values())
     text = capsys.readouterr().out
     assert "loss=pg, exact-KL metric on 2 rows" in text and "loss=reverse_kl, no exact-KL metric" in text
+
+
+@pytest.mark.parametrize("script,argv,line", [
+    ("bench_mopd", ["--variants=pg:x"], "--variants=pg:x: expected LOSS:ROWS,... with LOSS in pg,reverse_kl"),
+    ("bench_rl", ["--n=0"], "--n=0: must be > 0"),
+    ("bench_rl", ["--skip_trl=maybe"], "--skip_trl=maybe: expected a value of type bool (true or false)"),
+    ("bench_kl", ["--tokens", "0"], "--tokens=0: must be >= 1"),
+    ("bench_sampling", ["--repeat=2"], "--repeat: unknown config key (did you mean --repeats?); "
+                                       "python bench/bench_sampling.py --help lists the keys"),
+])
+def test_bad_bench_options_are_one_line_exit_2(script, argv, line, capsys):
+    import importlib
+    mod = importlib.import_module(script)
+    with pytest.raises(SystemExit) as e:
+        config.cli(lambda: mod.main(argv))
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines() == ["error: " + line]
 
 
 def test_even_reward_reads_token_parity():

@@ -22,7 +22,9 @@ import torch
 import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 SCRIPTS = ["train_mopd", "train_teacher_rl", "train_sft", "merge", "evaluate", "rollout", "plan_memory"]
+BENCHES = ["bench_rl", "bench_mopd", "bench_kl", "bench_sampling"]  # bench/*.py: the same command line
 
 
 def _module(script):
@@ -36,18 +38,25 @@ def _parse(script, argv):
 # ---- --help ---------------------------------------------------------------------------------
 
 def _expected_groups(cls):
-    """The test's own reading of a dataclass's source, line by line: {field: (header, comment)}."""
-    out, header, last, indent = {}, "", None, None
-    for line in inspect.getsource(cls).splitlines()[2:]:  # after "@dataclass" and "class Config:"
-        col = len(line) - len(line.lstrip())
-        m = re.match(r"\s*(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
-        if m and (indent is None or col == indent):
-            indent, last = col, m[1]
-            out[last] = (header, (m[2] or "").strip())
-        elif line.strip().startswith("#") and indent is not None and col > indent and last:
-            out[last] = (out[last][0], (out[last][1] + " " + line.strip()[1:].strip()).strip())
-        elif line.strip().startswith("#"):
-            header, last = line.strip()[1:].strip(), None
+    """The test's own reading of a dataclass's source, line by line, and of its bases' (a base
+    first; a field redeclared in a subclass keeps its base's header, and its base's comment
+    unless it has its own): {field: (header, comment)}."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        header, last, indent = "", None, None
+        for line in inspect.getsource(klass).splitlines()[2:]:  # after "@dataclass" and "class Config:"
+            col = len(line) - len(line.lstrip())
+            m = re.match(r"\s*(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+            if m and (indent is None or col == indent):
+                indent, last = col, m[1]
+                comment = (m[2] or "").strip()
+                out[last] = (out[last][0], comment or out[last][1]) if last in out else (header, comment)
+            elif line.strip().startswith("#") and indent is not None and col > indent and last:
+                out[last] = (out[last][0], (out[last][1] + " " + line.strip()[1:].strip()).strip())
+            elif line.strip().startswith("#"):
+                header, last = line.strip()[1:].strip(), None
     return out
 
 
@@ -56,7 +65,7 @@ def _shown(v):
         "(none)" if v == [] else repr(v)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + BENCHES)
 def test_help_lists_every_field_with_default_and_comment_grouped(script, capsys):
     mod = _module(script)
     with pytest.raises(SystemExit) as e:
@@ -137,6 +146,31 @@ def test_lists_bools_threads_and_the_source_notes():
         torch.set_num_threads(n)
     with pytest.raises(ValueError, match=r"^--k: expected a value \(--k=VALUE or --k VALUE\)$"):
         config.parse_config(Demo, ["--k"])
+
+
+@dataclass
+class DemoMore(Demo):
+    extra: int = 0                 # new, before any header: the first group
+    # numbers
+    big: int = 9                   # joins the base's group of this header
+    k: int = 2                     # redeclared: keeps its place, takes this comment
+    on: bool = True
+    # more
+    z: str = ""
+
+
+def test_source_notes_walk_the_base_classes():
+    """A config declared once in a base (train_utils.OnPolicyConfig): the subclass's new fields join
+    the base's groups by header, a redeclared field keeps its place and (without a comment of its
+    own) its base's comment, and --help shows the subclass's defaults."""
+    assert config.source_notes(DemoMore) == [
+        ("", [("name", "a name"), ("extra", "new, before any header: the first group")]),
+        ("numbers", [("k", "redeclared: keeps its place, takes this comment"), ("on", ""),
+                     ("files", "several; repeat"), ("big", "joins the base's group of this header")]),
+        ("more", [("z", "")])]
+    text = config.help_text(DemoMore)
+    assert "  --k INT = 2 " in text and "  --on BOOL = true" in text
+    assert config.parse_config(DemoMore, ["--k=5", "--big", "1"]) == DemoMore(k=5, big=1)
 
 # ---- bad input: one line, exit 2, nothing written ---------------------------------------------
 

@@ -53,9 +53,8 @@ def _heldout_batch(ckpt, domains, n=16, max_new_tokens=8):
     """domain -> (tokens, mask): S0's own samples on the first n held-out prompts (fixed seed)."""
     from transformers import AutoTokenizer
 
-    from rollout import generate
+    from rollout import encode_prompt, generate
     from tasks import get_domains
-    from train_utils import encode_prompt
     tok, m = AutoTokenizer.from_pretrained(ckpt), Transformer.from_pretrained(ckpt).eval()
     out = {}
     for d in get_domains(domains):
@@ -82,7 +81,7 @@ def _eval(ckpt, domains, limit=100):
     from transformers import AutoTokenizer
 
     from tasks import get_domains
-    from train_utils import evaluate
+    from evaluate import evaluate
     return evaluate(Transformer.from_pretrained(ckpt), AutoTokenizer.from_pretrained(ckpt), get_domains(domains),
                     8, limit=limit)
 

@@ -1,12 +1,13 @@
 """
 Nothing already written is lost, and every way of losing it is one line on stderr (config.cli):
-an output directory that is a source, a fresh run into a used OUT_DIR, two runs into one
-OUT_DIR (the lock), divergence (NaN/Inf), a changed config on resume and the old checkpoint
-format, leftovers of interrupted saves and a full disk, SFT's own checkpoints and bit-identical
-resume, truncated or mismatched teachers in SFT/merge/MOPD, prompts longer than the context,
+an output directory that is a source, a fresh run into a used OUT_DIR (and merge.py / evaluate.py
+over what their --out holds), two runs into one OUT_DIR (the lock), divergence (NaN/Inf), a
+changed config on resume and the old checkpoint format, leftovers of interrupted saves and a full
+disk (while saving, and while logging), SFT's own checkpoints and bit-identical resume, truncated or mismatched teachers in SFT/merge/MOPD, prompts longer than the context,
 Ctrl-C, an unusable parent of OUT_DIR. Each case checks the exit status, the exact line, and
 that no file it was given changed (hashes of every file before and after).
 """
+import errno
 import fcntl
 import glob
 import hashlib
@@ -113,7 +114,7 @@ def test_out_dir_that_is_a_source_is_refused(case, toy, capsys):
     assert _run(script, argv, capsys) == (2, [f"error: {line}: saving would replace or alter it; choose another {flag}"])
     assert _snap(os.path.dirname(base)) == before
 
-# ---- 2. a fresh run into an OUT_DIR that holds a run ----------------------------------------
+# ---- 2. a fresh run into an OUT_DIR that holds a run; merge.py / evaluate.py over their --out --
 
 @pytest.mark.parametrize("held", ["checkpoint", "metrics", "staging"])
 def test_fresh_run_into_a_used_out_dir_is_refused(held, rl_run, toy, tmp_path, capsys):
@@ -139,6 +140,49 @@ def test_overwrite_replaces_the_old_run_only_once_the_new_one_starts(rl_run, toy
     assert _run("train_teacher_rl", common, capsys) == (0, [])
     assert _step(out) == 1 and [r["step"] for r in _log(out)] == [1]
     assert sorted(os.listdir(tmp_path)) == ["out", "out.log"]  # and the lock is gone
+
+
+@pytest.mark.parametrize("held", ["files", "a file"])
+def test_merge_over_an_out_that_holds_something_is_refused(held, toy, tmp_path, capsys):
+    out = tmp_path / "out"
+    if held == "files":  # an unrelated directory of the user's
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        (out / "data.csv").write_text("1,2\n")
+        line = f"error: --out={out} already holds 2 files: --overwrite=true replaces it"
+    else:
+        out.write_text("mine")
+        line = f"error: --out={out}: exists and is not a directory"
+    argv = ["--mode=average", f"--base={toy['base']}", f"--teacher=rev={toy['rev']},sort={toy['sort']}", f"--out={out}"]
+    before = _snap(str(tmp_path), os.path.dirname(toy["base"]))
+    assert _run("merge", argv, capsys) == (2, [line])
+    assert _snap(str(tmp_path), os.path.dirname(toy["base"])) == before
+    if held == "files":  # said so: replaced, once the merged checkpoint is complete
+        assert _run("merge", argv + ["--overwrite=true"], capsys)[0] == 0
+        assert "config.json" in os.listdir(out) and "notes.txt" not in os.listdir(out)
+        assert os.listdir(tmp_path) == ["out"]  # no temporary directory left beside it
+
+
+@pytest.mark.parametrize("how", ["aggregate", "table"])
+def test_evaluate_over_results_already_there_is_refused(how, toy, tmp_path, capsys):
+    seed0 = tmp_path / "seed0.json"
+    seed0.write_text(json.dumps({"domains": ["a"], "accuracy": {"S0": {"a": 0.2}},
+                                 "normalised": {"S0": {"a": 0.0, "score": 0.0}}}))
+    out = str(tmp_path / "results")
+    for ext in (".json", ".md"):
+        with open(out + ext, "w") as f:
+            f.write(f"last week's {ext}")
+    argv = {"aggregate": ["--aggregate", str(seed0)],
+            "table": ["--domains=rev,sort", f"--base={toy['base']}", f"--teacher=rev={toy['rev']},sort={toy['sort']}"]
+            }[how] + [f"--out={out}"]
+    before = _snap(str(tmp_path))
+    assert _run("evaluate", argv, capsys) == (2, [
+        f"error: --out={out} already holds results ({out}.json, {out}.md): --overwrite=true replaces them"])
+    assert _snap(str(tmp_path)) == before
+    if how == "aggregate":  # said so: replaced, each file whole
+        assert _run("evaluate", argv + ["--overwrite=true"], capsys)[0] == 0
+        assert json.load(open(out + ".json"))["seeds"] == 1 and "| S0 |" in open(out + ".md").read()
+        assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 # ---- 3. two runs into one OUT_DIR -----------------------------------------------------------
 
@@ -279,6 +323,31 @@ def test_a_full_disk_removes_the_partial_staging_and_keeps_the_checkpoint(write,
     assert _snap(out) == before
     assert sorted(os.listdir(tmp_path)) == ["out", "out.log"]  # no staging, no temporary directory, no lock
 
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_a_failed_write_of_the_metrics_log_is_one_line_and_keeps_the_checkpoint(code, rl_run, toy, tmp_path, capsys,
+                                                                                 monkeypatch):
+    out = _copy_run(rl_run, tmp_path)
+    before = _snap(out, out + ".log")
+    real_write = os.write
+
+    def write(fd, data):  # half of step 3's row reaches metrics.jsonl, then the disk is full (or fails)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+            real_write(fd, data[:len(data) // 2])
+            raise OSError(code, os.strerror(code))
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", write)
+    argv = TINY_RL + [f"--init={toy['base']}", f"--out_dir={out}", "--resume=true", "--steps=3",
+                      "--resume_override=steps"]
+    why = {errno.ENOSPC: "no space left on device", errno.EIO: os.strerror(errno.EIO)}[code]
+    assert _run("train_teacher_rl", argv, capsys) == (2, [
+        f"error: {out}.log/metrics.jsonl: {why} while logging step 3; last checkpoint: step 2 in {out}"])
+    assert _snap(out, out + ".log") == before  # the half row cut back out; step 2's checkpoint untouched
+    assert sorted(os.listdir(tmp_path)) == ["out", "out.log"]  # no staging, no lock
+    monkeypatch.setattr(os, "write", real_write)  # the disk has room again: --resume continues
+    assert _run("train_teacher_rl", argv, capsys) == (0, [])
+    assert _step(out) == 3 and [r["step"] for r in _log(out)] == [1, 2, 3]
+
 # ---- 7. train_sft.py: checkpoints, and a bit-identical resume ---------------------------------
 
 def test_sft_resume_is_bit_identical(tmp_path):
@@ -336,7 +405,7 @@ def test_a_bad_teacher_is_found_before_step_1(script, fault, toy, tmp_path, caps
 @pytest.mark.parametrize("script", ["train_teacher_rl", "train_sft"])
 def test_a_prompt_longer_than_the_context_is_refused_at_load(script, toy, tmp_path, capsys):
     from checkpoint import load_tokenizer
-    from train_utils import encode_prompt
+    from rollout import encode_prompt
     data = tmp_path / "math.jsonl"
     long = "what is " + "1 + " * 40 + "1?"
     data.write_text(json.dumps({"prompt": "what is 1 + 1?", "answer": "2", "split": "eval"}) + "\n"

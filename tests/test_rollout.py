@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rollout import generate, row_uniforms, sample_next, sampling_logprobs
-from train_utils import step_seed
+from rollout import generate, row_uniforms, sample_next, sampling_logprobs, step_seed
 
 
 def _prompts(lengths, seed=0):
