@@ -25,8 +25,9 @@ Everything that touches the disk, and the rules that keep what is written there 
   breaking bit-identical resume; --resume_override=key,... accepts others), recovers a
   complete staging and removes the leftovers of interrupted saves. During the run: the
   metrics log (OUT_DIR.log/metrics.jsonl; a row is appended whole or not at all, and a write
-  that fails, a full disk, stops the run with one line), the divergence guard (check_finite)
-  and the one-line report of a Ctrl-C.
+  that fails, a full disk, stops the run with one line) and the step's one line on stdout
+  (readout: metrics, per-domain values, the time of each phase), the divergence guard
+  (check_finite) and the one-line report of a Ctrl-C.
 - The same rules for the other scripts' outputs: check_out_dir (not a source, not a file, a
   writable parent) and refuse_held (what an output already holds is replaced only with
   --overwrite=true, and only by a complete new one): merge.py's --out, evaluate.py's results.
@@ -717,7 +718,8 @@ class Run:
                              + f": diverged; last good checkpoint: {last_checkpoint(self.out)}")
 
     def log(self, row, show=("loss",)):
-        """Append the step's row to OUT_DIR.log/metrics.jsonl and print one line (rank 0). A write
+        """Append the step's row to OUT_DIR.log/metrics.jsonl and print one line (rank 0; readout
+        below: the metrics in `show`, the response length, the phase times, the eval). A write
         that fails (a full disk, like save_checkpoint's) is cut back out of the log and stops the
         run with one line, on every rank (one collective), before this step's checkpoint: the
         last checkpoint and the log up to it stay as they were, and --resume continues."""
@@ -735,12 +737,8 @@ class Run:
         err = next((e for e in distributed.gather_list([err]) if e), None)  # every rank: rank 0's verdict
         if err:
             raise SystemExit(err)
-        if not main:
-            return
-        line = f"step {row['step']}/{self.cfg.steps}: " + " ".join(f"{k} {row[k]:.4f}" for k in show if k in row)
-        if "eval" in row:
-            line += " | eval " + " ".join(f"{k}={v:.3f}" for k, v in row["eval"].items())
-        print(line + f" ({row['time']:.0f}s)", flush=True)
+        if main:
+            print(readout(row, self.cfg.steps, show), flush=True)
 
     def stop_if_interrupted(self):
         """The end of a step: stop here if Ctrl-C was pressed during it (on any rank: one
@@ -750,6 +748,51 @@ class Run:
 
     def trainer_state(self, step):
         return {"step": step, "config": dataclasses.asdict(self.cfg), "world_size": distributed.world()[1]}
+
+
+# the phases of a step whose seconds a training row holds, in the order the readout prints them
+# (the label is the key without "_s"): sampling, the reward function, the teachers' forwards
+# (every MOPD loss: before the update or inside it), RL's frozen reference model, the update
+# without the teachers (forward, backward, optimizer step), MOPD's exact-KL metric, the eval
+PHASES = ("sample_s", "reward_s", "score_s", "ref_s", "update_s", "exact_kl_s", "eval_s")
+
+
+def readout(row, steps, show=("loss",)):
+    """
+    The line a step prints on stdout, e.g. (a MOPD step over two domains, with an eval):
+      step 3/300: reward 0.265 (arith=0.310 if=0.220) kl_est 0.4120 (arith=0.4000 if=0.4300) loss 0.0123
+        len 187.2 | time sample 41.2s reward 0.312s score 5.1s update 12.3s eval 180s | eval arith=0.300 if=0.210 (254s)
+    (one line). Each key of `show` that the row has: its value, then its value in each domain
+    when there are several (from row[key + "_by_domain"] or row["by_domain"][domain][key]); a
+    key only some domains have (kl_exact, on the steps that compute it) shows those. Then
+    the mean response length, the seconds of each phase the row has (PHASES), the held-out
+    accuracies when the step evaluated, and the seconds since the run (re)started.
+    """
+    parts = [f"step {row['step']}/{steps}:"]
+    several = len(row.get("by_domain") or row.get("reward_by_domain") or {}) > 1  # domains this step
+    for k in show:
+        per = row.get(k + "_by_domain") or {d: m[k] for d, m in row.get("by_domain", {}).items() if k in m}
+        fmt = {"reward": ".3f", "no_signal_frac": ".2f"}.get(k, ".4f")
+        if k in row:
+            parts.append(f"{k} {row[k]:{fmt}}")
+        elif per and not several:
+            parts.append(f"{k} {next(iter(per.values())):{fmt}}")
+        elif per:
+            parts.append(k)
+        if per and several:
+            parts.append("(" + " ".join(f"{d}={v:{fmt}}" for d, v in per.items()) + ")")
+    if "response_len" in row:
+        parts.append(f"len {row['response_len']:.1f}")
+    times = [f"{k[:-2]} {_seconds(row[k])}" for k in PHASES if k in row]
+    if times:
+        parts.append("| time " + " ".join(times))
+    if "eval" in row:
+        parts.append("| eval " + " ".join(f"{k}={v:.3f}" for k, v in row["eval"].items()))
+    return " ".join(parts) + f" ({row['time']:.0f}s)"
+
+
+def _seconds(s):
+    return f"{s:.3f}s" if s < 1 else f"{s:.1f}s" if s < 100 else f"{s:.0f}s"
 
 
 def refuse_source(out, flag, sources):

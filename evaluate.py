@@ -26,11 +26,12 @@ import zlib
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 import distributed
 from checkpoint import refuse_held, write_text, writable_parent
 from config import cli, parse_config
-from rollout import decode, encode_prompt, generate, step_seed, stop_ids
+from rollout import decode, encode_prompt, generate, show_progress, step_seed, stop_ids
 
 
 @dataclass
@@ -50,6 +51,9 @@ class Config:
     aggregate: list[str] = field(default_factory=list)  # results.json files of several seeds (instead of the table)
 
 
+PRESETS = {
+    "smol": dict(limit=100, max_new_tokens=48),  # SmolLM2-135M-Instruct (runs/smol.sh)
+}
 # refused as soon as the command line is read, before anything loads (config.check)
 LIMITS = {"required": "out",
           "LABEL=PATH": "model curve",
@@ -74,28 +78,36 @@ def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=512, tempera
     """Mean reward of `model` on each domain's held-out split (seeded, so it is repeatable).
     Under torchrun each rank scores its slice; sample j of a domain's held-out prompt i always
     draws from the stream of (a hash of (seed, the domain's name), i, j), on any number of ranks,
-    in any batch, and whichever other domains are evaluated."""
+    in any batch, and whichever other domains are evaluated.
+    With rollout.show_progress() (rank 0, stderr a terminal, or MOPD_PROGRESS=1): a bar over
+    this rank's prompts of every domain, and generate's own bar over each batch's tokens."""
     was_training = model.training
     model.eval()
     n = 1 if temperature == 0 else samples
     per = max(1, batch // n)
     out = {}
-    for d in domains:
-        exs = d.eval_set[:limit] if limit else d.eval_set
+    sets = [d.eval_set[:limit] if limit else d.eval_set for d in domains]
+    progress = show_progress()  # off: the bar's methods do nothing
+    bar = tqdm(total=sum(b - a for a, b in map(distributed.rank_range, map(len, sets))), desc="eval",
+               unit="prompt", leave=False, disable=not progress)
+    for d, exs in zip(domains, sets):
         a, b = distributed.rank_range(len(exs))
         mine = exs[a:b]
+        bar.set_postfix_str(d.name)
         total = 0.0
         dseed = step_seed(seed, zlib.crc32(d.name.encode()))  # the hash of (seed, the domain's name)
         for s in range(0, per * distributed.global_max(-(-len(mine) // per)), per):
             chunk = mine[s:s + per] or mine[:1]  # past this rank's end: a dummy batch, not counted
             res = generate(model, [encode_prompt(tok, e.prompt) for e in chunk], max_new_tokens,
                            temperature=temperature, stop_token_ids=stop_ids(tok, model), n=n,
-                           seed=dseed, first_prompt=a + s, pad_id=tok.pad_token_id or 0)
+                           seed=dseed, first_prompt=a + s, pad_id=tok.pad_token_id or 0, progress=progress)
             if s < len(mine):
                 total += sum(d.reward(decode(tok, ids), chunk[i])
                              for ids, i in zip(res.response_ids, res.prompt_index))
+                bar.update(len(chunk))
         total = distributed.all_sum(torch.tensor(total, dtype=torch.float64, device=res.tokens.device))
         out[d.name] = float(total) / (len(exs) * n)
+    bar.close()
     model.train(was_training)
     return out
 
@@ -222,7 +234,7 @@ def chart(res, path):
 
 
 def main(argv=None):
-    args = parse_config(Config, argv, limits=LIMITS)
+    args = parse_config(Config, argv, PRESETS, LIMITS)
     if not args.aggregate:
         for k in ("domains", "base", "teacher"):
             if not getattr(args, k):

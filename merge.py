@@ -39,6 +39,10 @@ class Config:
     data_dir: str = ""             # where relative JSONL paths of real domains live
 
 
+PRESETS = {
+    # SmolLM2-135M-Instruct (runs/smol.sh): two candidates, each scored on 25 prompts per domain
+    "smol": dict(lambdas="0.5,1.0", val_n=25, max_new_tokens=48),
+}
 # refused as soon as the command line is read, before anything loads (config.check)
 LIMITS = {"required": "mode base teacher out lambdas",
           "one of average task_arithmetic": "mode",
@@ -71,7 +75,7 @@ def validation_domains(domains, n=200, seed=12345):
 def main(argv=None):
     from evaluate import evaluate
     from train_utils import prompt_fits
-    cfg = parse_config(Config, argv, limits=LIMITS)
+    cfg = parse_config(Config, argv, PRESETS, LIMITS)
     try:
         reg = parse_registry(cfg.teacher)
     except ValueError as e:

@@ -386,6 +386,20 @@ def sample_examples(domains, weights, num, rng):
     return [domains[i].sample(rng) for i in picks]
 
 
+def show_progress():
+    """Whether sampling and evaluation draw tqdm bars (on stderr): on rank 0 only, and by default
+    only when stderr is a terminal, so that a log file it is redirected to gets no bar lines
+    (tqdm itself would draw into it). MOPD_PROGRESS=1 forces the bars on, MOPD_PROGRESS=0 off."""
+    import os
+    import sys
+    if distributed.world()[0] != 0:
+        return False
+    env = os.environ.get("MOPD_PROGRESS", "").strip().lower()
+    if env:
+        return env not in ("0", "false", "no", "off")
+    return sys.stderr.isatty()
+
+
 @torch.no_grad()
 def sample_and_reward(model, tok, domains, weights, cfg, step):
     """
@@ -405,7 +419,8 @@ def sample_and_reward(model, tok, domains, weights, cfg, step):
     with distributed.gathered(model, cfg.rollout_gather):
         roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
                         temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
-                        n=cfg.n, seed=step_seed(cfg.seed, step), first_prompt=a, pad_id=tok.pad_token_id or 0)
+                        n=cfg.n, seed=step_seed(cfg.seed, step), first_prompt=a, pad_id=tok.pad_token_id or 0,
+                        progress=show_progress())
     t_sample = time.time() - t0
     by_name = {d.name: d for d in domains}
     rows = [exs[i] for i in roll.prompt_index]

@@ -61,7 +61,8 @@ what exists.
 
 `python tasks.py` prints the toy domains' statistics, the sandbox's protections and what
 bounds its memory;
-`python tasks.py gym OUT.jsonl [N] [DATASET]` writes a math JSONL offline with reasoning-gym.
+`python tasks.py gym OUT.jsonl [N] [DATASET]` writes a math JSONL offline with reasoning-gym;
+`python tasks.py smol OUT_DIR` writes the arith and if domains sized for SmolLM2-135M.
 """
 
 import json
@@ -574,9 +575,81 @@ def write_gym_math(path: str, n: int = 1000, dataset: str = "basic_arithmetic", 
             f.write(json.dumps({"prompt": prompt, "answer": str(item["answer"])}) + "\n")
 
 
+# Real domains sized for a ~135M model (SmolLM2-135M-Instruct, runs/smol.sh): on each, the
+# model starts between ~10% and ~60% (measured, README "A real model on a laptop"), so RL has
+# headroom and a signal. Generated offline and deterministically from a seed.
+SMOL_TOPICS = ["dogs", "the sea", "rain", "coffee", "trees", "music", "the moon", "bread", "winter",
+               "trains", "cats", "a city", "the sun", "books", "gardens", "rivers", "birds", "tea",
+               "mountains", "snow", "friends", "a school", "apples", "the night"]
+SMOL_WORDS = ["blue", "happy", "small", "quiet", "bright", "warm", "old", "green"]
+SMOL_STARTS = ["Yes", "Indeed", "Well", "Today", "Sometimes"]
+
+
+def smol_arith(rng: random.Random) -> dict:
+    """A one-operation sum or difference of small numbers, answered with just the number.
+    (SmolLM2-135M at T=1: ~30% on single digits, ~19% with one operand 10-50.)"""
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    if rng.random() < 0.5:
+        a = rng.randint(10, 20)
+    op = rng.choice("+-")
+    if op == "-" and b > a:
+        a, b = b, a
+    ask = rng.choice(["What is {}?", "Compute {}.", "Calculate {}."]).format(f"{a} {op} {b}")
+    return {"prompt": ask + " Answer with just the number.", "answer": str(a + b if op == "+" else a - b)}
+
+
+def smol_if(rng: random.Random) -> dict:
+    """A one-sentence writing request with one verifiable constraint (IF_CONSTRAINTS).
+    SmolLM2-135M at T=1 meets: starts_with ~9%, lowercase ~2%, no_commas ~22%, at most k
+    words ~42%, a keyword ~59%."""
+    t = rng.choice(SMOL_TOPICS)
+    kind = rng.choice(["starts_with", "lowercase", "no_commas", "max_words", "keywords"])
+    if kind == "starts_with":
+        w = rng.choice(SMOL_STARTS)
+        return {"prompt": f'Write one sentence about {t}. Start your answer with the word "{w}".',
+                "constraints": [{"type": "starts_with", "phrase": w}]}
+    if kind == "lowercase":
+        return {"prompt": f"Write one sentence about {t}. Use only lowercase letters.",
+                "constraints": [{"type": "lowercase"}]}
+    if kind == "no_commas":
+        return {"prompt": f"Write two sentences about {t} without using any commas.",
+                "constraints": [{"type": "no_commas"}]}
+    if kind == "max_words":
+        k = rng.randint(5, 10)
+        return {"prompt": f"Describe {t} in at most {k} words.", "constraints": [{"type": "max_words", "n": k}]}
+    w = rng.choice(SMOL_WORDS)
+    return {"prompt": f'Write one sentence about {t} that uses the word "{w}".',
+            "constraints": [{"type": "keywords", "words": [w]}]}
+
+
+def write_smol_data(out_dir: str, n_train: int = 2000, n_eval: int = 100, seed: int = 0):
+    """arith.jsonl and if.jsonl in out_dir: n_eval distinct held-out prompts ("split": "eval")
+    and n_train training lines whose prompts never appear in eval."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, gen in (("arith", smol_arith), ("if", smol_if)):
+        rng = random.Random(zlib.crc32(name.encode()) + seed)
+        held, rows = set(), []
+        while len(held) < n_eval:
+            row = gen(rng)
+            if row["prompt"] not in held:
+                held.add(row["prompt"])
+                rows.append({**row, "split": "eval"})
+        while len(rows) < n_eval + n_train:
+            row = gen(rng)
+            if row["prompt"] not in held:
+                rows.append({**row, "split": "train"})
+        path = os.path.join(out_dir, name + ".jsonl")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {path}: {n_eval} eval + {n_train} train lines")
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "gym":
         write_gym_math(sys.argv[2], *(int(a) if a.isdigit() else a for a in sys.argv[3:5]))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "smol":
+        write_smol_data(sys.argv[2])
     else:
         _toy_stats()
         report = sandbox_report()

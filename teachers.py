@@ -19,11 +19,15 @@ The teachers of MOPD: one frozen checkpoint per domain, and how they score the s
   the chosen loss needs: per-token log-probs of the student's tokens (PG form), or the
   teacher's top-k ids and log-probs (Eq. 5), or its final hidden states (exact KL). Never
   [tokens x vocab] logits: kernels.py computes all three from hidden states.
+  Teachers.seconds counts the time spent in it (wherever it is called from: before the
+  update for the PG form, inside mopd.distill_update for the others), so that a step can
+  report its teacher time apart from its update time.
 """
 
 import functools
 import json
 import os
+import time
 
 import torch
 
@@ -107,6 +111,9 @@ class Teachers:
     def __init__(self, registry, device="cpu", dtype=torch.float32, offload=False):
         self.registry, self.device, self.dtype, self.offload = dict(registry), device, dtype, offload
         self.models = {}
+        # seconds spent scoring (prefill and the loss's outputs, offload moves included; not the
+        # first call's load): a step reads the difference across its own calls
+        self.seconds = 0.0
         # single process: offload = move the whole teacher in and out; sharded: FSDP does it per layer
         self.move = offload and not distributed.active()
 
@@ -137,6 +144,9 @@ class Teachers:
             raise ValueError(f"score: what={bad[0]!r}; expected logprobs, topk or hidden")
         m = self.get(domain)
         sharded = m.is_sharded()
+        if tokens.is_cuda:  # time this teacher's work, not the kernels still queued before it
+            torch.cuda.synchronize(tokens.device)
+        t0 = time.perf_counter()
         if self.move:
             m.to(self.device)
         try:
@@ -156,6 +166,9 @@ class Teachers:
                 m.to("cpu")
             if sharded:  # FSDP keeps the root (embeddings, lm_head) gathered after forward: free it
                 m.reshard()
+            if tokens.is_cuda:
+                torch.cuda.synchronize(tokens.device)
+            self.seconds += time.perf_counter() - t0
 
 
 def route(row_domains):

@@ -12,6 +12,9 @@ The default objective is the paper's policy-gradient form of the reverse KL:
       loss = - mean_seq (1/|y|) sum_t w_t A_t log pi_theta(y_t)
 through the same update as RL (mopd.pg_update); --loss=topk|reverse_kl|forward_kl|jsd give
 Eq. 5 and the exact full-vocabulary divergences (mopd.distill_update) for ablations.
+Each step prints one line (checkpoint.readout): reward and kl_est per domain, the exact KL
+on the steps that compute it, loss, response length, and the seconds of each phase; score_s
+is the teachers' time for every loss (Teachers.seconds), update_s the update's other time.
 
     python train_mopd.py --preset=toy --teacher=rev=out/toy/teacher_rev,sort=out/toy/teacher_sort,...
     torchrun --nproc_per_node=8 train_mopd.py ...   (multi-GPU: see the scale notes in README)
@@ -31,6 +34,7 @@ from evaluate import evaluate
 from rollout import sample_and_reward
 from tasks import get_domains
 from teachers import Teachers, each_domain, parse_registry, route, validate
+from train_teacher_rl import NO_SIGNAL_STEPS, no_signal_frac, no_signal_warning
 from train_utils import (OnPolicyConfig, check_start, clip_and_step, due, load_for_training, parse_weights, print0,
                          prompt_fits, set_lr, set_seed)
 
@@ -64,6 +68,9 @@ PRESETS = {
     "toy": {},
     "tiny": dict(steps=3, prompts_per_step=8, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1,
                  exact_kl_rows=4, exact_kl_every=1),
+    # SmolLM2-135M-Instruct on a laptop CPU (runs/smol.sh): 8 steps x 32 prompts x 1 response
+    "smol": dict(steps=8, prompts_per_step=32, max_new_tokens=48, lr=2e-5, min_lr=2e-5, micro_batch=8,
+                 eval_every=1000, eval_limit=25, ckpt_every=4, exact_kl_rows=4, exact_kl_every=4),
     # The paper's Stage 3 on one 8xH100 node (memory: `python plan_memory.py`): Qwen3-30B-A3B
     # student and teachers, 2048 prompts x 1 rollout per step, mix 0.35/0.35/0.30, 32k tokens.
     # Give --init, --teacher and --domains=math:FILE,if:FILE,code:FILE (+ --data_dir).
@@ -94,6 +101,7 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
     Under torchrun each rank does this on its own prompts; the metrics are over all ranks."""
     t_start = time.time()
     roll, rows_ex, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step)
+    t_reward = time.time() - t_start - t_sample  # decoding and each domain's reward function
     names = [d.name for d in domains]
     row_dom = [e.domain for e in rows_ex]
     # mu: the sampler's untruncated log-probs (top-p/top-k are not reweighted; README)
@@ -101,23 +109,28 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
     groups = route(row_dom)
 
     # the teacher's log-prob of every sampled token: the PG signal, and the sampled KL estimate
-    # (the full-distribution losses get it from their own teacher prefill, during the update)
-    t0 = time.time()
+    # (the full-distribution losses get it from their own teacher prefill, during the update).
+    # score_s: the teachers' own seconds (Teachers.seconds), here and inside the update, for
+    # every loss; update_s: the update's other seconds
+    s0 = teachers.seconds
     t_logp = torch.zeros_like(mu)
     if cfg.loss == "pg":
         for d, rows, real in each_domain(groups, names):
             lp = teachers.score(d, tokens[rows], mask[rows], "logprobs", cfg.temperature)
             if real:
                 t_logp[rows] = lp
-    t_score = time.time() - t0
+    t_score = teachers.seconds - s0
 
     # the exact KL on the first exact_kl_rows rows of each domain, before the update (so it
-    # describes the policy that sampled)
+    # describes the policy that sampled); its seconds (the student's and teacher's forwards) apart
     all_dom = distributed.gather_list(row_dom)
-    exact = {}
+    exact, t_exact = {}, {}
     if cfg.exact_kl_rows and (step + 1) % cfg.exact_kl_every == 0:
+        t0 = time.time()
         exact = exact_kl_subsample(model, teachers, groups, names, tokens, mask, all_dom, len(row_dom), cfg)
+        t_exact = {"exact_kl_s": time.time() - t0}
 
+    t_update, s0 = time.time(), teachers.seconds
     opt.zero_grad(set_to_none=True)
     if cfg.loss == "pg":
         a_orm = None
@@ -135,6 +148,8 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
     else:
         m = mopd.distill_update(model, tokens, mask, groups, teachers, cfg, names, teacher_logp=t_logp)
     gnorm = clip_and_step(model, opt, cfg.grad_clip)
+    t_score += teachers.seconds - s0  # the teachers' prefills inside the update (every loss but pg)
+    t_update = time.time() - t_update - (teachers.seconds - s0)
 
     # per-row numbers from every rank, in order; per-domain metrics from them: reward, length,
     # the sampled reverse-KL estimate E_mu[log mu - log pi_T] (of the sampler, before the update)
@@ -150,11 +165,14 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
                       "response_len": sum(r[4] for r in rs) / len(rs), **exact.get(d, {})}
     if "adv_clip_hits" in m:  # a fraction of all response tokens, every rank's
         m["adv_clip_frac"] = m.pop("adv_clip_hits") / max(1, sum(r[3] for r in all_rows))
+    if cfg.orm_alpha:  # the ORM term's GRPO groups: all-equal ones add nothing to it
+        m["no_signal_frac"] = no_signal_frac([r[1] for r in all_rows], cfg.n)
     n_rows, n_tok = len(all_rows), sum(r[4] for r in all_rows)
     return {**m, "grad_norm": gnorm, "reward": sum(r[1] for r in all_rows) / n_rows,
             "kl_est": sum(r[2] for r in all_rows) / max(1, sum(r[3] for r in all_rows)),
             "by_domain": per, "samples": (step + 1) * n_rows, "response_len": n_tok / n_rows,
-            "tokens_per_s": n_tok / (time.time() - t_start), "sample_s": t_sample, "score_s": t_score}
+            "tokens_per_s": n_tok / (time.time() - t_start), "sample_s": t_sample, "reward_s": t_reward,
+            "score_s": t_score, "update_s": t_update, **t_exact, "step_s": time.time() - t_start}
 
 
 def exact_kl_subsample(model, teachers, groups, names, tokens, mask, all_dom, n_local, cfg):
@@ -215,13 +233,19 @@ def main(argv=None):
         if cfg.loss == "topk" and not 1 <= cfg.topk <= model.config.vocab_size:
             raise SystemExit(f"error: --topk={cfg.topk}: must be in [1, vocab size {model.config.vocab_size}]")
         run.begin(start)
+        flat = 0  # with --orm_alpha: consecutive steps in which every ORM group was all-equal
         for step in range(start, cfg.steps):
             lr = set_lr(opt, cfg, step)
             row = {"step": step + 1, "lr": lr, **mopd_step(model, opt, tok, domains, weights, teachers, cfg, step)}
             run.check_finite(row)  # NaN/Inf loss or gradient: stop, the last checkpoint stays the last good one
             if due(step, cfg.eval_every, cfg.steps):
+                t_eval = time.time()
                 row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
-            run.log(row, show=("reward", "loss", "kl_est"))
+                row["eval_s"] = time.time() - t_eval
+            run.log(row, show=("reward", "kl_est", "kl_exact", "no_signal_frac", "loss"))
+            flat = flat + 1 if row.get("no_signal_frac") == 1 else 0
+            if flat == NO_SIGNAL_STEPS and distributed.world()[0] == 0:  # once per such stretch
+                print(no_signal_warning(flat, cfg.n, "the ORM term of the advantage (--orm_alpha)"), flush=True)
             if due(step, cfg.ckpt_every, cfg.steps):
                 checkpoint.save_checkpoint(cfg.out_dir, model, src, run.trainer_state(step + 1), opt)
             run.stop_if_interrupted()  # Ctrl-C during this step: stop now that it is logged (and saved, if due)

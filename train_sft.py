@@ -34,7 +34,7 @@ from config import cli, parse_config, print_config
 from evaluate import evaluate
 from model import ModelConfig, Transformer, num_params
 from mopd import policy_logprobs
-from rollout import decode, encode_prompt, generate, sample_examples, step_seed, stop_ids
+from rollout import decode, encode_prompt, generate, sample_examples, show_progress, step_seed, stop_ids
 from tasks import TOY_OPS, get_domains, save_toy_tokenizer, toy_tokenizer
 from teachers import parse_registry, validate
 from train_utils import check_start, clip_and_step, due, prompt_fits, set_lr, set_seed
@@ -81,6 +81,10 @@ PRESETS = {
     "toy_base": {},
     "toy_offpolicy": dict(out_dir="out/toy/offpolicy", data="teachers", domains="rev,sort,inc", steps=150,
                           lr=3e-4, min_lr=3e-5, warmup=10, eval_every=50),
+    # SmolLM2-135M-Instruct (runs/smol.sh): each teacher answers 64 prompts of its domain, the
+    # correct answers are finetuned on for 8 steps of 16
+    "smol_offpolicy": dict(data="teachers", offpolicy_per_domain=64, steps=8, batch_size=16, lr=2e-5, min_lr=2e-5,
+                           warmup=0, max_new_tokens=48, eval_every=1000, eval_limit=25, ckpt_every=4),
     "tiny": dict(out_dir="out/tiny/base", steps=20, batch_size=32, hidden_size=32, num_layers=2,
                  head_dim=16, intermediate_size=64, eval_every=10, eval_limit=20),
 }
@@ -178,7 +182,8 @@ def teacher_samples(cfg, tok, model, domains, registry, path):
         rng = random.Random(step_seed(cfg.seed, 10**6 + len(rows)))
         exs = [d.sample(rng) for _ in range(cfg.offpolicy_per_domain)]
         res = generate(t, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens, temperature=1.0,
-                       stop_token_ids=stop_ids(tok, t), seed=cfg.seed, pad_id=tok.pad_token_id or 0)
+                       stop_token_ids=stop_ids(tok, t), seed=cfg.seed, pad_id=tok.pad_token_id or 0,
+                       progress=show_progress())
         for e, ids in zip(exs, res.response_ids):
             text = decode(tok, ids)
             r = d.reward(text, e)
@@ -205,11 +210,13 @@ def batch(cfg, domains, samples, step):
 
 def sft_step(model, opt, tokens, mask, cfg):
     """One supervised update: -mean log pi_theta of the response tokens, clipped, AdamW."""
+    t0 = time.time()
     logp = policy_logprobs(model, tokens, mask)
     loss = -logp[mask].mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    return {"loss": round(loss.item(), 4), "grad_norm": clip_and_step(model, opt, cfg.grad_clip)}
+    gnorm = clip_and_step(model, opt, cfg.grad_clip)
+    return {"loss": round(loss.item(), 4), "grad_norm": gnorm, "update_s": time.time() - t0}
 
 
 def main(argv=None):
@@ -244,8 +251,10 @@ def main(argv=None):
             row = {"step": step + 1, "lr": lr, **sft_step(model, opt, tokens, mask, cfg)}
             run.check_finite(row)  # NaN/Inf loss or gradient: stop, the last checkpoint stays the last good one
             if due(step, cfg.eval_every, cfg.steps):
+                t_eval = time.time()
                 row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
-            run.log(row)
+                row["eval_s"] = time.time() - t_eval
+            run.log(row)  # one line: loss, the update's and the eval's seconds (checkpoint.readout)
             if due(step, cfg.ckpt_every, cfg.steps):
                 checkpoint.save_checkpoint(cfg.out_dir, model, src, run.trainer_state(step + 1), opt)
             run.stop_if_interrupted()  # Ctrl-C during this step: stop now that it is logged (and saved, if due)

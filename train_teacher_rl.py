@@ -17,7 +17,10 @@ GRPO "in quotes", with the simplifications stated:
     python train_teacher_rl.py --preset=toy --domains=rev --out_dir=out/toy/teacher_rev
     python train_teacher_rl.py --preset=toy --domains=rev,sort,sum --out_dir=out/toy/mixrl   # Mix-RL
     torchrun --nproc_per_node=8 train_teacher_rl.py ...   (multi-GPU: see README "Scale")
-Every step appends a JSONL row to OUT_DIR.log/metrics.jsonl; --resume=true continues from the
+Every step prints one line (checkpoint.readout: reward per domain, the fraction of groups
+with no signal, loss, response length, the seconds of each phase) and appends a JSONL row to
+OUT_DIR.log/metrics.jsonl; after NO_SIGNAL_STEPS steps in a row in which every group's rewards
+were all equal (a zero policy gradient) it prints one warning. --resume=true continues from the
 checkpoint in OUT_DIR bit for bit (what may not be lost, and the one-line errors that guard it:
 checkpoint.Run).
 """
@@ -45,11 +48,20 @@ class Config(OnPolicyConfig):  # the options shared with train_mopd.py, and thei
     kl_coef: float = 0.0           # k3 KL to the initial model; 0 = no reference model
 
 
+# SmolLM2-135M-Instruct on a laptop CPU (runs/smol.sh; README "A real model on a laptop"):
+# lengths for a one-sentence answer, a small lr held constant (so a resume with more steps is
+# bit-identical to one longer run), small micro-batches (a vocabulary of 49,152), evaluation
+# at the end only
+SMOL = dict(prompts_per_step=8, n=4, max_new_tokens=48, lr=2e-5, min_lr=2e-5, micro_batch=8,
+            eval_every=1000, eval_limit=25, ckpt_every=4)
 PRESETS = {
     "toy": {},                                    # one domain -> a teacher, ~35 s on one CPU core
     "toy_mix": dict(steps=300, eval_every=25),    # Mix-RL over all domains: the teachers' total samples
     "toy_cascade": dict(steps=100),               # one stage of Cascade RL
     "tiny": dict(steps=3, prompts_per_step=4, n=4, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1),
+    "smol": dict(SMOL, steps=8),           # a teacher: 8 steps x 32 responses
+    "smol_mix": dict(SMOL, steps=8),       # Mix-RL with MOPD's 256 responses
+    "smol_mix_all": dict(SMOL, steps=24),  # ... with MOPD's + both teachers' (256 + 2 x 256)
     # a domain teacher from Qwen3-30B-A3B on one 8xH100 node: 256 prompts x 8 samples per step
     "qwen3-30b-a3b-8xh100": dict(steps=300, prompts_per_step=256, n=8, max_new_tokens=32768, lr=1e-6, min_lr=1e-6,
                                  micro_batch=1, eval_every=20, eval_limit=256, ckpt_every=10, bf16=True,
@@ -67,23 +79,44 @@ LIMITS = {">= 1": "n steps prompts_per_step max_new_tokens micro_batch eval_ever
           "device": "device"}
 
 
+def no_signal_frac(rewards, n):
+    """The fraction of GRPO groups (n consecutive rewards) whose rewards are all equal: their
+    advantage r - mean is 0, so they add nothing to the policy gradient."""
+    groups = [rewards[i:i + n] for i in range(0, len(rewards), n)]
+    return sum(len(set(g)) == 1 for g in groups) / len(groups)
+
+
+NO_SIGNAL_STEPS = 3  # warn once every group has been all-equal for this many steps in a row
+
+
+def no_signal_warning(steps, n, what="the policy gradient"):
+    return (f"warning: no GRPO signal for {steps} steps in a row: in every group the --n={n} samples of a prompt "
+            f"got the same reward, so every advantage is 0 and {what} is 0. Try more samples per prompt (--n), "
+            f"an easier task (or a stronger --init), or a higher --temperature.")
+
+
 def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
     """Sample a batch, score it with each prompt's domain reward, one policy-gradient update.
     Under torchrun each rank does this on its own prompts; the metrics are over all ranks."""
     t0 = time.time()
     roll, rows, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step)
+    t_reward = time.time() - t0 - t_sample  # decoding and each domain's reward function
     adv = group_advantages(rewards, cfg.n, cfg.std_norm).to(roll.tokens.device)
     # old_logp: the sampler's untruncated log-probs (top-p/top-k are not reweighted; README)
     batch = {"tokens": roll.tokens, "mask": roll.response_mask[:, 1:], "old_logp": roll.policy_logprobs[:, 1:]}
+    t_ref = time.time()
     if ref is not None:
         with torch.no_grad():
             batch["ref_logp"] = policy_logprobs(ref, roll.tokens, batch["mask"], cfg.temperature)
         if ref.is_sharded():  # free its root, which FSDP keeps gathered after forward
             ref.reshard()
+    t_ref = time.time() - t_ref
+    t_update = time.time()
     opt.zero_grad(set_to_none=True)
     # one advantage per sequence, broadcast over its tokens
     m = pg_update(model, batch, lambda r, logp, w: adv[r, None].expand(-1, w), cfg, cfg.micro_batch, cfg.kl_coef)
     gnorm = clip_and_step(model, opt, cfg.grad_clip)
+    t_update = time.time() - t_update
     # every rank's rows, in order: the same metrics on every rank (rank 0 logs them)
     rewards = distributed.gather_list(rewards)
     doms = distributed.gather_list([e.domain for e in rows])
@@ -94,9 +127,11 @@ def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
         if rs:
             per_domain[d.name] = sum(rs) / len(rs)
     return {**m, "reward": sum(rewards) / len(rewards), "reward_by_domain": per_domain, "grad_norm": gnorm,
+            "no_signal_frac": no_signal_frac(rewards, cfg.n),  # groups all-equal: advantage 0
             "samples": (step + 1) * len(rewards),  # sampled responses so far (sample efficiency)
             "response_len": n_tok / len(rewards), "tokens_per_s": n_tok / (time.time() - t0),
-            "sample_s": t_sample, "step_s": time.time() - t0}
+            "sample_s": t_sample, "reward_s": t_reward, **({"ref_s": t_ref} if ref is not None else {}),
+            "update_s": t_update, "step_s": time.time() - t0}
 
 
 def main(argv=None):
@@ -113,13 +148,19 @@ def main(argv=None):
         weights = parse_weights(cfg.domain_weights, domains)
         ref = load_frozen(cfg.init, torch.float32, cfg.device) if cfg.kl_coef else None
         run.begin(start)
+        flat = 0  # consecutive steps in which every group was all-equal
         for step in range(start, cfg.steps):
             lr = set_lr(opt, cfg, step)
             row = {"step": step + 1, "lr": lr, **rl_step(model, opt, tok, domains, weights, cfg, step, ref)}
             run.check_finite(row)  # NaN/Inf loss or gradient: stop, the last checkpoint stays the last good one
             if due(step, cfg.eval_every, cfg.steps):
+                t_eval = time.time()
                 row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
-            run.log(row, show=("reward", "loss", "ratio_mean"))
+                row["eval_s"] = time.time() - t_eval
+            run.log(row, show=("reward", "no_signal_frac", "loss", "ratio_mean"))
+            flat = flat + 1 if row["no_signal_frac"] == 1 else 0
+            if flat == NO_SIGNAL_STEPS and distributed.world()[0] == 0:  # once per such stretch
+                print(no_signal_warning(flat, cfg.n), flush=True)
             if due(step, cfg.ckpt_every, cfg.steps):
                 checkpoint.save_checkpoint(cfg.out_dir, model, src, run.trainer_state(step + 1), opt)
             run.stop_if_interrupted()  # Ctrl-C during this step: stop now that it is logged (and saved, if due)

@@ -76,7 +76,8 @@ def ours_mopd(student_dir, teacher_dir, args, prompts, loss, exact_kl_rows):
     model.config.eos_token_id = None  # with IgnoreEOS: no stop token, exactly max_new_tokens per row
     tok, domain = IgnoreEOS(tok), bench_domain(prompts)
     update = {"pg": "update (mopd.pg_update: student forward + backward)",
-              "reverse_kl": "update (mopd.distill_update: student fwd + bwd, teacher hidden, full-vocab KL)"}[loss]
+              "reverse_kl": "update (mopd.distill_update without its teacher forwards: student fwd + bwd, "
+                            "full-vocab KL; + grad clip, AdamW step)"}[loss]
     metric = f"exact-KL metric on {exact_kl_rows} rows" if exact_kl_rows else "no exact-KL metric"
     return Ours(f"ours (train_mopd.mopd_step, loss={loss}, {metric})",
                 lambda i: mopd_step(model, opt, tok, [domain], [1.0], teachers, cfg, i), args.warmup,
@@ -84,7 +85,8 @@ def ours_mopd(student_dir, teacher_dir, args, prompts, loss, exact_kl_rows):
                  ("reward", "reward for the metrics (decoded text)"),
                  ("teacher", "teacher scoring (Teachers.score: prefill, log-probs of the sampled tokens)"),
                  ("update", update)]
-                + ([("exact_kl", f"metrics: exact full-vocab KL on {exact_kl_rows} rows")] if exact_kl_rows else []))
+                + ([("exact_kl", f"metrics: exact full-vocab KL on {exact_kl_rows} rows")] if exact_kl_rows else []),
+                row_update=loss != "pg")
 
 
 def main(argv=None):
@@ -117,7 +119,7 @@ def main(argv=None):
 
         import mopd
         import train_mopd
-        with instrumented((mopd, "pg_update", "update"), (mopd, "distill_update", "update"),
+        with instrumented((mopd, "pg_update", "update"),
                           (train_mopd, "exact_reverse_kl", "exact_kl")):
             trl_times, trl_lens, flops, trl_gen = run_alternating(make_trainer, ours, args)
         check_lengths(ours, trl_lens, args.new_tokens)

@@ -207,8 +207,11 @@ class IgnoreEOS:
 
 class Ours:
     """One variant of our step: step_fn(i) -> metrics dict; keeps timed step times and the split."""
-    def __init__(self, name, step_fn, warmup, parts):
+    def __init__(self, name, step_fn, warmup, parts, row_update=False):
+        # row_update: the update's time is the step's own update_s (MOPD's full-distribution
+        # losses, whose teacher forwards inside the update are counted in score_s instead)
         self.name, self.step_fn, self.warmup, self.parts = name, step_fn, warmup, parts
+        self.row_update = row_update
         self.times, self.lens, self.timers, self.k = [], [], Timers(), 0
 
     def step(self):
@@ -222,6 +225,8 @@ class Ours:
         self.timers.add("sample", m["sample_s"])
         if "score_s" in m:
             self.timers.add("teacher", m["score_s"])
+        if self.row_update:
+            self.timers.add("update", m["update_s"])
         self.lens.append(m["response_len"])
         if self.k >= self.warmup:
             self.times.append(dt)
