@@ -22,6 +22,7 @@ teacher headroom, from the run's periodic evals.
 import json
 import os
 import statistics
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -148,18 +149,21 @@ def evaluate_all(args):
         raise ValueError(f"--teacher={args.teacher}: no teacher for domain(s) {missing}")
     tok = load_tokenizer(args.base, "--base")
 
-    def acc_of(path):
+    def acc_of(label, path):  # one line per checkpoint as it is done: a real model takes minutes each
+        t0 = time.time()
         m = Transformer.from_pretrained(path, dtype=torch.float32)
-        return evaluate(m, tok, domains, args.max_new_tokens, limit=args.limit)
-    base = acc_of(args.base)
-    teacher_acc = {d: acc_of(reg[d]) for d in names}  # every teacher on every domain (for the table)
+        acc = evaluate(m, tok, domains, args.max_new_tokens, limit=args.limit)
+        print(f"{label}: " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()) + f" ({time.time() - t0:.0f}s)",
+              flush=True)
+        return acc
+    base = acc_of("S0", args.base)
+    teacher_acc = {d: acc_of(f"teacher[{d}]", reg[d]) for d in names}  # every teacher on every domain
     teacher = {d: teacher_acc[d][d] for d in names}
     rows = {"S0": base}
     rows.update({f"teacher[{d}]": teacher_acc[d] for d in names})
     for spec in args.model:
         label, path = spec.split("=", 1)
-        rows[label] = acc_of(path)
-        print(f"{label}: " + " ".join(f"{k}={v:.3f}" for k, v in rows[label].items()))
+        rows[label] = acc_of(label, path)
     rows["RL teacher (own domain)"] = teacher
     result = {"domains": names, "accuracy": rows, "normalised": {}}
     for label, acc in rows.items():

@@ -7,6 +7,7 @@ The parameter-merging baselines: combine teachers without any training.
 
     python merge.py --mode=average --base=out/toy/base --teacher=rev=DIR,sort=DIR --out=out/toy/merge_avg
     python merge.py --mode=task_arithmetic --lambdas=0.3,0.5,0.7,1.0 --base=... --teacher=... --out=...
+    python merge.py --preset=smol --mode=task_arithmetic --domains=arith=math:A.jsonl,if=if:I.jsonl ...  # real domains
 
 --out is written beside its final name and swapped in when complete (checkpoint.replace_dir);
 a non-empty --out is refused unless --overwrite=true.
@@ -35,6 +36,8 @@ class Config:
     # task arithmetic: lambda chosen on a validation split of fresh training prompts
     lambdas: str = "0.2,0.4,0.6,0.8,1.0"  # the candidates
     val_n: int = 200               # validation prompts per domain
+    domains: str = ""              # their domains (tasks.get_domains spec, one per teacher, by name);
+                                   # default: the teachers' names, which must then be toy domains
     max_new_tokens: int = 12
     data_dir: str = ""             # where relative JSONL paths of real domains live
 
@@ -100,8 +103,11 @@ def main(argv=None):
     if cfg.mode == "average":
         merged.load_state_dict(average(teachers))
     else:
-        val = validation_domains(get_domains(list(reg), cfg.data_dir or None, fits=prompt_fits(tok, base, cfg)),
-                                 cfg.val_n)
+        domains = get_domains(cfg.domains or list(reg), cfg.data_dir or None, fits=prompt_fits(tok, base, cfg))
+        if sorted(d.name for d in domains) != sorted(reg):
+            raise ValueError(f"--domains={cfg.domains}: domains {sorted(d.name for d in domains)} do not match "
+                             f"the teachers {sorted(reg)}")
+        val = validation_domains(domains, cfg.val_n)
         best = None
         for lam in [float(x) for x in cfg.lambdas.split(",")]:
             merged.load_state_dict(task_arithmetic(base, teachers, lam))

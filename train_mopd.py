@@ -68,9 +68,9 @@ PRESETS = {
     "toy": {},
     "tiny": dict(steps=3, prompts_per_step=8, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1,
                  exact_kl_rows=4, exact_kl_every=1),
-    # SmolLM2-135M-Instruct on a laptop CPU (runs/smol.sh): 8 steps x 32 prompts x 1 response
-    "smol": dict(steps=8, prompts_per_step=32, max_new_tokens=48, lr=2e-5, min_lr=2e-5, micro_batch=8,
-                 eval_every=1000, eval_limit=25, ckpt_every=4, exact_kl_rows=4, exact_kl_every=4),
+    # SmolLM2-135M-Instruct on a laptop CPU (runs/smol.sh): 10 steps x 32 prompts x 1 response
+    "smol": dict(steps=10, prompts_per_step=32, max_new_tokens=48, lr=3e-5, min_lr=3e-5, micro_batch=8,
+                 eval_every=1000, eval_limit=25, ckpt_every=5, exact_kl_rows=4, exact_kl_every=5),
     # The paper's Stage 3 on one 8xH100 node (memory: `python plan_memory.py`): Qwen3-30B-A3B
     # student and teachers, 2048 prompts x 1 rollout per step, mix 0.35/0.35/0.30, 32k tokens.
     # Give --init, --teacher and --domains=math:FILE,if:FILE,code:FILE (+ --data_dir).

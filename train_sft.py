@@ -83,7 +83,7 @@ PRESETS = {
                           lr=3e-4, min_lr=3e-5, warmup=10, eval_every=50),
     # SmolLM2-135M-Instruct (runs/smol.sh): each teacher answers 64 prompts of its domain, the
     # correct answers are finetuned on for 8 steps of 16
-    "smol_offpolicy": dict(data="teachers", offpolicy_per_domain=64, steps=8, batch_size=16, lr=2e-5, min_lr=2e-5,
+    "smol_offpolicy": dict(data="teachers", offpolicy_per_domain=64, steps=8, batch_size=16, lr=3e-5, min_lr=3e-5,
                            warmup=0, max_new_tokens=48, eval_every=1000, eval_limit=25, ckpt_every=4),
     "tiny": dict(out_dir="out/tiny/base", steps=20, batch_size=32, hidden_size=32, num_layers=2,
                  head_dim=16, intermediate_size=64, eval_every=10, eval_limit=20),

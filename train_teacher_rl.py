@@ -52,16 +52,16 @@ class Config(OnPolicyConfig):  # the options shared with train_mopd.py, and thei
 # lengths for a one-sentence answer, a small lr held constant (so a resume with more steps is
 # bit-identical to one longer run), small micro-batches (a vocabulary of 49,152), evaluation
 # at the end only
-SMOL = dict(prompts_per_step=8, n=4, max_new_tokens=48, lr=2e-5, min_lr=2e-5, micro_batch=8,
-            eval_every=1000, eval_limit=25, ckpt_every=4)
+SMOL = dict(prompts_per_step=8, n=4, max_new_tokens=48, lr=3e-5, min_lr=3e-5, micro_batch=8,
+            eval_every=1000, eval_limit=25, ckpt_every=5)
 PRESETS = {
     "toy": {},                                    # one domain -> a teacher, ~35 s on one CPU core
     "toy_mix": dict(steps=300, eval_every=25),    # Mix-RL over all domains: the teachers' total samples
     "toy_cascade": dict(steps=100),               # one stage of Cascade RL
     "tiny": dict(steps=3, prompts_per_step=4, n=4, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1),
-    "smol": dict(SMOL, steps=8),           # a teacher: 8 steps x 32 responses
-    "smol_mix": dict(SMOL, steps=8),       # Mix-RL with MOPD's 256 responses
-    "smol_mix_all": dict(SMOL, steps=24),  # ... with MOPD's + both teachers' (256 + 2 x 256)
+    "smol": dict(SMOL, steps=10),           # a teacher: 10 steps x 32 responses
+    "smol_mix": dict(SMOL, steps=10),       # Mix-RL with MOPD's 320 responses
+    "smol_mix_all": dict(SMOL, steps=30),   # ... with MOPD's + both teachers' (320 + 2 x 320)
     # a domain teacher from Qwen3-30B-A3B on one 8xH100 node: 256 prompts x 8 samples per step
     "qwen3-30b-a3b-8xh100": dict(steps=300, prompts_per_step=256, n=8, max_new_tokens=32768, lr=1e-6, min_lr=1e-6,
                                  micro_batch=1, eval_every=20, eval_limit=256, ckpt_every=10, bf16=True,

@@ -62,7 +62,8 @@ cp -r $o/mixrl_mopd $o/mixrl_all && cp -r $o/mixrl_mopd.log $o/mixrl_all.log
 run mixrl_all train_teacher_rl.py --preset=smol_mix_all --seed=$SEED --init=$o/base --domains=$DOMAINS --out_dir=$o/mixrl_all \
     --resume=true --resume_override=steps,out_dir $MIXALL
 run offpolicy train_sft.py --preset=smol_offpolicy --seed=$SEED --init=$o/base --domains=$DOMAINS --teacher=$teachers --out_dir=$o/offpolicy $SFT
-run merge_ta merge.py --preset=smol --mode=task_arithmetic --base=$o/base --teacher=$teachers --out=$o/merge_ta $MERGE
+run merge_ta merge.py --preset=smol --mode=task_arithmetic --base=$o/base --teacher=$teachers --domains=$DOMAINS \
+    --out=$o/merge_ta $MERGE
 run eval evaluate.py --preset=smol --domains=$DOMAINS --base=$o/base --teacher=$teachers \
     --model=MOPD=$o/mopd --model="Mix-RL (MOPD's samples)=$o/mixrl_mopd" \
     --model="Mix-RL (MOPD's + teachers' samples)=$o/mixrl_all" --model="Off-policy FT=$o/offpolicy" \
