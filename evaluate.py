@@ -74,7 +74,7 @@ EVAL_SAMPLES = 4
 
 
 @torch.no_grad()
-def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=512, temperature=EVAL_TEMPERATURE,
+def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=64, temperature=EVAL_TEMPERATURE,
              samples=EVAL_SAMPLES, seed=0):
     """Mean reward of `model` on each domain's held-out split (seeded, so it is repeatable).
     Under torchrun each rank scores its slice; sample j of a domain's held-out prompt i always

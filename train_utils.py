@@ -8,8 +8,10 @@ prompt/response glue are rollout.py's; held-out evaluation is evaluate.py's):
 - the domain mixture (parse_weights) and the learning-rate schedule (lr_at).
 - the pieces of every loop: check_start (what can be refused before OUT_DIR is touched),
   load_for_training (the model, sharded under torchrun, and AdamW; resumed from the
-  checkpoint checkpoint.Run found), set_lr, due, clip_and_step, prompt_fits (every prompt of
-  a JSONL domain must leave room for max_new_tokens in the model's context).
+  checkpoint checkpoint.Run found; it also makes freed host memory go back to the OS:
+  return_freed_memory), set_lr, due, clip_and_step (which also frees the gradients),
+  prompt_fits (every prompt of a JSONL domain must leave room for max_new_tokens in the
+  model's context).
 Checkpoints, the metrics log and the rules that nothing already written is lost are
 checkpoint.py's; resume is bit-identical because every step's randomness is derived from
 (seed, step) (rollout.step_seed). Under torchrun every rank runs all of this: each takes its
@@ -141,6 +143,7 @@ def load_for_training(cfg, state=None):
     shard_fn = functools.partial(distributed.shard, mp_policy=distributed.BF16_MIXED if cfg.bf16 else None,
                                  offload=cfg.optimizer_offload, activation_checkpointing=cfg.activation_checkpointing)
     sharded = distributed.active()
+    return_freed_memory()
     model = Transformer.from_pretrained(src, dtype=torch.float32, device="cpu" if cfg.optimizer_offload else cfg.device,
                                         shard_fn=shard_fn if sharded else None).train()
     if not sharded and cfg.activation_checkpointing:
@@ -148,6 +151,30 @@ def load_for_training(cfg, state=None):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     start = checkpoint.resume_optimizer(state, cfg.out_dir, model, opt)
     return tok, model, opt, start, src
+
+
+MMAP_THRESHOLD = 2**20  # bytes: host allocations this large get their own pages, returned when freed
+
+
+def return_freed_memory(threshold=MMAP_THRESHOLD):
+    """
+    Make host memory that PyTorch frees go back to the OS (glibc only; elsewhere a no-op).
+    glibc serves a block of at least M_MMAP_THRESHOLD bytes with its own mapping, unmapped on
+    free, and everything smaller from its heap, whose free space it seldom returns. The
+    threshold starts at 128 KiB but glibc raises it to the size of each such block freed, up
+    to 32 MiB, so after the first freed activation every later micro-batch lives in the heap:
+    measured on SmolLM2-135M (16 rows x 168 tokens, CPU), the peak RSS of an update stood
+    ~0.7 GiB above the tensors alive, and after it the heap kept ~4 GiB that the eval's KV
+    cache (one large mapping) could not reuse. Setting the threshold fixes it, so the RSS
+    follows the tensors alive. Cost: fresh pages for every large tensor (minor page faults,
+    a few per cent of CPU time); no effect on any value.
+    """
+    import ctypes
+    import platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    M_MMAP_THRESHOLD = -3  # <malloc.h>
+    return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def prompt_fits(tok, model, cfg):
@@ -179,9 +206,13 @@ def due(step, every, steps):
 
 
 def clip_and_step(model, opt, max_norm):
-    """Clip the gradient's global norm (over all ranks' shards) to max_norm, step; returns the norm."""
+    """Clip the gradient's global norm (over all ranks' shards) to max_norm, step, and free the
+    gradients; returns the norm. Nothing reads a gradient after the step (every loop zeroes them
+    before its next backward), so the next rollout, the eval and the checkpoint save run without
+    a model-sized buffer of dead gradients (0.54 GB for SmolLM2-135M in fp32)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     opt.step()
+    opt.zero_grad(set_to_none=True)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 

