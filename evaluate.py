@@ -7,7 +7,7 @@ script logs, and merge.py's validation score) and the command line that scores c
         --model=MOPD=out/toy/mopd --model=Mix-RL=out/toy/mixrl ... --out=out/toy/results
     python evaluate.py --aggregate out/seed0/results.json out/seed1/results.json --out=out/toy/results
 
-Per-domain accuracy = pass@1: the mean reward of 4 samples per prompt at T = 1 on the
+Per-domain accuracy = pass@1: the mean reward of --samples (4) samples per prompt at T = 1 on the
 domain's held-out split (evaluate below).
 The paper's normalised score (SFT = 0, teacher = 1):
       norm_d = (acc_d(method) - acc_d(S0)) / (acc_d(teacher_d) - acc_d(S0)),  score = mean_d norm_d
@@ -46,6 +46,7 @@ class Config:
     model: list[str] = field(default_factory=list)  # LABEL=DIR, one row of the table; repeat
     curve: list[str] = field(default_factory=list)  # LABEL=metrics.jsonl: sampled responses to reach 90%; repeat
     limit: int = 0                 # eval examples per domain (0 = all)
+    samples: int = 4               # samples per held-out prompt (pass@1 = their mean reward)
     max_new_tokens: int = 12
     data_dir: str = ""             # where relative JSONL paths of real domains live
     # or: mean and sd over seeds
@@ -53,14 +54,16 @@ class Config:
 
 
 PRESETS = {
-    "smol": dict(limit=100, max_new_tokens=48),  # SmolLM2-135M-Instruct (runs/smol.sh)
+    # SmolLM2-135M-Instruct (runs/smol.sh): 100 prompts x 2 samples per domain and checkpoint,
+    # ~35 s each on 2 cores (4 samples would double the table's time)
+    "smol": dict(limit=100, samples=2, max_new_tokens=48),
 }
 # refused as soon as the command line is read, before anything loads (config.check)
 LIMITS = {"required": "out",
           "LABEL=PATH": "model curve",
           "exists": "aggregate",
           ">= 0": "limit",
-          ">= 1": "max_new_tokens"}
+          ">= 1": "max_new_tokens samples"}
 
 
 # -----------------------------------------------------------------------------
@@ -152,7 +155,7 @@ def evaluate_all(args):
     def acc_of(label, path):  # one line per checkpoint as it is done: a real model takes minutes each
         t0 = time.time()
         m = Transformer.from_pretrained(path, dtype=torch.float32)
-        acc = evaluate(m, tok, domains, args.max_new_tokens, limit=args.limit)
+        acc = evaluate(m, tok, domains, args.max_new_tokens, limit=args.limit, samples=args.samples)
         print(f"{label}: " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()) + f" ({time.time() - t0:.0f}s)",
               flush=True)
         return acc
@@ -165,7 +168,7 @@ def evaluate_all(args):
         label, path = spec.split("=", 1)
         rows[label] = acc_of(label, path)
     rows["RL teacher (own domain)"] = teacher
-    result = {"domains": names, "accuracy": rows, "normalised": {}}
+    result = {"domains": names, "samples": args.samples, "accuracy": rows, "normalised": {}}
     for label, acc in rows.items():
         per, mean = normalised(acc, base, teacher)
         result["normalised"][label] = {**per, "score": mean}
@@ -178,7 +181,8 @@ def evaluate_all(args):
 def aggregate(paths):
     """mean and sd over seeds of every number in several results.json files."""
     runs = [json.load(open(p)) for p in paths]
-    out = {"domains": runs[0]["domains"], "seeds": len(runs), "accuracy": {}, "normalised": {}, "sd": {}}
+    out = {"domains": runs[0]["domains"], "seeds": len(runs), "samples": runs[0].get("samples", 4),
+           "accuracy": {}, "normalised": {}, "sd": {}}
     for table in ("accuracy", "normalised"):
         for label in runs[0][table]:
             out[table][label] = {k: statistics.mean(r[table][label][k] for r in runs)
@@ -207,7 +211,8 @@ def markdown(res):
                      + f" | {cell('normalised', label, 'score')} |")
     text = head + "\n".join(lines) + "\n"
     if res.get("seeds", 1) > 1:
-        text += f"\nmean ± sd over {res['seeds']} seeds; accuracy = pass@1 at T = 1 (4 samples per held-out prompt).\n"
+        text += (f"\nmean ± sd over {res['seeds']} seeds; accuracy = pass@1 at T = 1 "
+                 f"({res.get('samples', 4)} samples per held-out prompt).\n")
     if "samples_to_90pct" in res:
         text += "\nSampled responses until 90% of the teacher headroom (per domain; None = not reached):\n\n"
         for m, v in res["samples_to_90pct"].items():

@@ -7,7 +7,9 @@ states [..., H] and the lm_head weight [V, H] (logits = hidden @ weight.T / temp
 walks over the tokens one chunk at a time, so at most [chunk x V] logits exist at once.
 
 What is in this file, top to bottom:
-- token_logprobs(): log p(target) per token (RL, the PG form of MOPD).
+- token_logprobs(): log p(target) per token.
+- token_logprob_loss(): a loss summed over tokens from each token's log-prob (the policy-
+  gradient losses of RL and of MOPD's PG form), its per-token weights formed inside the chunk.
 - kl(): exact per-token KL(student || teacher) ("reverse", the MOPD direction),
   KL(teacher || student) ("forward") or the generalised JSD, gradients to the student only.
 - teacher_topk() / topk_kl(): the paper's Eq. 5 (teacher top-k ids and log-probs, then the
@@ -38,7 +40,9 @@ naive path needs 3 [+1]:
     loss gives every token the same weight (mean, sum):    3 [+1]   precompute_grads=True
     per-token weights (PG loss -A_t log p, per-seq means): 5 [+2]   precompute_grads=True
     any loss, forward computes values only:                4 [+2]   precompute_grads=False
-so a loss with per-token weights (MOPD's PG form) should pass precompute_grads=False.
+    token_logprob_loss (the loss itself, fused in):        3        weights formed per chunk
+so a loss with per-token weights passes precompute_grads=False, and a policy-gradient loss,
+whose weights are functions of each token's own log-prob, uses token_logprob_loss.
 Inputs may be fp32 or bf16; logits and every sum are fp32 (fp64 when the inputs are fp64, so
 gradcheck works). Outputs are fp32 (fp64 for fp64 inputs). Masked tokens are dropped before
 the matmul: they cost nothing, give 0 and receive 0 gradient.
@@ -148,6 +152,8 @@ def _logprob_rows_torch(z, y, g):
     lp = z_y - (m + s.log()).squeeze(1)
     if g is None:
         return lp, None
+    if callable(g):  # the weights depend on the log-probs (token_logprob_loss)
+        g = g(lp)
     # d lp / dz_j = 1[j = y] - p_j
     dz = p.mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
     return lp, dz
@@ -317,6 +323,9 @@ def _logprob_rows_triton(z, y, g):
     # the kernel reads row r of y and g at base + r: make them dense (a grad_output may be an
     # expanded, stride-0 tensor). Without g the pointer gets `lp`; GRAD=False keeps it unread.
     y = y.contiguous()
+    if callable(g):  # weights from the log-probs: values first, then the gradient pass
+        _logprob_rows_kernel[(C,)](z, z.stride(0), y, lp, lp, V, BLOCK=_block(V), GRAD=False)
+        g = g(lp)
     g_ = lp if g is None else g.contiguous()
     _logprob_rows_kernel[(C,)](z, z.stride(0), y, g_, lp, V, BLOCK=_block(V), GRAD=g is not None)
     return lp, (z if g is not None else None)
@@ -343,7 +352,8 @@ def _fused_linear(hidden, weight, temperature, rows, chunk_size, g=None,
          out[c], dz    = rows(z, c, g[c])                        dz = d(sum_n g_n out_n)/dz
          grad_hidden[c] = dz @ weight / T                        [C, H]
          grad_weight  += dz^T @ hidden[c] / T                    [V, H]
-    g: the per-token weights [N] of the output (its grad_output); None = values only."""
+    g: the per-token weights [N] of the output (its grad_output); None = values only; or a
+    function g(c, out_c) -> weights of chunk c, for weights that depend on the output."""
     N, H = hidden.shape
     acc = _acc_dtype(hidden)
     w = weight.to(acc)  # a weight-sized copy only for bf16 weights
@@ -354,7 +364,8 @@ def _fused_linear(hidden, weight, temperature, rows, chunk_size, g=None,
         c = slice(start, min(start + chunk_size, N))
         h = hidden[c].to(acc) / temperature  # scaling h (C x H) is cheaper than scaling z (C x V)
         z = h @ w.t()
-        out, dz = rows(z, c, None if g is None else g[c])
+        gc = None if g is None else (lambda o, c=c: g(c, o)) if callable(g) else g[c]
+        out, dz = rows(z, c, gc)
         outs.append(out)
         if dz is not None:
             if need_grad_hidden:
@@ -423,6 +434,30 @@ def _run(hidden, weight, temperature, rows, chunk_size, precompute_grads):
     return _fused_linear(hidden, weight, temperature, rows, chunk_size)[0]
 
 
+class _FusedLossFunction(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H]) -> (loss, per-token output), see token_logprob_loss.
+    The forward pass computes the exact gradients (the weights come from the output itself,
+    chunk by chunk); the loss is a scalar, so backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, temperature, rows, chunk_size, weights, sums):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        out, ctx.grad_h, ctx.grad_w = _fused_linear(hidden, weight, temperature, rows, chunk_size, weights,
+                                                    need_h, need_w)
+        ctx.mark_non_differentiable(out)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        loss = torch.stack(sums).sum() if sums else out.new_zeros(())
+        return loss, out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _):
+        grad_h = None if ctx.grad_h is None else (ctx.grad_h * g).to(ctx.dtypes[0])
+        grad_w = None if ctx.grad_w is None else ctx.grad_w.mul_(g).to(ctx.dtypes[1])
+        ctx.grad_h = ctx.grad_w = None  # weight-sized: scaled in place and handed out once
+        return grad_h, grad_w, None, None, None, None, None
+
+
 def _check(hidden, weight, temperature):
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} != weight.shape[1] {weight.shape[1]}")
@@ -455,6 +490,53 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, mask=None, chunk_si
         return row_fn(z, y[c], g)
 
     return _unflatten(_run(h, weight, temperature, rows, chunk, precompute_grads), lead, idx)
+
+
+def token_logprob_loss(hidden, weight, targets, loss_fn, temperature=1.0, mask=None, chunk_size=None,
+                       mem_budget_bytes=DEFAULT_MEM_BUDGET, backend="auto"):
+    """A loss summed over tokens, each token's term a function of its own log-prob, fused:
+        loss = sum_n loss_fn(lp)_n,   lp_n = log p(targets_n)   (over the unmasked tokens)
+    The policy-gradient losses are such sums: -A_t * ratio_t with A_t = sg[log pi_T - log
+    pi_theta] (MOPD) or a reward's (RL), PPO's clip, the band, a k3 KL, each times its
+    aggregation weight. Their per-token weights d loss / d lp_n depend on lp itself, so
+    token_logprobs must wait for backward and compute the logits twice (5 matmuls, see the
+    top); here each chunk's log-probs give its weights (autograd on the chunk's [C] values)
+    while its logits are at hand, so the exact gradients cost 3 matmuls, as naive code.
+
+    loss_fn: log-probs [...] (the targets' shape; masked tokens hold 0) -> per-token loss [...].
+    It must be elementwise: token n's term may depend on lp_n and on constants only (it is
+    called once per chunk on a tensor whose other tokens hold placeholders). Masked tokens'
+    terms are not counted. hidden, weight, targets, mask, chunk_size, backend: as token_logprobs.
+    Returns (loss: a 0-dim fp32 tensor, differentiable w.r.t. hidden and weight;
+    lp [...]: the log-probs, fp32, detached, masked tokens 0).
+    """
+    _check(hidden, weight, temperature)
+    lead, h, idx = _flatten(hidden, mask)
+    y = _per_token(targets, lead, idx).long()
+    pos = idx if idx is not None else torch.arange(h.shape[0], device=h.device)  # flat positions in [...]
+    V, n_all = weight.shape[0], math.prod(lead)
+    chunk = chunk_size or auto_chunk_size(V, 1, mem_budget_bytes)  # the logits
+    row_fn = _logprob_rows_triton if _use_triton(backend, hidden) else _logprob_rows_torch
+    sums = []  # each chunk's loss
+
+    def weights(c, lp):  # d loss / d lp of chunk c's tokens, from their log-probs
+        with torch.enable_grad():
+            leaf = lp.detach().requires_grad_()
+            full = leaf.new_zeros(n_all).index_put((pos[c],), leaf)  # differentiable w.r.t. leaf
+            term = loss_fn(full.view(lead)).reshape(-1)[pos[c]].sum()
+            g = torch.autograd.grad(term, leaf, allow_unused=True)[0] if term.requires_grad else None
+        sums.append(term.detach().to(lp.dtype))
+        return torch.zeros_like(lp) if g is None else g
+
+    def rows(z, c, g):
+        return row_fn(z, y[c], g)
+
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        loss, lp = _FusedLossFunction.apply(h, weight, temperature, rows, chunk, weights, sums)
+    else:
+        lp = _fused_linear(h, weight, temperature, rows, chunk, weights)[0]
+        loss = torch.stack(sums).sum() if sums else lp.new_zeros(())
+    return loss, _unflatten(lp, lead, idx)
 
 
 def kl(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind="reverse", beta=0.5,

@@ -19,18 +19,29 @@ from teachers import each_domain
 # -----------------------------------------------------------------------------
 # log-probs of the policy
 
-def policy_logprobs(model, tokens, mask, temperature=1.0, uniform_weights=True):
+def policy_logprobs(model, tokens, mask, temperature=1.0):
     """
     log pi_theta(y_t | x, y_<t) for every t, [R, L-1], in fp32, from the final hidden states
     and the lm_head weight (kernels.token_logprobs never materialises [tokens x vocab]).
     Use the sampler's temperature so that, on-policy, pi_theta == the sampling policy mu.
-    uniform_weights: the loss weighs every token alike (SFT's mean); then kernels.py computes
-    the gradient during the forward pass. A policy-gradient loss weighs tokens by A_t, so it
-    passes False and the backward computes the gradient once, with the true weights.
+    For a loss that weighs every token alike (SFT's mean): kernels.py computes the gradient
+    during the forward pass.
     """
     hidden = model(tokens[:, :-1], return_hidden=True)
     return kernels.token_logprobs(hidden, model.lm_head_weight, tokens[:, 1:], temperature=temperature,
-                                  mask=mask, precompute_grads=uniform_weights)
+                                  mask=mask)
+
+
+def policy_loss(model, tokens, mask, token_loss, temperature=1.0):
+    """
+    (sum_t token_loss(log pi_theta)_t, log pi_theta [R, L-1] detached), for a loss whose term
+    at each token is a function of that token's log-prob (every policy-gradient loss here):
+    kernels.token_logprob_loss forms each token's weight inside its chunk, so the logits are
+    computed once and never as a whole [tokens x vocab].
+    """
+    hidden = model(tokens[:, :-1], return_hidden=True)
+    return kernels.token_logprob_loss(hidden, model.lm_head_weight, tokens[:, 1:], token_loss,
+                                      temperature=temperature, mask=mask)
 
 # -----------------------------------------------------------------------------
 # advantages
@@ -128,14 +139,20 @@ def aggregate(token_loss, mask, mode, num_seqs=None, num_tokens=None, max_len=No
     max_len a constant (the generation budget; default the mask's width), so that
     micro-batches and ranks add up to the loss of the whole batch.
     """
-    num_seqs = num_seqs or token_loss.shape[0]
+    return (token_loss * mask * aggregate_weights(mask, mode, num_seqs, num_tokens, max_len)).sum()
+
+
+def aggregate_weights(mask, mode, num_seqs=None, num_tokens=None, max_len=None):
+    """Each token's weight in aggregate() [R, L-1]: the loss is sum_t weight_t * L_t."""
+    num_seqs = num_seqs or mask.shape[0]
     max_len = max_len or mask.shape[1]
+    ones = torch.ones(mask.shape, device=mask.device)
     if mode == "token-mean":
-        return token_loss.sum() / (num_tokens or mask.sum().clamp(min=1))
+        return ones / (num_tokens or mask.sum().clamp(min=1))
     if mode == "seq-mean-token-mean":
-        return (token_loss.sum(1) / mask.sum(1).clamp(min=1)).sum() / num_seqs
+        return ones / (mask.sum(1, keepdim=True).clamp(min=1) * num_seqs)
     if mode == "seq-mean-token-sum":
-        return token_loss.sum() / (max_len * num_seqs)
+        return ones / (max_len * num_seqs)
     raise ValueError(f"loss_agg={mode!r}; expected token-mean, seq-mean-token-mean or seq-mean-token-sum")
 
 
@@ -155,11 +172,15 @@ def train_loss(model, loss, share):
     return loss + model.router_aux_loss().to(loss.device) * share
 
 
-def pg_update(model, batch, adv_fn, cfg, micro_batch=64, kl_coef=0.0):
+def pg_update(model, batch, adv_fn, cfg, micro_batch=64, kl_coef=0.0, logp_out=None):
     """
     The policy-gradient update shared by RL and MOPD: for each micro-batch of rows, the
     policy's log-probs, per-token advantages from adv_fn(rows, logp, width) (detached by us),
     the surrogate loss, backward. The caller steps the optimiser.
+    adv_fn must be elementwise in logp (A_t from log pi_theta(y_t) and constants, as both
+    stages' are) and free of side effects: the loss is fused into the log-prob kernel
+    (policy_loss), which calls it once per chunk of tokens; then once more for the metrics.
+    logp_out [R, L-1], if given, receives log pi_theta of the sampled tokens.
 
     batch: dict with tokens [R, L], mask [R, L-1] (response tokens), old_logp [R, L-1] (the
     sampler's log-probs); optional ref_logp [R, L-1] for a k3 KL penalty weighted by kl_coef.
@@ -180,22 +201,26 @@ def pg_update(model, batch, adv_fn, cfg, micro_batch=64, kl_coef=0.0):
         # drop right padding that no row of this micro-batch uses
         width = int(m.any(0).nonzero().max()) + 2 if m.any() else 2
         tok, m, o = tokens[rows, :width], m[:, :width - 1], old[rows, :width - 1]
-        logp = policy_logprobs(model, tok, m, cfg.temperature, uniform_weights=False)
-        # sg[...]: advantages carry no gradient
-        adv = torch.zeros_like(logp) if dummy else adv_fn(rows, logp.detach(), width - 1).detach()
-        token_loss, frac = pg_token_loss(logp, o, adv, m, cfg.ratio_mode, cfg.eps_low, cfg.eps_high)
-        kl = torch.zeros((), device=logp.device)
-        if kl_coef and "ref_logp" in batch:
-            kl = k3_kl(logp, batch["ref_logp"][rows, :width - 1]) * m
-            token_loss = token_loss + kl_coef * kl
-        loss = aggregate(token_loss, m, cfg.loss_agg, num_seqs=num_seqs, num_tokens=n_tok,
-                         max_len=cfg.max_new_tokens)
+        ref = batch["ref_logp"][rows, :width - 1] if kl_coef and "ref_logp" in batch else None
+        agg_w = aggregate_weights(m, cfg.loss_agg, num_seqs, n_tok, cfg.max_new_tokens) * m
+
+        def terms(logp):  # each token's term of the batch loss, from its log-prob (elementwise)
+            # sg[...]: advantages carry no gradient
+            adv = torch.zeros_like(logp) if dummy else adv_fn(rows, logp.detach(), width - 1).detach()
+            token_loss, frac = pg_token_loss(logp, o, adv, m, cfg.ratio_mode, cfg.eps_low, cfg.eps_high)
+            kl = k3_kl(logp, ref) * m if ref is not None else torch.zeros_like(logp)
+            return token_loss + kl_coef * kl, frac, kl
+
+        loss, logp = policy_loss(model, tok, m, lambda lp: terms(lp)[0] * agg_w, cfg.temperature)
         (train_loss(model, loss, m.shape[0] / num_seqs) * (0.0 if dummy else scale)).backward()
         if not dummy:
             with torch.no_grad():
+                _, frac, kl = terms(logp)
                 ratio = torch.exp(logp - o)[m]
                 sums += torch.stack([loss.detach(), frac * m.sum(), ratio.sum(), (ratio - 1).abs().sum(),
                                      kl.sum()]).double()
+                if logp_out is not None:
+                    logp_out[rows, :width - 1] = logp
     loss, clipped, ratio, absdev, kl = distributed.all_sum(sums).tolist()
     # ratio_mean is the training/sampling importance weight: exactly 1 only when the sampler
     # and the trainer compute identical log-probs (it drifts with kernels, dtypes, MoE routing)

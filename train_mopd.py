@@ -69,7 +69,7 @@ PRESETS = {
     "tiny": dict(steps=3, prompts_per_step=8, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1,
                  exact_kl_rows=4, exact_kl_every=1),
     # SmolLM2-135M-Instruct on a laptop CPU (runs/smol.sh): 10 steps x 32 prompts x 1 response
-    "smol": dict(steps=10, prompts_per_step=32, max_new_tokens=48, lr=3e-5, min_lr=3e-5, micro_batch=8,
+    "smol": dict(steps=10, prompts_per_step=32, max_new_tokens=48, lr=3e-5, min_lr=3e-5, micro_batch=4,
                  eval_every=1000, eval_limit=25, ckpt_every=5, exact_kl_rows=4, exact_kl_every=5),
     # The paper's Stage 3 on one 8xH100 node (memory: `python plan_memory.py`): Qwen3-30B-A3B
     # student and teachers, 2048 prompts x 1 rollout per step, mix 0.35/0.35/0.30, 32k tokens.
@@ -136,15 +136,15 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
         a_orm = None
         if cfg.orm_alpha:
             a_orm = mopd.group_advantages(rewards, cfg.n, cfg.std_norm).to(mu.device)
-        clip_hits = []
 
         def adv_fn(r, logp, w):
-            a, hit = mopd.mopd_advantage(t_logp[r, :w], logp, cfg.adv_clip)
-            clip_hits.append((hit & mask[r, :w]).sum().item())
+            a = mopd.mopd_advantage(t_logp[r, :w], logp, cfg.adv_clip)[0]
             return a if a_orm is None else a + cfg.orm_alpha * a_orm[r, None]
         batch = {"tokens": tokens, "mask": mask, "old_logp": mu}
-        m = mopd.pg_update(model, batch, adv_fn, cfg, cfg.micro_batch)
-        m = {**m, "adv_clip_hits": sum(distributed.gather_list([sum(clip_hits)])), "band_drop_frac": m.pop("clip_frac")}
+        logp = torch.zeros_like(mu)
+        m = mopd.pg_update(model, batch, adv_fn, cfg, cfg.micro_batch, logp_out=logp)
+        clip_hits = (mopd.mopd_advantage(t_logp, logp, cfg.adv_clip)[1] & mask).sum().item()
+        m = {**m, "adv_clip_hits": sum(distributed.gather_list([clip_hits])), "band_drop_frac": m.pop("clip_frac")}
     else:
         m = mopd.distill_update(model, tokens, mask, groups, teachers, cfg, names, teacher_logp=t_logp)
     gnorm = clip_and_step(model, opt, cfg.grad_clip)

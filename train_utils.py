@@ -153,21 +153,23 @@ def load_for_training(cfg, state=None):
     return tok, model, opt, start, src
 
 
-MMAP_THRESHOLD = 2**20  # bytes: host allocations this large get their own pages, returned when freed
+MMAP_THRESHOLD = 256 * 2**10  # bytes: host blocks this large get their own pages, returned when freed
 
 
 def return_freed_memory(threshold=MMAP_THRESHOLD):
     """
-    Make host memory that PyTorch frees go back to the OS (glibc only; elsewhere a no-op).
-    glibc serves a block of at least M_MMAP_THRESHOLD bytes with its own mapping, unmapped on
-    free, and everything smaller from its heap, whose free space it seldom returns. The
-    threshold starts at 128 KiB but glibc raises it to the size of each such block freed, up
-    to 32 MiB, so after the first freed activation every later micro-batch lives in the heap:
-    measured on SmolLM2-135M (16 rows x 168 tokens, CPU), the peak RSS of an update stood
-    ~0.7 GiB above the tensors alive, and after it the heap kept ~4 GiB that the eval's KV
-    cache (one large mapping) could not reuse. Setting the threshold fixes it, so the RSS
-    follows the tensors alive. Cost: fresh pages for every large tensor (minor page faults,
-    a few per cent of CPU time); no effect on any value.
+    Make host memory that PyTorch frees go back to the OS (glibc only; elsewhere a no-op
+    returning False). glibc serves a block of at least M_MMAP_THRESHOLD bytes with its own
+    mapping, unmapped when freed, and smaller ones from its heap, whose free space it seldom
+    returns. The threshold starts at 128 KiB, but glibc raises it to the size of each such
+    block freed, up to 32 MiB, so after the first activations are freed every later
+    micro-batch lives in the heap. Measured on SmolLM2-135M (16 rows x 168 tokens, CPU), the
+    heap then held ~0.3-0.7 GiB more than the live tensors at an update's peak (micro_batch 2
+    or 4) and ~4 GiB after it (micro_batch 16), which the eval's KV cache (one large mapping)
+    could not reuse. A fixed threshold keeps the RSS at the live tensors. 256 KiB covers a
+    single row's activations; the cost is fresh pages for every larger tensor (~3x the minor
+    page faults: ~10 s more system time per 16 x 168-token update at micro_batch 2, on a
+    loaded 2-core machine). No value changes.
     """
     import ctypes
     import platform

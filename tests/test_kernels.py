@@ -119,6 +119,71 @@ def test_token_logprobs_vs_fp64(V, dtype, gkind):
         assert (lp[~mask] == 0).all() and (gh[~mask] == 0).all()
 
 
+def _pg_terms(lp_t, old, w, clip=5.0):
+    """MOPD's PG loss per token, weighted: A_t = clip(sg[lp_T - lp]), PPO's clip of pi/mu,
+    times w_t (the aggregation weight). Elementwise in lp, as token_logprob_loss requires."""
+    def terms(lp):
+        adv = (lp_t - lp).detach().clamp(-clip, clip)
+        ratio = torch.exp(lp - old)
+        return -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.28) * adv) * w
+    return terms
+
+
+def _pg_pair(y, temp, mask, lp_t, old, wt, **kw):
+    """(ours, plain): (hidden, weight) -> [the PG loss, the sum of the log-probs], fused by
+    token_logprob_loss (kw: chunk_size, backend) and on the materialised log-softmax."""
+    def fused(a, b):
+        loss, lp = K.token_logprob_loss(a, b, y, _pg_terms(lp_t, old, wt), temp, mask, **kw)
+        return torch.stack([loss, lp.sum()])
+
+    def plain(a, b):
+        lp = K.token_logprobs_ref(a, b, y, temp, mask)
+        loss = (_pg_terms(lp_t.to(lp.dtype), old.to(lp.dtype), wt.to(lp.dtype))(lp) * mask).sum()
+        return torch.stack([loss, lp.detach().sum()])
+    return fused, plain
+
+
+@pytest.mark.parametrize("V,dtype,chunk", [(1000, torch.float32, 3), (1000, torch.float32, None),
+                                           (4097, torch.bfloat16, 4)])
+def test_token_logprob_loss_vs_fp64(V, dtype, chunk):
+    """The fused PG loss: its value, log-probs and both gradients against plain autograd on the
+    materialised log-softmax (float64 truth), with advantages that depend on the log-probs
+    (MOPD's), ratios inside and outside PPO's clip, and per-token weights that differ."""
+    h, w, mask = lm_inputs(2, 9, 16, V, dtype, seed=30)
+    y = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(31))
+    with torch.no_grad():
+        lp0 = K.token_logprobs_ref(h.double(), w.double(), y, 0.7, mask).float()
+    g = torch.Generator().manual_seed(32)
+    old = lp0 + torch.randn(2, 9, generator=g) * 0.3        # pi/mu from ~0.5 to ~2: some clipped
+    lp_t = lp0 + torch.randn(2, 9, generator=g)             # the teacher disagrees, by token
+    wt = torch.rand(2, 9, generator=g) * mask               # per-token weights (per-sequence means...)
+
+    fused, plain = _pg_pair(y, 0.7, mask, lp_t, old, wt, chunk_size=chunk)
+    sel = torch.tensor([1.0, 0.0])  # backward through the loss only
+    check(grads_of(fused, (h, w), sel), reference(plain, (h, w), sel), V)
+    clipped = (torch.exp(lp0 - old) - 1).abs() > 0.28
+    assert clipped[mask].any() and (~clipped)[mask].any()  # both sides of the clip are exercised
+
+
+def test_token_logprob_loss_outputs_and_no_grad():
+    """The log-probs it returns are token_logprobs'; under no_grad the loss has the same value;
+    a loss_fn that ignores the log-probs gives zero gradient."""
+    h, w, mask = lm_inputs(2, 5, 16, 500, seed=33)
+    y = torch.randint(0, 500, (2, 5), generator=torch.Generator().manual_seed(34))
+    terms = _pg_terms(torch.zeros(2, 5), torch.full((2, 5), -6.0), torch.ones(2, 5))
+    loss, lp = K.token_logprob_loss(h, w, y, terms, mask=mask, chunk_size=2)
+    torch.testing.assert_close(lp, K.token_logprobs(h, w, y, mask=mask), rtol=0, atol=1e-6)
+    assert not lp.requires_grad and (lp[~mask] == 0).all()
+    with torch.no_grad():
+        loss2, _ = K.token_logprob_loss(h, w, y, terms, mask=mask)
+    torch.testing.assert_close(loss, loss2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, (terms(lp) * mask).sum(), rtol=1e-6, atol=0)
+    hl = h.clone().requires_grad_()
+    c, _ = K.token_logprob_loss(hl, w, y, lambda lp: torch.ones_like(lp), mask=mask)
+    c.backward()
+    assert c.item() == mask.sum().item() and hl.grad.abs().max() == 0
+
+
 def test_token_logprobs_frozen_weight():
     V = 1000
     h, w, mask = lm_inputs(2, 5, 16, V)
@@ -391,6 +456,11 @@ def _triton_checks():
         ours = grads_of(lambda a, b: K.token_logprobs(a, b, y, 0.7, mask, backend="triton"), (hs, ws), g)
         ref = reference(lambda a, b: K.token_logprobs_ref(a, b, y, 0.7, mask), (hs, ws), g)
         results[f"token_logprobs V={V} {dtype}"] = _worst(errors(ours, ref, V))
+        lp_t = torch.randn(1, T, generator=torch.Generator().manual_seed(26)) - 7
+        fused, plain = _pg_pair(y, 0.7, mask, lp_t, torch.full((1, T), -7.0), g.abs(), backend="triton")
+        sel = torch.tensor([1.0, 0.0])
+        results[f"token_logprob_loss V={V} {dtype}"] = _worst(errors(grads_of(fused, (hs, ws), sel),
+                                                                     reference(plain, (hs, ws), sel), V))
         for kind, beta in [("reverse", 0.5), ("forward", 0.5), ("jsd", 0.3)]:
             for gkind in ("sum", "random"):
                 gg = per_token_weights((1, T), gkind)
@@ -427,7 +497,7 @@ def test_triton_kernels_under_interpreter():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 4 * 7 + 2
+    assert len(results) == 4 * 8 + 2
     for name, (err, bound) in results.items():
         assert err <= bound, (name, err, bound)
 

@@ -126,9 +126,9 @@ def test_orm_mixed_advantage_matches_a_hand_computation(easy_s0, tmp_path, monke
         seen["sample"] = out = real_sample(*a, **k)
         return out
 
-    def update_spy(model, batch, adv_fn, cfg, micro_batch=64):
+    def update_spy(model, batch, adv_fn, cfg, micro_batch=64, **kw):
         seen["batch"], seen["adv_fn"] = batch, adv_fn
-        return real_update(model, batch, adv_fn, cfg, micro_batch)
+        return real_update(model, batch, adv_fn, cfg, micro_batch, **kw)
     monkeypatch.setattr(train_mopd, "sample_and_reward", sample_spy)
     monkeypatch.setattr(mopd, "pg_update", update_spy)
     alpha, n = 2.0, 4

@@ -63,9 +63,10 @@ def test_pg_update_never_makes_token_by_vocab_logits(monkeypatch):
     assert "embedding_dense_backward" in seen.ops  # the backward ran under the probe too
     assert seen.bytes <= max(CHUNK * V, V * H) * 4 <= logits_bytes / 8
     # the probe catches the regression: the plain log_softmax over the vocabulary
-    naive = lambda m, tok, mask, T=1.0, uniform_weights=True: kernels.token_logprobs_ref(  # noqa: E731
-        m(tok[:, :-1], return_hidden=True), m.lm_head_weight, tok[:, 1:], T, mask)
-    monkeypatch.setattr(mopd, "policy_logprobs", naive)
+    def naive(m, tok, mask, terms, T=1.0):
+        lp = kernels.token_logprobs_ref(m(tok[:, :-1], return_hidden=True), m.lm_head_weight, tok[:, 1:], T, mask)
+        return terms(lp).sum(), lp.detach()
+    monkeypatch.setattr(mopd, "policy_loss", naive)
     assert _largest_in_update(model, batch).bytes >= logits_bytes
 
 

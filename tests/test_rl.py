@@ -237,9 +237,63 @@ def test_k3_penalty_reaches_the_gradient(hf_dirs):
     assert all(g.abs().max() == 0 for g in g0)
     g, out = grads(0.5)
     m.zero_grad(set_to_none=False)
-    logp = policy_logprobs(m, tokens, mask, uniform_weights=False)
+    logp = policy_logprobs(m, tokens, mask)
     (0.5 * (k3_kl(logp, ref) * mask).sum() / mask.sum()).backward()
     want = [p.grad.clone() for p in m.parameters()]
     for a, b in zip(g, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert any(a.abs().max() > 0 for a in g) and out["kl"] > 0
+
+
+@pytest.mark.parametrize("ratio_mode,eps_low,eps_high", [("clip", 0.2, 0.28), ("band", 0.5, 2.0)])
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_pg_update_is_the_gradient_of_the_batch_loss(ratio_mode, eps_low, eps_high, loss_agg):
+    """pg_update (the loss fused into the log-prob kernel, micro-batch by micro-batch, padding
+    trimmed) gives the gradient of the plain whole-batch loss: MOPD's advantage, which depends
+    on log pi_theta, ratios on both sides of the clip / band, a k3 penalty, rows of different
+    lengths. The truth is the plain loss on a float64 copy of the model; ours may miss it by
+    twice what the plain loss in fp32 does (tests/test_kernels.py's errors())."""
+    from types import SimpleNamespace
+
+    from test_kernels import check
+    import kernels
+    from model import ModelConfig, Transformer
+    from mopd import mopd_advantage, pg_update
+    mcfg = ModelConfig(arch="qwen3", vocab_size=256, hidden_size=16, intermediate_size=32, num_layers=2,
+                       num_heads=2, num_kv_heads=1, head_dim=8)
+    cfg = SimpleNamespace(temperature=0.9, ratio_mode=ratio_mode, eps_low=eps_low, eps_high=eps_high,
+                          loss_agg=loss_agg, max_new_tokens=8)
+    g = torch.Generator().manual_seed(5)
+    R, L = 5, 12
+    tokens = torch.randint(0, 256, (R, L), generator=g)
+    mask = torch.zeros(R, L - 1, dtype=torch.bool)
+    for r, n in enumerate((8, 3, 6, 1, 5)):  # response lengths; rows are right-padded
+        mask[r, 3:3 + n] = True
+    models = {dt: Transformer(mcfg).init_weights(seed=0).to(dt).train() for dt in (torch.float64, torch.float32)}
+    with torch.no_grad():
+        m = models[torch.float64]
+        lp0 = kernels.token_logprobs_ref(m(tokens[:, :-1], return_hidden=True), m.lm_head_weight, tokens[:, 1:],
+                                         cfg.temperature, mask).float()
+    old = lp0 + torch.randn(R, L - 1, generator=g) * 0.6 * mask  # off-policy: ratios from ~0.3 to ~3
+    t_logp = lp0 + torch.randn(R, L - 1, generator=g) * 2 * mask  # the teacher, sometimes past the clip of 5
+    ref = lp0 + torch.randn(R, L - 1, generator=g) * 0.5 * mask
+    kl_coef = 0.3
+
+    def plain(model):
+        dt = next(model.parameters()).dtype
+        o, t, rf = old.to(dt), t_logp.to(dt), ref.to(dt)
+        lp = kernels.token_logprobs_ref(model(tokens[:, :-1], return_hidden=True), model.lm_head_weight,
+                                        tokens[:, 1:], cfg.temperature, mask)
+        adv = mopd_advantage(t, lp, 5.0)[0]
+        tl = pg_token_loss(lp, o, adv, mask, ratio_mode, eps_low, eps_high)[0] + kl_coef * k3_kl(lp, rf) * mask
+        loss = aggregate(tl, mask, loss_agg, max_len=cfg.max_new_tokens)
+        return [loss, *torch.autograd.grad(loss, list(model.parameters()))]
+    truth, fp32 = plain(models[torch.float64]), plain(models[torch.float32])
+    model = models[torch.float32]
+    model.zero_grad(set_to_none=True)
+    batch = {"tokens": tokens, "mask": mask, "old_logp": old, "ref_logp": ref}
+    out = pg_update(model, batch, lambda r, logp, w: mopd_advantage(t_logp[r, :w], logp, 5.0)[0], cfg,
+                    micro_batch=2, kl_coef=kl_coef)
+    ours = [torch.tensor(out["loss"])] + [p.grad for p in model.parameters()]
+    check(ours, (truth, fp32), mcfg.vocab_size)
+    assert 0 < out["clip_frac"] < 1 and out["kl"] > 0  # both sides of the trust region were exercised
