@@ -422,13 +422,17 @@ class KVCache:
     one (row, position) write is one contiguous block, and attention reads the keys in
     place as a [B, H, S, d] view.
     """
-    def __init__(self, cfg, batch, max_len, dtype, device):
+    def __init__(self, cfg, batch, max_len, dtype, device, static=False):
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_len = max_len
-        self.used = 0  # slots 0..used-1 may be filled in some row; attention reads only those
+        # slots 0..used-1 may be filled in some row; attention reads only those. static: every
+        # decode step reads all max_len slots (the unfilled ones masked out), so its shapes never
+        # change and it can be compiled once (rollout.generate(compile=True))
+        self.static = static
+        self.used = max_len if static else 0
 
     def update(self, layer, k, v, positions):
         """k, v [B, T, H, d] go to slots `positions` [B, T] of their rows; returns the filled
@@ -506,7 +510,8 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(inv, positions, x.dtype)
         kw = {}
         if cache is not None:
-            cache.used = int(positions.max()) + 1  # attention reads only the filled prefix
+            if not cache.static:
+                cache.used = int(positions.max()) + 1  # attention reads only the filled prefix
             # a query at position p sees the cache slots 0..p of its own row; as an additive
             # float mask made once per step (SDPA would convert a boolean one in every layer)
             mask = None

@@ -230,13 +230,17 @@ def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, n):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-             stop_token_ids=(), n=1, seed=None, pad_id=0, progress=False, first_prompt=0):
+             stop_token_ids=(), n=1, seed=None, pad_id=0, progress=False, first_prompt=0,
+             compile=False, static=None):
     """
     Sample n continuations of each prompt (a list of token-id lists of any lengths).
     Returns a Rollout, rows prompt-major: prompt 0's n samples, then prompt 1's, ...
     seed (any int; None: drawn from torch's global generator) and first_prompt (the global index
     of prompts[0], when this is one slice of a larger batch) choose the random streams: sample j
     of prompts[i] uses row_uniforms' stream (seed, first_prompt + i, j).
+    compile: run each decode step through torch.compile (decode_step, gpt-fast's lever), on a
+    static cache. static (default: = compile): the decode step with fixed shapes, the logic
+    compile runs, uncompiled (what the tests check).
     """
     _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, n)
     # a sharded model computes where and in what dtype distributed.shard says (its fp32 master
@@ -268,7 +272,12 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         # at least its last token for the second prefill, which gives the first logits.
         # (the same on every rank: under torchrun each forward is a collective)
         shared = distributed.global_max(_shared_prefix_len(prompts) if P > 1 else 0, op="min")
-        cache = KVCache(cfg, 1 if shared else P, pmax + max_new_tokens, dtype, device)
+        static = compile if static is None else static
+        slots = pmax + max_new_tokens
+        if static:  # rounded up, so that prompts of other lengths reuse the compiled step
+            slots = min(-(-slots // STATIC_SLOTS) * STATIC_SLOTS, cfg.max_position_embeddings)
+        cache = KVCache(cfg, 1 if shared else P, slots, dtype, device, static=static)
+        step_fn = compiled_decode_step() if compile else decode_step
         if shared:
             model(ids[:1, :shared], cache=cache, return_hidden=True)
             cache.repeat_rows(P)
@@ -304,9 +313,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
                 break
             # finished rows keep stepping (on pad tokens, outputs ignored): the batch keeps its
             # shape, and under torch.distributed every rank makes the same number of calls
-            hidden = model(tok[:, None], positions=pos[:, None], cache=cache, return_hidden=True)
+            logits = step_fn(model, tok, pos, cache)
             pos += 1
-            logits = model.lm_head(hidden[:, 0])
 
     # ordinary tensors again (inference tensors cannot be used by autograd in training)
     out, out_lp, rlens, done = out.clone(), out_lp.clone(), rlens.clone(), done.clone()
@@ -334,6 +342,27 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     stopped = done if len(stop) else torch.zeros_like(done)
     return Rollout(tokens, prep, rlens, mask, logprobs, policy_logprobs,
                    [i for i in range(P) for _ in range(n)], stopped)
+
+
+STATIC_SLOTS = 64  # a static cache's length is a multiple of this
+
+
+def decode_step(model, tok, pos, cache):
+    """One token per row (tok [R] at positions pos [R]) through the model and its cache: the
+    next logits [R, V]. On a static cache every shape is fixed, so torch.compile makes it once."""
+    hidden = model(tok[:, None], positions=pos[:, None], cache=cache, return_hidden=True)
+    return model.lm_head(hidden[:, 0])
+
+
+_COMPILED = []
+
+
+def compiled_decode_step():
+    """decode_step under torch.compile (made on first use, shared by every call after it; a new
+    batch size or cache length compiles once more)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(decode_step, dynamic=False))
+    return _COMPILED[0]
 
 
 def _shared_prefix_len(prompts):

@@ -36,7 +36,7 @@ from tasks import get_domains
 from teachers import Teachers, each_domain, parse_registry, route, validate
 from train_teacher_rl import NO_SIGNAL_STEPS, no_signal_frac, no_signal_warning
 from train_utils import (OnPolicyConfig, check_start, clip_and_step, due, load_for_training, parse_weights, print0,
-                         prompt_fits, set_lr, set_seed)
+                         prompt_fits, return_freed_memory, set_lr, set_seed)
 
 
 @dataclass
@@ -131,6 +131,7 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
         t_exact = {"exact_kl_s": time.time() - t0}
 
     t_update, s0 = time.time(), teachers.seconds
+    return_freed_memory()  # the rollout's freed buffers go back to the OS before the update's activations
     opt.zero_grad(set_to_none=True)
     if cfg.loss == "pg":
         a_orm = None

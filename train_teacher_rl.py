@@ -39,7 +39,7 @@ from rollout import sample_and_reward
 from tasks import get_domains
 from teachers import load_frozen
 from train_utils import (OnPolicyConfig, check_start, clip_and_step, due, load_for_training, parse_weights, print0,
-                         prompt_fits, set_lr, set_seed)
+                         prompt_fits, return_freed_memory, set_lr, set_seed)
 
 
 @dataclass
@@ -113,6 +113,7 @@ def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
             ref.reshard()
     t_ref = time.time() - t_ref
     t_update = time.time()
+    return_freed_memory()  # the rollout's freed buffers go back to the OS before the update's activations
     opt.zero_grad(set_to_none=True)
     # one advantage per sequence, broadcast over its tokens
     m = pg_update(model, batch, lambda r, logp, w: adv[r, None].expand(-1, w), cfg, cfg.micro_batch, cfg.kl_coef)

@@ -14,7 +14,9 @@ time spent waiting for a core, the CPU time does not.
 
 Cases: "mean" losses (one grad_output for every token: kernels.py's fast path) and the
 per-token-weight losses MOPD actually uses (PG: -A_t * log p; per-sequence means), which take
-kernels.py's recompute path for the weight gradient (see kernels.py's docstring).
+kernels.py's recompute path for the weight gradient (see kernels.py's docstring), and the PG
+loss fused into the kernel (token_logprob_loss: the weights formed inside each chunk), which
+is what mopd.pg_update runs for RL and for MOPD's PG form.
 The command line is every script's (config.py): --key=value or --key value, --threads=N
 (torch's threads, passed on to each child; 0, the default, leaves torch's own), --help.
 """
@@ -47,13 +49,14 @@ class Config:
 
 LIMITS = {">= 1": "tokens vocab hidden rounds seq_len"}
 
-CASES = {  # name -> (function family, loss reduction, kernels.py's precompute_grads)
+CASES = {  # name -> (function family, loss reduction, kernels.py's precompute_grads or "fused")
     "reverse KL, mean loss": ("kl", "mean", True),
     "token log-probs, mean loss": ("lp", "mean", True),
     "reverse KL, per-sequence means": ("kl", "per_seq", True),
     "reverse KL, per-sequence means, precompute_grads=False": ("kl", "per_seq", False),
     "token log-probs, PG loss (-A * log p)": ("lp", "pg", True),
     "token log-probs, PG loss, precompute_grads=False": ("lp", "pg", False),
+    "PG loss fused (token_logprob_loss, what pg_update runs)": ("lp", "pg", "fused"),
 }
 
 
@@ -85,6 +88,11 @@ def child(args, case, impl):
     baseline_peak, baseline = peak_rss_bytes(), rss_bytes()
 
     def step():
+        if pre == "fused":  # the loss inside the kernel: each token's weight formed in its chunk
+            loss, _ = K.token_logprob_loss(hs, ws, y, lambda lp: -(adv * lp) / N)
+            loss.backward()
+            ws.grad = hs.grad = None
+            return
         if family == "kl":
             out = K.kl_ref(hs, ws, ht, wt) if impl == "naive" else K.kl(hs, ws, ht, wt, precompute_grads=pre)
         else:

@@ -31,7 +31,7 @@ from evaluate import evaluate  # noqa: E402
 from mopd import group_advantages, pg_update  # noqa: E402
 from rollout import encode_prompt, generate, step_seed  # noqa: E402
 from tasks import get_domains, write_smol_data  # noqa: E402
-from train_utils import clip_and_step, load_for_training  # noqa: E402
+from train_utils import clip_and_step, load_for_training, return_freed_memory  # noqa: E402
 
 
 @dataclass
@@ -97,6 +97,7 @@ def main():
         batch = {"tokens": roll.tokens, "mask": roll.response_mask[:, 1:], "old_logp": roll.policy_logprobs[:, 1:]}
 
         def update():
+            return_freed_memory()  # as rl_step does
             opt.zero_grad(set_to_none=True)
             return pg_update(model, batch, lambda r, logp, w: adv[r, None].expand(-1, w), cfg, cfg.micro_batch)
         phase(f"step {k}: fwd+bwd", update)

@@ -8,8 +8,9 @@ Setup, the same on both sides:
   32, MLP 1024, vocab 4096, tied embeddings; the model of bench_sampling.py), built offline
   from transformers' Qwen3Config and saved with save_pretrained; both load that directory.
 - a tokenizer built offline with `tokenizers`: one token per character, 3 specials
-  (<pad> <eos> <unk>) then 4093 CJK characters, id i <-> chr(0x4E00 + i), so a character's
-  code point has the parity of its token id. No BOS, no chat template: a prompt is its ids.
+  (<pad> <eos> <unk>) then 4093 CJK characters, id i <-> chr(0x4E00 + i) (past the UTF-16
+  surrogates, 2,048 code points later: --vocab works up to ~1M), so a character's code point
+  has the parity of its token id. No BOS, no chat template: a prompt is its ids.
 - 4 prompts x 4 samples = 16 completions per step, prompts of 32 tokens, exactly 64 new
   tokens per completion (EOS cannot end a row: TRL gets min_new_tokens=64, ours a tokenizer
   view without an EOS id), temperature 1, no top-k / top-p.
@@ -62,7 +63,16 @@ TARGET = 5.0  # the issues' target: ours / TRL completion tokens/s
 # The shared setup (bench_mopd.py imports everything in this section)
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]  # ids 0, 1, 2
-CHAR_BASE = 0x4E00  # token id i >= 3 is the character chr(CHAR_BASE + i); CHAR_BASE is even
+CHAR_BASE = 0x4E00  # token id i >= 3 is the character char_of(i); CHAR_BASE is even
+SURROGATES = 0xD800, 0xE000  # code points that are not characters: skipped (a span of even length)
+
+
+def char_of(i):
+    """Token id i >= 3 -> its character: chr(CHAR_BASE + i), skipping the UTF-16 surrogates, so
+    any vocabulary up to ~1M ids works (Qwen3's 151,936, Gemma's 262,144) and a character's
+    code point keeps the parity of its id."""
+    cp = CHAR_BASE + i
+    return chr(cp + (SURROGATES[1] - SURROGATES[0]) * (cp >= SURROGATES[0]))
 
 
 @dataclass
@@ -97,7 +107,7 @@ def tokenizer(vocab):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     v = {t: i for i, t in enumerate(SPECIALS)}
-    v.update({chr(CHAR_BASE + i): i for i in range(len(SPECIALS), vocab)})
+    v.update({char_of(i): i for i in range(len(SPECIALS), vocab)})
     tok = Tokenizer(models.WordLevel(v, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # each character a word
     tok.decoder = decoders.Fuse()  # decode joins characters without spaces
@@ -134,7 +144,7 @@ def make_checkpoint(path, args, seed):
 def make_prompts(num, length, vocab, seed):
     """`num` prompt strings of exactly `length` tokens (random non-special ids)."""
     rng = random.Random(seed)
-    return ["".join(chr(CHAR_BASE + rng.randrange(len(SPECIALS), vocab)) for _ in range(length))
+    return ["".join(char_of(rng.randrange(len(SPECIALS), vocab)) for _ in range(length))
             for _ in range(num)]
 
 

@@ -53,3 +53,17 @@ def test_even_reward_reads_token_parity():
     text = tok.decode(ids, skip_special_tokens=True)
     assert tok.encode(text, add_special_tokens=False) == ids
     assert bench_rl.even_fraction(text) == 3 / 5
+
+
+def test_char_tokenizer_covers_a_262k_vocabulary():
+    """--vocab up to Gemma's 262,144: every id is one character that encodes back to itself
+    (the UTF-16 surrogates, which are not characters, are skipped) and keeps its parity."""
+    import bench_rl
+    V = 262_144
+    ids = list(range(3, V))
+    text = "".join(bench_rl.char_of(i) for i in ids)
+    assert len(text) == len(ids) and all(ord(bench_rl.char_of(i)) % 2 == i % 2 for i in (3, 4, 35326, 35327, V - 1))
+    tok = bench_rl.tokenizer(V)
+    assert len(tok) == V
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert tok.decode(ids) == text

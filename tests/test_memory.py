@@ -84,5 +84,5 @@ def test_clip_and_step_frees_the_gradients():
 
 
 def test_return_freed_memory_is_harmless():
-    """A glibc setting (a no-op returning False elsewhere); calling it twice is fine."""
+    """glibc's malloc_trim (a no-op returning False elsewhere); calling it twice is fine."""
     assert return_freed_memory() == return_freed_memory()

@@ -32,6 +32,37 @@ def _assert_each_prompt_alone(model, prompts, batch, max_new_tokens, seed):
                                   torch.tensor(alone.response_logprobs[j]), atol=1e-5)
 
 
+@pytest.mark.parametrize("shared", [0, 6])
+def test_static_cache_samples_what_the_dynamic_one_does(tiny_model, shared):
+    """generate(static=True) is the fixed-shape decode step that compile=True compiles (run
+    uncompiled here: the tests never depend on torch.compile): every step attends over the
+    whole cache, rounded up to STATIC_SLOTS, its unfilled slots masked out. Same tokens and
+    log-probs (both kinds) as the default path, on a ragged batch with and without a shared
+    prefix; prompts of other lengths reuse its shapes (the cache length is rounded)."""
+    import rollout
+    head = _prompts([shared], seed=9)[0] if shared else []
+    prompts = [head + p for p in _prompts([3, 17, 8, 1])]
+    for kw in (dict(seed=11), dict(seed=12, top_p=0.8, temperature=0.9)):
+        a = generate(tiny_model, prompts, max_new_tokens=20, n=2, **kw)
+        b = generate(tiny_model, prompts, max_new_tokens=20, n=2, static=True, **kw)
+        assert a.response_ids == b.response_ids
+        torch.testing.assert_close(b.logprobs, a.logprobs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b.policy_logprobs, a.policy_logprobs, rtol=0, atol=1e-5)
+    seen = []
+    real = rollout.KVCache
+
+    def spy(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+    rollout.KVCache = spy
+    try:
+        for extra in (0, 5):
+            generate(tiny_model, [p + [3] * extra for p in prompts], max_new_tokens=20, n=2, seed=1, static=True)
+    finally:
+        rollout.KVCache = real
+    assert seen[0].max_len == seen[1].max_len and seen[0].max_len % rollout.STATIC_SLOTS == 0
+
+
 def test_seed_reproducible_and_n_samples_differ(tiny_model):
     prompts = _prompts([5, 9])
     a = generate(tiny_model, prompts, max_new_tokens=16, seed=7, n=4)
