@@ -11,6 +11,7 @@ time spent waiting for a core, the CPU time does not.
 
     python bench/bench_kl.py --threads=2          # N=2048, V=151936, H=1024, fp32, 2 threads
     python bench/bench_kl.py --tokens 256 --rounds 1    # a quick smoke run
+    python bench/bench_kl.py --threads=2 --only="PG"    # the policy-gradient cases only
 
 Cases: "mean" losses (one grad_output for every token: kernels.py's fast path) and the
 per-token-weight losses MOPD actually uses (PG: -A_t * log p; per-sequence means), which take
@@ -44,6 +45,7 @@ class Config:
     hidden: int = 1024             # H
     rounds: int = 3                # fresh-process runs per (case, impl)
     seq_len: int = 512             # for the per-sequence-mean case
+    only: str = ""                 # run only the cases whose name contains this text (e.g. "PG")
     child: list[str] = field(default_factory=list)  # internal: CASE IMPL, one run in this (fresh) process
 
 
@@ -138,10 +140,13 @@ def main(argv=None):
           f"load average at start: {os.getloadavg()[0]:.1f}")
     print(f"kernels.py chunk sizes from the default {K.DEFAULT_MEM_BUDGET / 2**20:.0f} MiB budget: "
           f"reverse kl {K.auto_chunk_size(V, 2)} tokens, token_logprobs {K.auto_chunk_size(V, 1)} tokens\n")
+    cases = {k: v for k, v in CASES.items() if args.only in k}
+    if not cases:
+        raise ValueError(f"--only={args.only}: no case name contains it; cases: {', '.join(CASES)}")
     runs = {}  # (case or naive key, impl) -> list of child results
     for _ in range(args.rounds):
         done_naive = set()  # the naive side does not depend on precompute_grads: once per loss
-        for case, (family, reduction, _) in CASES.items():
+        for case, (family, reduction, _) in cases.items():
             if (family, reduction) not in done_naive:
                 done_naive.add((family, reduction))
                 runs.setdefault((family, reduction, "naive"), []).append(run_child(args, case, "naive"))
@@ -153,7 +158,7 @@ def main(argv=None):
     print("| case | naive wall (s) | ours wall (s) | wall ours/naive | naive CPU (s) | ours CPU (s) | CPU ours/naive "
           "| naive peak extra (GiB) | ours peak extra (GiB) | memory ours/naive | same, minus grad_W |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for case, (family, reduction, _) in CASES.items():
+    for case, (family, reduction, _) in cases.items():
         n, o = runs[family, reduction, "naive"], runs[case, "ours"]
         nw, ow, nc, oc = med(n, "wall"), med(o, "wall"), med(n, "cpu"), med(o, "cpu")
         ne, oe = max(r["extra"] for r in n), max(r["extra"] for r in o)

@@ -14,6 +14,10 @@ Cases:
    by transformers once and cached as an HF dir), 64 new tokens after a chat prompt.
    targets: batch 1 >= 60% of the bandwidth limit, batch 16 >= 50% of the FLOP limit.
 
+A third row per case, "ours, compiled decode step", is generate(compile=True): gpt-fast's
+lever, each decode step with fixed shapes (a static cache) through torch.compile; its first
+call's extra time is the compile cost, reported with the decode steps it takes to repay it.
+
 tokens/s counts generated tokens only (batch x new tokens) over the whole generate call,
 prefill included; the median of --repeats timed runs after a warm-up run, the two
 implementations timed alternately so that drifting machine load hits both alike. Columns:
@@ -27,6 +31,7 @@ at the FLOP limit, each decode step at max(FLOPs / FLOP/s, weight bytes / bandwi
     python bench/bench_sampling.py --threads=2     # the full run, prints a markdown table
     python bench/bench_sampling.py --quick         # fewer tokens, one timed run: a smoke test
     python bench/bench_sampling.py --skip_smollm   # the tiny model only
+    python bench/bench_sampling.py --compile=false # without the torch.compile rows (slow to compile)
 The command line is every script's (config.py): --key=value or --key value, --threads=N
 (torch's threads; 0, the default, leaves torch's own), --help.
 
@@ -55,6 +60,7 @@ class Config:
     quick: bool = False            # fewer new tokens and one timed run
     skip_smollm: bool = False      # only the tiny random model
     repeats: int = 3               # timed runs per measurement (median)
+    compile: bool = True           # also time ours with the decode step under torch.compile
     cache_dir: str = os.path.expanduser("~/.cache/mopd")  # where the SmolLM2 GGUF is converted to an HF dir, once
 
 
@@ -128,8 +134,8 @@ def hf_generate(model, prompts, n_new, pad_id=0):
     return out
 
 
-def ours_generate(model, prompts, n_new):
-    res = generate(model, prompts, max_new_tokens=n_new, temperature=1.0)
+def ours_generate(model, prompts, n_new, compile=False):
+    res = generate(model, prompts, max_new_tokens=n_new, temperature=1.0, compile=compile)
     assert (res.response_lens == n_new).all()
     return res
 
@@ -137,7 +143,7 @@ def ours_generate(model, prompts, n_new):
 # One case: both implementations on one model and one batch
 
 
-def bench_case(name, hf_dir, prompts, n_new, limits, repeats):
+def bench_case(name, hf_dir, prompts, n_new, limits, repeats, compile=False):
     from transformers import AutoModelForCausalLM
     flops, bw = limits
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -153,6 +159,10 @@ def bench_case(name, hf_dir, prompts, n_new, limits, repeats):
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     fns = {"transformers": lambda: hf_generate(hf, prompts, n_new),
            "ours": lambda: ours_generate(ours, prompts, n_new)}
+    t_first = None
+    if compile:  # the first call compiles (cold): timed apart, then it takes turns with the others
+        fns["ours, compiled decode step"] = lambda: ours_generate(ours, prompts, n_new, compile=True)
+        t_first = timed(fns["ours, compiled decode step"])
     t = median_times(fns, repeats)
     t_prefill = median_times({"p": lambda: generate(ours, prompts, max_new_tokens=1)}, repeats)["p"]
     # the roofline under the same accounting: prefill FLOP-bound, each decode step bound by
@@ -175,6 +185,13 @@ def bench_case(name, hf_dir, prompts, n_new, limits, repeats):
             f"of {1e3 * t['ours']:.0f} ms; bound {bound_tps:,.0f} tokens/s = "
             f"{100 * bound_tps * 2 * matmul_params / flops:.0f}% FLOP"
             + (f", {100 * bound_tps * weight_bytes / bw:.0f}% BW" if B == 1 else ""))
+    if compile:
+        tc = t["ours, compiled decode step"]
+        compile_s = t_first - tc
+        gain = (t["ours"] - tc) / n_new  # seconds saved per decode step
+        note += (f"; compiled: first call {t_first:.1f} s, so compiling cost {compile_s:.1f} s, "
+                 + (f"repaid after {compile_s / gain:,.0f} decode steps ({compile_s / gain / n_new:.1f} calls like this)"
+                    if gain > 0 else "never repaid (no faster)"))
     print(note, flush=True)
     return rows, note
 
@@ -192,7 +209,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         n_new = 32 if args.quick else 128
         prompts = torch.randint(1, 4096, (64, 32), generator=g).tolist()
-        r, n = bench_case("tiny Qwen3, B=64", tiny_qwen3_dir(tmp), prompts, n_new, limits, repeats)
+        r, n = bench_case("tiny Qwen3, B=64", tiny_qwen3_dir(tmp), prompts, n_new, limits, repeats, args.compile)
         rows += r
         notes.append(n)
     if not args.skip_smollm:
@@ -207,7 +224,7 @@ def main(argv=None):
                 for t in topics]
         n_new = 16 if args.quick else 64
         for B in (1, 16):
-            r, n = bench_case(f"SmolLM2-135M fp32, B={B}", d, chat[:B], n_new, limits, repeats)
+            r, n = bench_case(f"SmolLM2-135M fp32, B={B}", d, chat[:B], n_new, limits, repeats, args.compile)
             rows += r
             notes.append(n)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}\n")
