@@ -133,6 +133,16 @@ def print_config(cfg):
 # -----------------------------------------------------------------------------
 # limits: checked before anything loads
 
+def merge_limits(*parts):
+    """Several {rule: "field ..."} dicts as one: the limits of the options a script shares with
+    others (e.g. train_utils.ON_POLICY_LIMITS), then its own."""
+    out = {}
+    for part in parts:
+        for rule, names in part.items():
+            out[rule] = f"{out[rule]} {names}" if rule in out else names
+    return out
+
+
 def check(cfg, limits):
     """
     Raise ValueError naming the first field that breaks its rule, e.g. `--micro_batch=0: must

@@ -181,6 +181,9 @@ def evaluate_all(args):
 def aggregate(paths):
     """mean and sd over seeds of every number in several results.json files."""
     runs = [json.load(open(p)) for p in paths]
+    samples = {r.get("samples", 4) for r in runs}
+    if len(samples) > 1:
+        raise ValueError(f"--aggregate: the runs drew different numbers of samples per prompt ({sorted(samples)})")
     out = {"domains": runs[0]["domains"], "seeds": len(runs), "samples": runs[0].get("samples", 4),
            "accuracy": {}, "normalised": {}, "sd": {}}
     for table in ("accuracy", "normalised"):

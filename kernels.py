@@ -452,9 +452,12 @@ class _FusedLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g, _):
-        grad_h = None if ctx.grad_h is None else (ctx.grad_h * g).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1] and ctx.grad_w is None:
+            raise RuntimeError("token_logprob_loss: its gradients are handed out once (the weight's is "
+                               "scaled in place); a second backward through the same loss is not supported")
+        grad_h = None if ctx.grad_h is None else (ctx.grad_h * g).to(ctx.dtypes[0])  # out of place: kept
         grad_w = None if ctx.grad_w is None else ctx.grad_w.mul_(g).to(ctx.dtypes[1])
-        ctx.grad_h = ctx.grad_w = None  # weight-sized: scaled in place and handed out once
+        ctx.grad_w = None  # weight-sized: scaled in place and handed out once
         return grad_h, grad_w, None, None, None, None, None
 
 
@@ -475,8 +478,9 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, mask=None, chunk_si
     Returns fp32 [...] log-probs; masked tokens give 0.
     Differentiable w.r.t. hidden and weight. backend: "auto" (Triton on CUDA), "torch", "triton".
     chunk_size: tokens per chunk; None = as many as mem_budget_bytes allows ([chunk x V] fp32).
-    precompute_grads: True suits losses that weight every token alike (out.mean()); for the PG
-    loss, whose per-token advantages make the weights differ, False saves one matmul of five.
+    precompute_grads: True suits losses that weight every token alike (out.mean()); for per-token
+    weights known only at backward time, False saves one matmul of five. A policy-gradient
+    loss, whose weights are functions of each token's own log-prob, is token_logprob_loss's.
     Under torch.no_grad() (or with inputs that need no grad) only the values are computed.
     """
     _check(hidden, weight, temperature)
@@ -499,16 +503,19 @@ def token_logprob_loss(hidden, weight, targets, loss_fn, temperature=1.0, mask=N
     The policy-gradient losses are such sums: -A_t * ratio_t with A_t = sg[log pi_T - log
     pi_theta] (MOPD) or a reward's (RL), PPO's clip, the band, a k3 KL, each times its
     aggregation weight. Their per-token weights d loss / d lp_n depend on lp itself, so
-    token_logprobs must wait for backward and compute the logits twice (5 matmuls, see the
-    top); here each chunk's log-probs give its weights (autograd on the chunk's [C] values)
-    while its logits are at hand, so the exact gradients cost 3 matmuls, as naive code.
+    token_logprobs must wait for backward and compute the logits again (4 matmuls with
+    precompute_grads=False, see the top); here each chunk's log-probs give its weights
+    (autograd on the chunk's [C] values) while its logits are at hand, so the exact gradients
+    cost 3 matmuls, as naive code.
 
     loss_fn: log-probs [...] (the targets' shape; masked tokens hold 0) -> per-token loss [...].
     It must be elementwise: token n's term may depend on lp_n and on constants only (it is
-    called once per chunk on a tensor whose other tokens hold placeholders). Masked tokens'
+    called once per chunk on a tensor whose other tokens hold placeholders, so its elementwise
+    work is N / chunk times N: nothing next to a chunk's C x H x V matmul). Masked tokens'
     terms are not counted. hidden, weight, targets, mask, chunk_size, backend: as token_logprobs.
-    Returns (loss: a 0-dim fp32 tensor, differentiable w.r.t. hidden and weight;
-    lp [...]: the log-probs, fp32, detached, masked tokens 0).
+    Returns (loss: a 0-dim tensor, fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden and
+    weight, whose gradients are handed out once: no second backward; lp [...]: the log-probs,
+    detached, masked tokens 0).
     """
     _check(hidden, weight, temperature)
     lead, h, idx = _flatten(hidden, mask)

@@ -139,14 +139,15 @@ def aggregate(token_loss, mask, mode, num_seqs=None, num_tokens=None, max_len=No
     max_len a constant (the generation budget; default the mask's width), so that
     micro-batches and ranks add up to the loss of the whole batch.
     """
-    return (token_loss * mask * aggregate_weights(mask, mode, num_seqs, num_tokens, max_len)).sum()
+    w = aggregate_weights(mask, mode, num_seqs, num_tokens, max_len, token_loss.dtype)
+    return (token_loss * mask * w).sum()
 
 
-def aggregate_weights(mask, mode, num_seqs=None, num_tokens=None, max_len=None):
+def aggregate_weights(mask, mode, num_seqs=None, num_tokens=None, max_len=None, dtype=torch.float32):
     """Each token's weight in aggregate() [R, L-1]: the loss is sum_t weight_t * L_t."""
     num_seqs = num_seqs or mask.shape[0]
     max_len = max_len or mask.shape[1]
-    ones = torch.ones(mask.shape, device=mask.device)
+    ones = torch.ones(mask.shape, dtype=dtype, device=mask.device)
     if mode == "token-mean":
         return ones / (num_tokens or mask.sum().clamp(min=1))
     if mode == "seq-mean-token-mean":

@@ -29,14 +29,14 @@ import checkpoint
 import distributed
 import kernels
 import mopd
-from config import cli, parse_config, print_config
+from config import cli, merge_limits, parse_config, print_config
 from evaluate import evaluate
 from rollout import sample_and_reward
 from tasks import get_domains
 from teachers import Teachers, each_domain, parse_registry, route, validate
 from train_teacher_rl import NO_SIGNAL_STEPS, no_signal_frac, no_signal_warning
-from train_utils import (OnPolicyConfig, check_start, clip_and_step, due, load_for_training, parse_weights, print0,
-                         prompt_fits, return_freed_memory, set_lr, set_seed)
+from train_utils import (ON_POLICY_LIMITS, OnPolicyConfig, check_start, clip_and_step, due, load_for_training,
+                         parse_weights, print0, prompt_fits, return_freed_memory, set_lr, set_seed)
 
 
 @dataclass
@@ -81,19 +81,12 @@ PRESETS = {
                                  teacher_dtype="bfloat16"),
 }
 LOSSES = ("pg", "topk", "reverse_kl", "forward_kl", "jsd")
-# refused as soon as the command line is read, before anything loads (config.check); the
-# objective's own traps (eps, ratio_mode, loss_agg, temperature, top_p, n) are mopd.check_objective's
-LIMITS = {">= 1": "n steps prompts_per_step max_new_tokens topk exact_kl_every micro_batch eval_every ckpt_every",
-          ">= 0": "orm_alpha exact_kl_rows min_lr warmup weight_decay eval_limit",
-          "> 0": "adv_clip lr grad_clip temperature",
-          "in [0, 1]": "beta",
-          "one of " + " ".join(LOSSES): "loss",
-          "one of float32 bfloat16 float16": "teacher_dtype",
-          "in (0, 1]": "top_p",
-          "one of " + " ".join(mopd.RATIO_MODES): "ratio_mode",
-          "one of " + " ".join(mopd.LOSS_AGGS): "loss_agg",
-          "numbers": "domain_weights",
-          "device": "device"}
+# refused as soon as the command line is read, before anything loads (config.check): the
+# options shared with train_teacher_rl.py (train_utils.ON_POLICY_LIMITS) and this script's own; the
+# cross-field eps rules are mopd.check_objective's
+LIMITS = merge_limits(ON_POLICY_LIMITS, {">= 1": "topk exact_kl_every", ">= 0": "orm_alpha exact_kl_rows",
+                                          "> 0": "adv_clip", "in [0, 1]": "beta", "one of " + " ".join(LOSSES): "loss",
+                                          "one of float32 bfloat16 float16": "teacher_dtype"})
 
 
 def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):

@@ -32,14 +32,14 @@ import torch
 
 import checkpoint
 import distributed
-from config import cli, parse_config, print_config
+from config import cli, merge_limits, parse_config, print_config
 from evaluate import evaluate
-from mopd import LOSS_AGGS, RATIO_MODES, check_objective, group_advantages, pg_update, policy_logprobs
+from mopd import check_objective, group_advantages, pg_update, policy_logprobs
 from rollout import sample_and_reward
 from tasks import get_domains
 from teachers import load_frozen
-from train_utils import (OnPolicyConfig, check_start, clip_and_step, due, load_for_training, parse_weights, print0,
-                         prompt_fits, return_freed_memory, set_lr, set_seed)
+from train_utils import (ON_POLICY_LIMITS, OnPolicyConfig, check_start, clip_and_step, due, load_for_training,
+                         parse_weights, print0, prompt_fits, return_freed_memory, set_lr, set_seed)
 
 
 @dataclass
@@ -68,16 +68,10 @@ PRESETS = {
                                  micro_batch=1, eval_every=20, eval_limit=256, ckpt_every=10, bf16=True,
                                  activation_checkpointing=True, optimizer_offload=True),
 }
-# refused as soon as the command line is read, before anything loads (config.check); the
-# objective's own traps (eps, ratio_mode, loss_agg, temperature, top_p, n) are mopd.check_objective's
-LIMITS = {">= 1": "n steps prompts_per_step max_new_tokens micro_batch eval_every ckpt_every",
-          ">= 0": "kl_coef min_lr warmup weight_decay eval_limit",
-          "> 0": "lr grad_clip temperature",
-          "in (0, 1]": "top_p",
-          "one of " + " ".join(RATIO_MODES): "ratio_mode",
-          "one of " + " ".join(LOSS_AGGS): "loss_agg",
-          "numbers": "domain_weights",
-          "device": "device"}
+# refused as soon as the command line is read, before anything loads (config.check): the
+# options shared with train_mopd.py (train_utils.ON_POLICY_LIMITS) and this script's own; the
+# cross-field eps rules are mopd.check_objective's
+LIMITS = merge_limits(ON_POLICY_LIMITS, {">= 0": "kl_coef"})
 
 
 def no_signal_frac(rewards, n):

@@ -4,7 +4,8 @@ line, --help and the error convention are config.py's; the rollout half of a ste
 prompt/response glue are rollout.py's; held-out evaluation is evaluate.py's):
 - OnPolicyConfig: the options train_teacher_rl.py and train_mopd.py share (rollouts, the
   objective's common part, optimisation, bookkeeping, scale), declared once; each script's
-  Config adds its own options and redeclares the defaults it changes.
+  Config adds its own options and redeclares the defaults it changes; ON_POLICY_LIMITS, the
+  limits of those shared options (each script adds its own with config.merge_limits).
 - the domain mixture (parse_weights) and the learning-rate schedule (lr_at).
 - the pieces of every loop: check_start (what can be refused before OUT_DIR is touched),
   load_for_training (the model, sharded under torchrun, and AdamW; resumed from the
@@ -29,6 +30,7 @@ import torch
 
 import checkpoint
 import distributed
+from mopd import LOSS_AGGS, RATIO_MODES
 from rollout import encode_prompt
 
 # -----------------------------------------------------------------------------
@@ -79,6 +81,18 @@ class OnPolicyConfig:
     optimizer_offload: bool = False  # sharded params, grads and AdamW state in host memory
     rollout_gather: bool = False   # keep layers gathered for a whole rollout (distributed.gathered)
     device: str = "auto"           # auto: this rank's GPU if there is one, else cpu
+
+
+# the shared options' limits (config.check: refused as soon as the command line is read);
+# each script adds its own with config.merge_limits
+ON_POLICY_LIMITS = {">= 1": "n steps prompts_per_step max_new_tokens micro_batch eval_every ckpt_every",
+                    ">= 0": "min_lr warmup weight_decay eval_limit",
+                    "> 0": "lr grad_clip temperature",
+                    "in (0, 1]": "top_p",
+                    "one of " + " ".join(RATIO_MODES): "ratio_mode",
+                    "one of " + " ".join(LOSS_AGGS): "loss_agg",
+                    "numbers": "domain_weights",
+                    "device": "device"}
 
 # -----------------------------------------------------------------------------
 # the domain mixture and the learning-rate schedule

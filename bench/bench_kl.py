@@ -90,7 +90,7 @@ def child(args, case, impl):
     baseline_peak, baseline = peak_rss_bytes(), rss_bytes()
 
     def step():
-        if pre == "fused":  # the loss inside the kernel: each token's weight formed in its chunk
+        if pre == "fused" and impl == "ours":  # the loss inside the kernel: each token's weight formed in its chunk
             loss, _ = K.token_logprob_loss(hs, ws, y, lambda lp: -(adv * lp) / N)
             loss.backward()
             ws.grad = hs.grad = None

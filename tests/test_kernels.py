@@ -159,7 +159,7 @@ def test_token_logprob_loss_vs_fp64(V, dtype, chunk):
     wt = torch.rand(2, 9, generator=g) * mask               # per-token weights (per-sequence means...)
 
     fused, plain = _pg_pair(y, 0.7, mask, lp_t, old, wt, chunk_size=chunk)
-    sel = torch.tensor([1.0, 0.0])  # backward through the loss only
+    sel = torch.tensor([2.5, 0.0])  # backward through the loss only, with a grad_output that is not 1
     check(grads_of(fused, (h, w), sel), reference(plain, (h, w), sel), V)
     clipped = (torch.exp(lp0 - old) - 1).abs() > 0.28
     assert clipped[mask].any() and (~clipped)[mask].any()  # both sides of the clip are exercised
@@ -182,6 +182,18 @@ def test_token_logprob_loss_outputs_and_no_grad():
     c, _ = K.token_logprob_loss(hl, w, y, lambda lp: torch.ones_like(lp), mask=mask)
     c.backward()
     assert c.item() == mask.sum().item() and hl.grad.abs().max() == 0
+    # no mask (every token counts), and a mask with no token at all
+    loss, lp = K.token_logprob_loss(h, w, y, terms, chunk_size=3)
+    torch.testing.assert_close(loss, terms(K.token_logprobs(h, w, y)).sum(), rtol=1e-6, atol=0)
+    hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, lp = K.token_logprob_loss(hl, wl, y, terms, mask=torch.zeros_like(mask))
+    loss.backward()
+    assert loss.item() == 0 and (lp == 0).all() and hl.grad.abs().max() == 0 and wl.grad.abs().max() == 0
+    # its gradients are handed out once: a second backward is an error, not a silent zero
+    loss, _ = K.token_logprob_loss(hl, wl, y, terms, mask=mask)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="handed out once"):
+        loss.backward()
 
 
 def test_token_logprobs_frozen_weight():

@@ -85,4 +85,6 @@ def test_clip_and_step_frees_the_gradients():
 
 def test_return_freed_memory_is_harmless():
     """glibc's malloc_trim (a no-op returning False elsewhere); calling it twice is fine."""
-    assert return_freed_memory() == return_freed_memory()
+    import platform
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert return_freed_memory() is on_glibc and return_freed_memory() is on_glibc

@@ -247,7 +247,7 @@ def test_k3_penalty_reaches_the_gradient(hf_dirs):
 
 @pytest.mark.parametrize("ratio_mode,eps_low,eps_high", [("clip", 0.2, 0.28), ("band", 0.5, 2.0)])
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
-def test_pg_update_is_the_gradient_of_the_batch_loss(ratio_mode, eps_low, eps_high, loss_agg):
+def test_pg_update_is_the_gradient_of_the_batch_loss(ratio_mode, eps_low, eps_high, loss_agg, monkeypatch):
     """pg_update (the loss fused into the log-prob kernel, micro-batch by micro-batch, padding
     trimmed) gives the gradient of the plain whole-batch loss: MOPD's advantage, which depends
     on log pi_theta, ratios on both sides of the clip / band, a k3 penalty, rows of different
@@ -286,14 +286,23 @@ def test_pg_update_is_the_gradient_of_the_batch_loss(ratio_mode, eps_low, eps_hi
                                         tokens[:, 1:], cfg.temperature, mask)
         adv = mopd_advantage(t, lp, 5.0)[0]
         tl = pg_token_loss(lp, o, adv, mask, ratio_mode, eps_low, eps_high)[0] + kl_coef * k3_kl(lp, rf) * mask
-        loss = aggregate(tl, mask, loss_agg, max_len=cfg.max_new_tokens)
-        return [loss, *torch.autograd.grad(loss, list(model.parameters()))]
-    truth, fp32 = plain(models[torch.float64]), plain(models[torch.float32])
+        # the three aggregations, written out (not through mopd.aggregate)
+        if loss_agg == "token-mean":
+            loss = tl.sum() / mask.sum()
+        elif loss_agg == "seq-mean-token-mean":
+            loss = (tl.sum(1) / mask.sum(1)).mean()
+        else:
+            loss = tl.sum() / (cfg.max_new_tokens * R)
+        return [loss, *torch.autograd.grad(loss, list(model.parameters()))], lp.detach()
+    (truth, lp64), (fp32, _) = plain(models[torch.float64]), plain(models[torch.float32])
     model = models[torch.float32]
     model.zero_grad(set_to_none=True)
     batch = {"tokens": tokens, "mask": mask, "old_logp": old, "ref_logp": ref}
+    monkeypatch.setattr(kernels, "auto_chunk_size", lambda *a, **k: 3)  # several chunks per micro-batch
+    logp = torch.zeros(R, L - 1)
     out = pg_update(model, batch, lambda r, logp, w: mopd_advantage(t_logp[r, :w], logp, 5.0)[0], cfg,
-                    micro_batch=2, kl_coef=kl_coef)
+                    micro_batch=2, kl_coef=kl_coef, logp_out=logp)
     ours = [torch.tensor(out["loss"])] + [p.grad for p in model.parameters()]
     check(ours, (truth, fp32), mcfg.vocab_size)
     assert 0 < out["clip_frac"] < 1 and out["kl"] > 0  # both sides of the trust region were exercised
+    torch.testing.assert_close(logp, lp64.float(), rtol=0, atol=1e-5)  # logp_out: log pi_theta, every row

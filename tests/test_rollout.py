@@ -61,6 +61,7 @@ def test_static_cache_samples_what_the_dynamic_one_does(tiny_model, shared):
     finally:
         rollout.KVCache = real
     assert seen[0].max_len == seen[1].max_len and seen[0].max_len % rollout.STATIC_SLOTS == 0
+    assert all(c.static and c.used == c.max_len for c in seen)  # every step read the whole cache: one shape
 
 
 def test_seed_reproducible_and_n_samples_differ(tiny_model):
