@@ -30,6 +30,7 @@ Hand-written KV-cached sampling: the student's rollouts for RL and for MOPD.
 """
 
 import contextlib
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -354,15 +355,11 @@ def decode_step(model, tok, pos, cache):
     return model.lm_head(hidden[:, 0])
 
 
-_COMPILED = []
-
-
+@functools.cache
 def compiled_decode_step():
     """decode_step under torch.compile (made on first use, shared by every call after it; a new
     batch size or cache length compiles once more)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(decode_step, dynamic=False))
-    return _COMPILED[0]
+    return torch.compile(decode_step, dynamic=False)
 
 
 def _shared_prefix_len(prompts):
