@@ -57,3 +57,25 @@ def test_aggregate_seeds_and_markdown(tmp_path):
     assert res["sd"]["normalised"]["MOPD"]["score"] == pytest.approx(0.1414, abs=1e-3)
     text = markdown(res)
     assert "| MOPD | 0.500 ± 0.141 | 0.500 ± 0.141 |" in text and "2 seeds" in text
+
+
+def test_samples_option_reaches_every_row_and_the_results(toy, tmp_path, monkeypatch):
+    """evaluate.py --samples=N: every checkpoint is scored with N samples per prompt, results.json
+    records N, and --aggregate refuses seeds scored with different N."""
+    import evaluate
+    seen = []
+
+    def fake(model, tok, domains, max_new_tokens, limit=None, samples=4, **kw):
+        seen.append(samples)
+        return {d.name: 0.5 for d in domains}
+    monkeypatch.setattr(evaluate, "evaluate", fake)
+    out = str(tmp_path / "res")
+    evaluate.main(["--domains=rev,sort", f"--base={toy['base']}", f"--teacher=rev={toy['rev']},sort={toy['sort']}",
+                   f"--model=MOPD={toy['base']}", "--limit=2", "--samples=3", f"--out={out}"])
+    assert seen == [3] * 4  # S0, two teachers, MOPD
+    res = json.load(open(out + ".json"))
+    assert res["samples"] == 3
+    other = dict(res, samples=4)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"different numbers of samples per prompt \(\[3, 4\]\)"):
+        aggregate([out + ".json", tmp_path / "other.json"])
