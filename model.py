@@ -449,6 +449,10 @@ class KVCache:
         self.v = self.v.repeat_interleave(n, dim=1)
         self.lengths = self.lengths.repeat_interleave(n)
 
+    def keep_rows(self, keep):
+        """Only the rows where `keep` [B] is True, in order (generate drops finished rows)."""
+        self.k, self.v, self.lengths = self.k[:, keep], self.v[:, keep], self.lengths[keep]
+
 # -----------------------------------------------------------------------------
 # The model
 

@@ -4,7 +4,8 @@ Hand-written KV-cached sampling: the student's rollouts for RL and for MOPD.
 - generate(): prefill each prompt once (a prefix shared by all prompts, such as a chat
   template's system prompt, only once in all), copy its cache rows n times, then decode all
   rows together, one token per step, with per-row positions (prompts are right-padded, so
-  row b's token at position p sits in cache slot p; a ragged batch cannot garble).
+  row b's token at position p sits in cache slot p; a ragged batch cannot garble). Rows that
+  have stopped leave the batch as it goes (COMPACT_AT), so short answers stop costing.
 - sampling_logits(): the one place that turns logits into the distribution we sample from
   (temperature, then top-k, then top-p). The sampler and any later re-scoring
   (sampling_logprobs) use it, so `response_logprobs` are the log-probs of the distribution
@@ -18,7 +19,10 @@ Hand-written KV-cached sampling: the student's rollouts for RL and for MOPD.
 - Randomness is per row: row (prompt i, sample j) draws its uniforms from its own PCG64 stream
   seeded by a hash of (seed, first_prompt + i, j) (row_uniforms), so a row's tokens do not
   depend on what else is in the batch, and a slice of the prompts starting at first_prompt
-  (one rank's share under torchrun) samples exactly what the whole batch samples for them.
+  (one rank's share under torchrun) samples exactly what the whole batch samples for them
+  (up to fp32 rounding: a matmul over fewer rows may round a logit differently, ~1e-6, which
+  moves a token only when its uniform falls that close to a CDF boundary; one row of 64 in
+  48 SmolLM2 tokens, measured; the tests check tokens equal on the tiny model).
   The trainers pass seed = step_seed(seed, step), itself a hash of (seed, step), so no two
   (seed, step, prompt, sample) share a stream (seed + i would: (s, i + 1) == (s + 1, i)).
 - The rollout half of an RL or MOPD step, sample_and_reward(): the step's prompts by the
@@ -297,23 +301,34 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         out_plp = torch.zeros_like(out_lp) if truncated else out_lp
         rlens = torch.zeros(R, dtype=torch.long, device=device)
         logits = model.lm_head(last)
+        rows = torch.arange(R, device=device)  # the rows still decoded: logits, pos, cache hold these
         steps = range(max_new_tokens)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="sampling", leave=False)
         for t in steps:
-            tok, lp, plp = sample_next(logits, uniforms[:, t], temperature, top_k, top_p)
-            out[:, t] = torch.where(done, pad_id, tok)
-            out_lp[:, t] = torch.where(done, 0.0, lp)
+            tok, lp, plp = sample_next(logits, uniforms[rows, t], temperature, top_k, top_p)
+            fin = done[rows]  # finished, not yet dropped: their outputs are ignored
+            out[rows, t] = torch.where(fin, pad_id, tok)
+            out_lp[rows, t] = torch.where(fin, 0.0, lp)
             if truncated:
-                out_plp[:, t] = torch.where(done, 0.0, plp)
-            rlens += (~done).long()
+                out_plp[rows, t] = torch.where(fin, 0.0, plp)
+            rlens[rows] += (~fin).long()
             if len(stop):
-                done |= torch.isin(tok, stop)
+                done[rows] = fin | torch.isin(tok, stop)
             if t == max_new_tokens - 1 or _all_done(done):
                 break
-            # finished rows keep stepping (on pad tokens, outputs ignored): the batch keeps its
-            # shape, and under torch.distributed every rank makes the same number of calls
+            # Finished rows leave the batch once a quarter of it has finished (the cache copy
+            # costs about one step, so not at every row): a row's tokens depend only on its own
+            # logits and uniforms, so dropping the others changes nothing it samples, and the
+            # steps left cost in proportion to the rows left (answers of 2..48 tokens in one
+            # batch: ~half the work). Until then, and on a static cache whose shapes are
+            # compiled, finished rows keep stepping on pad tokens. Every rank still makes the
+            # same number of calls (a rank keeps its rows when all of them have finished).
+            keep = ~done[rows]
+            if not cache.static and 0 < int(keep.sum()) <= COMPACT_AT * len(rows):
+                rows, tok, pos = rows[keep], tok[keep], pos[keep]
+                cache.keep_rows(keep)
             logits = step_fn(model, tok, pos, cache)
             pos += 1
 
@@ -346,6 +361,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 
 
 STATIC_SLOTS = 64  # a static cache's length is a multiple of this
+COMPACT_AT = 0.75  # drop finished rows once at most this fraction of the batch is still running
 
 
 def decode_step(model, tok, pos, cache):

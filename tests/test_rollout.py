@@ -267,6 +267,37 @@ def test_stop_tokens(tiny_model):
     assert not res.response_mask[r, end:].any() and (res.tokens[r, end:] == 0).all()
 
 
+@pytest.mark.parametrize("kw", [dict(seed=21), dict(seed=22, top_p=0.8, temperature=0.9)])
+def test_dropping_finished_rows_changes_nothing(tiny_model, monkeypatch, kw):
+    """generate drops finished rows from the batch (cache, positions, logits) once few enough
+    are left: each row's tokens, both log-probs, length and stop flag are what the full batch
+    gives when no row is ever dropped (COMPACT_AT = 0), and what dropping at every step gives
+    (1.0). Rows finish at many different steps here, and the cache does shrink."""
+    import rollout
+    prompts = _prompts([5, 8, 3, 11, 2, 7])
+    free = generate(tiny_model, prompts, max_new_tokens=24, n=3, **kw)
+    stops = sorted({ids[k] for ids, k in zip(free.response_ids, [2, 5, 9, 14] * 5)})[:4]
+    runs, sizes = {}, {}
+    real = rollout.KVCache.keep_rows
+    for at in (0.0, 0.75, 1.0):
+        monkeypatch.setattr(rollout, "COMPACT_AT", at)
+        sizes[at] = []
+        monkeypatch.setattr(rollout.KVCache, "keep_rows",
+                            lambda self, keep: (real(self, keep), sizes[at].append(self.k.shape[1])))
+        runs[at] = generate(tiny_model, prompts, max_new_tokens=24, n=3, stop_token_ids=stops, **kw)
+    ref = runs[0.0]
+    assert sizes[0.0] == [] and len(sizes[1.0]) > len(sizes[0.75]) >= 1  # it did drop rows
+    assert len(set(ref.response_lens.tolist())) >= 4  # rows end at different steps
+    for at in (0.75, 1.0):
+        got = runs[at]
+        assert got.response_ids == ref.response_ids
+        assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.response_mask, ref.response_mask)
+        assert torch.equal(got.stopped, ref.stopped) and torch.equal(got.response_lens, ref.response_lens)
+        # the same token's log-prob from a smaller batch: fp32 matmul rounding only
+        torch.testing.assert_close(got.logprobs, ref.logprobs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.policy_logprobs, ref.policy_logprobs, rtol=0, atol=1e-5)
+
+
 def test_greedy_is_deterministic_and_argmax(tiny_model):
     prompts = _prompts([7])
     a = generate(tiny_model, prompts, max_new_tokens=10, temperature=0, seed=1)
