@@ -129,6 +129,7 @@ def main(argv=None):
     work = [("sampling", 2 * P * R * (args.prompt_len + args.new_tokens)),
             ("teacher prefill", 2 * P * R * seq),
             ("student forward + backward", 6 * P * R * seq)]
+    reads = [("sampling", 4 * P * args.new_tokens)]  # the prefill, then new_tokens - 1 decode steps
     trl_name = f"TRL {_trl_version()} DistillationTrainer (on-policy, beta=1)" if trl_times else ""
     ckpt = "on" if args.trl_grad_ckpt else "off"
     return print_results(
@@ -141,7 +142,7 @@ def main(argv=None):
          f"temperature=1, use_cpu, bf16=False, gradient_checkpointing={ckpt}, no vLLM); its loss is the exact "
          f"full-vocab reverse KL, the objective of our loss=reverse_kl row. "
          f"{len(ours[0].times)} timed steps each after {args.warmup} warm-up, alternating in one process; "
-         f"{load_label()} at the end."])
+         f"{load_label()} at the end."], reads)
 
 
 if __name__ == "__main__":

@@ -287,7 +287,7 @@ def run_alternating(make_trainer, ours, args):
     def round_of_ours():
         for o in ours:
             o.step()
-        flops.append(machine_flops())
+        flops.append((machine_flops(), machine_bandwidth()))
 
     if args.skip_trl:
         for _ in range(args.warmup + args.steps):
@@ -334,6 +334,20 @@ def machine_flops(repeats=3):
     return 2 * n**3 / best
 
 
+def machine_bandwidth(mib=256, repeats=3):
+    """Bytes/s this process reads from memory: the sum of a `mib` MiB fp32 tensor (far larger than
+    any cache), best of `repeats`. A decode step with few rows is bound by this, not by FLOPs: it
+    reads every weight once to do 2 FLOPs per weight per row."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
 def load_label():
     """1-, 5-, 15-minute load averages, for the record."""
     return "load avg " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -345,8 +359,10 @@ def check_lengths(ours, trl_lens, new_tokens):
     assert all(lo == hi == new_tokens for lo, hi in trl_lens), f"TRL: completion lengths {trl_lens}"
 
 
-def print_results(title, trl_name, trl_times, trl_gen, ours, tokens_per_step, work, flops, notes):
-    """The markdown tables; returns {implementation: completion tokens/s}."""
+def print_results(title, trl_name, trl_times, trl_gen, ours, tokens_per_step, work, flops, notes, reads=()):
+    """The markdown tables; returns {implementation: completion tokens/s}. work: [(phase, matmul
+    FLOPs)]; reads: [(phase, bytes it must read from memory)]; a phase's floor is the larger of the
+    two times at the rates measured during the run (flops: [(FLOP/s, bytes/s)] per round)."""
     print(f"\n### {title}\n")
     print("| implementation | median step (s) | min .. max (s) | completion tokens / step | "
           "completion tokens/s | vs TRL |")
@@ -371,13 +387,22 @@ def print_results(title, trl_name, trl_times, trl_gen, ours, tokens_per_step, wo
         print(f"\nFor comparison, {trl_name} (mean of its timed steps, {statistics.mean(trl_times):.3f} s): "
               f"transformers generate() {g:.3f} s, everything else (tokenising, scoring, forward + backward, "
               f"optimiser) {statistics.mean(trl_times) - g:.3f} s.")
-    rate = statistics.median(flops)
-    floor = sum(w for _, w in work) / rate
+    rate, bw = statistics.median(f for f, _ in flops), statistics.median(b for _, b in flops)
+    floors = {name: w / rate for name, w in work}
     print("\nMatmul work any implementation must do per step: "
           + ", ".join(f"{name} {w / 1e9:.1f}" for name, w in work)
           + f" GFLOP; at this machine's fp32 matmul rate during the run ({rate / 1e9:.0f} GFLOP/s: a 1024^3 "
-          f"matmul, best of 3, after each round, median; {torch.get_num_threads()} threads) that alone takes "
-          f"{floor:.3f} s"
+          f"matmul, best of 3, after each round, median; {torch.get_num_threads()} threads) that takes "
+          + ", ".join(f"{name} {t:.3f} s" for name, t in floors.items()) + ".")
+    if reads:
+        print("Memory it must read per step: " + ", ".join(f"{name} {b / 1e9:.1f} GB" for name, b in reads)
+              + f" (every fp32 weight once per decode step); at this machine's read bandwidth during the run "
+              f"({bw / 1e9:.1f} GB/s: the sum of a 256 MiB tensor, best of 3, after each round, median) that takes "
+              + ", ".join(f"{name} {b / bw:.3f} s" for name, b in reads) + ".")
+        for name, b in reads:
+            floors[name] = max(floors.get(name, 0.0), b / bw)
+    floor = sum(floors.values())
+    print(f"The floor, each phase at the slower of the two: {floor:.3f} s per step"
           + (f", so no implementation can beat TRL's median step by more than "
              f"{statistics.median(trl_times) / floor:.1f}x." if trl_times else "."))
     if trl_times:
@@ -452,6 +477,7 @@ def main(argv=None):
     seq = args.prompt_len + args.new_tokens - 1  # positions the training forward sees per row
     work = [("sampling", 2 * P * (args.prompts * args.prompt_len + R * args.new_tokens)),
             ("training forward + backward", 6 * P * R * seq)]
+    reads = [("sampling", 4 * P * args.new_tokens)]  # the prefill, then new_tokens - 1 decode steps
     trl_name = f"TRL {_trl_version()} GRPOTrainer" if trl_times else ""
     ckpt = "on" if args.trl_grad_ckpt else "off"
     return print_results(
@@ -463,7 +489,7 @@ def main(argv=None):
          f"epsilon_high=0.28, max_completion_length={args.new_tokens}, generation_kwargs={{min_new_tokens: "
          f"{args.new_tokens}}}, use_cpu, bf16=False, gradient_checkpointing={ckpt}, no vLLM). "
          f"{len(ours[0].times)} timed steps each after {args.warmup} warm-up, alternating in one process; "
-         f"{load_label()} at the end."])
+         f"{load_label()} at the end."], reads)
 
 
 def _trl_version():

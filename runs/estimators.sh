@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The estimator study (issue 14) on the digit toy: the same S0 and the same RL teachers, and MOPD
+# with each per-token signal the paper discusses, at the same steps, prompts and learning rate:
+#   pg          the paper's default: A_t = log pi_T(y_t) - log pi(y_t) through the sampled token
+#   topk4/16    Eq. 5 over the teacher's top-k tokens (the toy's vocabulary is 47, so k = 64
+#               would be every token: the exact reverse KL plus (1 - sum p) terms that vanish)
+#   reverse_kl  the exact full-vocabulary reverse KL (the dense limit of both)
+#   forward_kl  the exact forward KL;  jsd  the generalised JSD at beta = 0.5
+#   pg_other    pg with teachers of a different origin: RL'd from another S0 (another seed)
+# and the initial per-token KL of each teacher family to the student (step 1's sampled kl_est,
+# before any update; the paper: ~0.04 same origin vs ~0.19 different, which hurt).
+#
+#   bash runs/estimators.sh                  # seeds 0 1 2, two side by side at one thread each
+#   SEED_LIST="0" bash runs/estimators.sh    # one seed (e.g. in several shells)
+#   SMOKE=1 OUT=/tmp/est bash runs/estimators.sh   # every stage for two steps: the plumbing only
+#   OUT=out/estimators; per seed OUT/seedN/{results.json,mopd_*.log}; then runs/estimators_report.py
+#   writes docs/estimators.md + .png and copies each seed's numbers to docs/estimators/seedN.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/estimators}
+DOMAINS=${DOMAINS:-rev,sort,inc}
+SEED_LIST=${SEED_LIST:-"0 1 2"}
+PARALLEL=${PARALLEL:-2}
+PY=${PY:-python}
+export PYTHONUNBUFFERED=1
+doms=${DOMAINS//,/ }
+SFT= RL= EVAL=
+if [ "${SMOKE:-0}" = 1 ]; then  # every stage for a step or two: the plumbing only
+  SFT="--steps=2 --eval_every=1 --eval_limit=4"; RL="--steps=2 --eval_every=1 --eval_limit=4"; EVAL="--limit=4"
+fi
+t_start=$(date +%s)
+say() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
+
+one_seed() {
+  local seed=$1 o=$OUT/seed$1
+  export OMP_NUM_THREADS=1
+  mkdir -p "$o"
+  run() { local name=$1; shift; [ -f "$o/$name.done" ] && return 0; say "seed $seed: $name"
+          "$PY" "$@" --overwrite=true > "$o/$name.txt" 2>&1 || { tail -20 "$o/$name.txt"; return 1; }; touch "$o/$name.done"; }
+  run base train_sft.py --preset=toy_base --seed=$seed --out_dir=$o/base $SFT
+  run base_other train_sft.py --preset=toy_base --seed=$((seed + 1000)) --out_dir=$o/base_other $SFT
+  local same="" other=""
+  for d in $doms; do
+    run teacher_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$o/base --domains=$d --out_dir=$o/teacher_$d $RL
+    run other_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$o/base_other --domains=$d --out_dir=$o/other_$d $RL
+    same+="$d=$o/teacher_$d,"; other+="$d=$o/other_$d,"
+  done
+  same=${same%,}; other=${other%,}
+  local models=()
+  for v in "pg:" "topk4:--loss=topk --topk=4" "topk16:--loss=topk --topk=16" "reverse_kl:--loss=reverse_kl" \
+           "forward_kl:--loss=forward_kl" "jsd:--loss=jsd --beta=0.5"; do
+    local name=${v%%:*} flags=${v#*:}
+    # shellcheck disable=SC2086
+    run mopd_$name train_mopd.py --preset=toy --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$same \
+        --out_dir=$o/mopd_$name $flags $RL
+    models+=(--model="MOPD $name=$o/mopd_$name")
+  done
+  run mopd_pg_other train_mopd.py --preset=toy --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$other \
+      --out_dir=$o/mopd_pg_other $RL
+  models+=(--model="MOPD pg, other-origin teachers=$o/mopd_pg_other")
+  for d in $doms; do models+=(--model="other-origin teacher[$d]=$o/other_$d"); done
+  run eval evaluate.py --domains=$DOMAINS --base=$o/base --teacher=$same "${models[@]}" --out=$o/results $EVAL
+}
+
+mkdir -p "$OUT"
+pids=()
+for seed in $SEED_LIST; do
+  one_seed "$seed" > "$OUT.seed$seed.txt" 2>&1 &
+  pids+=($!)
+  while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 5; done
+done
+fail=0
+for p in "${pids[@]}"; do wait "$p" || fail=1; done
+[ $fail = 0 ] || { echo "a seed failed: see $OUT.seed*.txt" >&2; exit 1; }
+say "all seeds done"
+"$PY" runs/estimators_report.py --out_dir=$OUT --domains=$DOMAINS
+say "done: docs/estimators.md"

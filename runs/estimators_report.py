@@ -1,0 +1,165 @@
+"""
+The estimator study's report (runs/estimators.sh): reads each seed's results.json and the MOPD
+runs' metrics.jsonl under --out_dir, copies the numbers each table needs into
+docs/estimators/seedN.json (so the tables regenerate from committed data: --from_docs=true),
+and writes docs/estimators.md (mean ± sd over seeds) and docs/estimators.png:
+- the held-out table (evaluate.aggregate): every estimator's normalised score;
+- per-token KL: step 1's sampled estimate E_mu[log mu - log pi_T] per token, before any update
+  (same-origin vs other-origin teachers: how far each teacher family starts from the student),
+  and the last 10 steps' mean; the exact full-vocabulary KL on the steps that logged it;
+- learning curves: normalised score at each periodic eval, against sampled responses.
+
+    python runs/estimators_report.py --out_dir=out/estimators
+    python runs/estimators_report.py --from_docs=true    # the committed per-seed files only
+"""
+
+import glob
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from checkpoint import write_text  # noqa: E402
+from config import cli, parse_config  # noqa: E402
+from evaluate import aggregate, markdown  # noqa: E402
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/estimators"  # runs/estimators.sh's OUT: seedN/results.json, seedN/mopd_*.log
+    domains: str = "rev,sort,inc"
+    docs: str = "docs/estimators"    # per-seed files: DOCS/seedN.json; the report: DOCS.md, DOCS.png
+    from_docs: bool = False          # rebuild the report from DOCS/seed*.json alone
+
+
+VARIANTS = ["pg", "topk4", "topk16", "reverse_kl", "forward_kl", "jsd", "pg_other"]
+
+
+def read_seed(d, domains):
+    """One seed's numbers: results.json, and per variant its per-step KL and periodic evals."""
+    res = json.load(open(os.path.join(d, "results.json")))
+    curves = {}
+    for v in VARIANTS:
+        path = os.path.join(d, f"mopd_{v}.log", "metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        rows = [json.loads(line) for line in open(path)]
+        curves[v] = [{"step": r["step"], "samples": r["samples"], "kl_est": r["kl_est"],
+                      "kl_exact": _mean([b["kl_exact"] for b in r["by_domain"].values() if "kl_exact" in b]),
+                      **({"eval": r["eval"]} if "eval" in r else {})} for r in rows]
+    return {"results": res, "curves": curves}
+
+
+def _mean(xs):
+    return statistics.mean(xs) if xs else None
+
+
+def _ms(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+
+
+def normalised(acc, res):
+    base, teacher = res["accuracy"]["S0"], res["accuracy"]["RL teacher (own domain)"]
+    return statistics.mean((acc[d] - base[d]) / (teacher[d] - base[d]) if teacher[d] != base[d] else float("nan")
+                           for d in res["domains"])
+
+
+def report(seeds, docs):
+    names = sorted(seeds)
+    tmp = []
+    for s in names:  # evaluate.aggregate reads files: the per-seed results, as written to docs
+        tmp.append(f"{docs}/seed{s}.results.json")
+        write_text(tmp[-1], json.dumps(seeds[s]["results"]))
+    agg = aggregate(tmp)
+    for p in tmp:
+        os.remove(p)
+    text = (f"# Estimator study on the digit toy ({len(names)} seeds: {', '.join(map(str, names))})\n\n"
+            "## Held-out accuracy and normalised score\n\n" + markdown(agg))
+    text += ("\n## Per-token KL to the routed teacher\n\n"
+             "| variant | sampled KL at step 1 | sampled KL, last 10 steps | exact KL, first log | exact KL, last log |\n"
+             "|---|---|---|---|---|\n")
+    for v in VARIANTS:
+        cs = [seeds[s]["curves"][v] for s in names if v in seeds[s]["curves"]]
+        if not cs:
+            continue
+        ex = [[r["kl_exact"] for r in c if r["kl_exact"] is not None] for c in cs]
+        text += (f"| {v} | {_ms([c[0]['kl_est'] for c in cs])} | "
+                 f"{_ms([statistics.mean(r['kl_est'] for r in c[-10:]) for c in cs])} | "
+                 f"{_ms([e[0] if e else None for e in ex])} | {_ms([e[-1] if e else None for e in ex])} |\n")
+    text += "\n## Learning curves: normalised score at each periodic eval\n\n"
+    steps = sorted({r["step"] for s in names for c in seeds[s]["curves"].values() for r in c if "eval" in r})
+    text += "| variant | " + " | ".join(f"step {t}" for t in steps) + " |\n|---|" + "---|" * len(steps) + "\n"
+    curves = {}
+    for v in VARIANTS:
+        per_step = {}
+        for s in names:
+            res = seeds[s]["results"]
+            for r in seeds[s]["curves"].get(v, []):
+                if "eval" in r:
+                    per_step.setdefault(r["step"], []).append((r["samples"], normalised(r["eval"], res)))
+        if per_step:
+            curves[v] = per_step
+            text += f"| {v} | " + " | ".join(_ms([x[1] for x in per_step.get(t, [])]) for t in steps) + " |\n"
+    write_text(docs + ".md", text)
+    _chart(curves, seeds, names, docs + ".png")
+    print(text)
+
+
+def _chart(curves, seeds, names, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for v in VARIANTS:
+        cs = [seeds[s]["curves"][v] for s in names if v in seeds[s]["curves"]]
+        if cs:
+            n = min(len(c) for c in cs)
+            a.plot([cs[0][i]["step"] for i in range(n)],
+                   [statistics.mean(c[i]["kl_est"] for c in cs) for i in range(n)], label=v, lw=1)
+        if v in curves:
+            ts = sorted(curves[v])
+            m = [statistics.mean(x[1] for x in curves[v][t]) for t in ts]
+            sd = [statistics.stdev([x[1] for x in curves[v][t]]) if len(curves[v][t]) > 1 else 0 for t in ts]
+            b.errorbar([curves[v][t][0][0] for t in ts], m, yerr=sd, label=v, capsize=2)
+    a.set_yscale("log")
+    a.set_xlabel("step")
+    a.set_ylabel("sampled per-token reverse KL to the teacher")
+    b.set_xlabel("sampled student responses")
+    b.set_ylabel("normalised score (S0 = 0, teacher = 1)")
+    b.set_ylim(bottom=0)
+    b.axhline(1.0, ls="--", c="gray")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp", dpi=110, format="png")
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv)
+    seeds = {}
+    os.makedirs(cfg.docs, exist_ok=True)
+    if cfg.from_docs:
+        for p in sorted(glob.glob(f"{cfg.docs}/seed*.json")):
+            seeds[int(os.path.basename(p)[4:-5])] = json.load(open(p))
+    else:
+        for d in sorted(glob.glob(f"{cfg.out_dir}/seed*/")):
+            if os.path.exists(os.path.join(d, "results.json")):
+                s = int(os.path.basename(d.rstrip("/"))[4:])
+                seeds[s] = read_seed(d, cfg.domains.split(","))
+                write_text(f"{cfg.docs}/seed{s}.json", json.dumps(seeds[s]))
+    if not seeds:
+        raise ValueError(f"no seed*/results.json under {cfg.docs if cfg.from_docs else cfg.out_dir}")
+    report(seeds, cfg.docs)
+
+
+if __name__ == "__main__":
+    cli(main)
