@@ -121,10 +121,14 @@ def _chart(curves, seeds, names, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for v in VARIANTS:
         cs = [seeds[s]["curves"][v] for s in names if v in seeds[s]["curves"]]
-        if cs:
-            n = min(len(c) for c in cs)
-            a.plot([cs[0][i]["step"] for i in range(n)],
-                   [statistics.mean(c[i]["kl_est"] for c in cs) for i in range(n)], label=v, lw=1)
+        if cs:  # the exact KL (every exact_kl_every steps): the sampled estimate is too noisy to read
+            pts = {}
+            for c in cs:
+                for r in c:
+                    if r["kl_exact"] is not None:
+                        pts.setdefault(r["step"], []).append(r["kl_exact"])
+            ts = sorted(pts)
+            a.plot(ts, [statistics.mean(pts[t]) for t in ts], label=v, lw=1.2)
         if v in curves:
             ts = sorted(curves[v])
             m = [statistics.mean(x[1] for x in curves[v][t]) for t in ts]
@@ -132,7 +136,7 @@ def _chart(curves, seeds, names, path):
             b.errorbar([curves[v][t][0][0] for t in ts], m, yerr=sd, label=v, capsize=2)
     a.set_yscale("log")
     a.set_xlabel("step")
-    a.set_ylabel("sampled per-token reverse KL to the teacher")
+    a.set_ylabel("exact per-token KL(student || teacher), mean of seeds")
     b.set_xlabel("sampled student responses")
     b.set_ylabel("normalised score (S0 = 0, teacher = 1)")
     b.set_ylim(bottom=0)
