@@ -1,7 +1,7 @@
 """
 One RL step, sample + score + update, of ours (train_teacher_rl.rl_step) against TRL's
 GRPOTrainer (issue #4), on the same tiny model, batch and lengths, measured in one run.
-Target: ours >= 5x TRL's completion tokens/s.
+Target (issue 15): ours >= 4x TRL's completion tokens/s.
 
 Setup, the same on both sides:
 - a random Qwen3 of 4.98M parameters (hidden 256, 4 layers, 8 heads, 4 KV heads, head_dim
@@ -57,7 +57,7 @@ sys.path.insert(0, ROOT)
 
 from config import cli, parse_config  # noqa: E402
 
-TARGET = 5.0  # the issues' target: ours / TRL completion tokens/s
+TARGET = 4.0  # issue 15: ours / TRL completion tokens/s, at the default and at a 151,936 vocabulary (issue 5 asked 5x)
 
 # -----------------------------------------------------------------------------
 # The shared setup (bench_mopd.py imports everything in this section)
