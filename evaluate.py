@@ -180,7 +180,11 @@ def evaluate_all(args):
 
 def aggregate(paths):
     """mean and sd over seeds of every number in several results.json files."""
-    runs = [json.load(open(p)) for p in paths]
+    return aggregate_runs([json.load(open(p)) for p in paths])
+
+
+def aggregate_runs(runs):
+    """aggregate() of results already loaded (dicts as evaluate_all returns them)."""
     samples = {r.get("samples", 4) for r in runs}
     if len(samples) > 1:
         raise ValueError(f"--aggregate: the runs drew different numbers of samples per prompt ({sorted(samples)})")

@@ -308,11 +308,12 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             steps = tqdm(steps, desc="sampling", leave=False)
         for t in steps:
             tok, lp, plp = sample_next(logits, uniforms[rows, t], temperature, top_k, top_p)
-            fin = done[rows]  # finished, not yet dropped: their outputs are ignored
-            out[rows, t] = torch.where(fin, pad_id, tok)
-            out_lp[rows, t] = torch.where(fin, 0.0, lp)
+            # a finished row not yet dropped writes past its length: the assembly below reads only
+            # each row's first rlens tokens
+            fin = done[rows]
+            out[rows, t], out_lp[rows, t] = tok, lp
             if truncated:
-                out_plp[rows, t] = torch.where(fin, 0.0, plp)
+                out_plp[rows, t] = plp
             rlens[rows] += (~fin).long()
             if len(stop):
                 done[rows] = fin | torch.isin(tok, stop)
@@ -323,7 +324,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             # logits and uniforms, so dropping the others changes nothing it samples, and the
             # steps left cost in proportion to the rows left (answers of 2..48 tokens in one
             # batch: ~half the work). Until then, and on a static cache whose shapes are
-            # compiled, finished rows keep stepping on pad tokens. Every rank still makes the
+            # compiled, finished rows keep stepping (what they sample is never read). Every rank still makes the
             # same number of calls (a rank keeps its rows when all of them have finished).
             keep = ~done[rows]
             if not cache.static and 0 < int(keep.sum()) <= COMPACT_AT * len(rows):

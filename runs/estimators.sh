@@ -73,5 +73,5 @@ fail=0
 for p in "${pids[@]}"; do wait "$p" || fail=1; done
 [ $fail = 0 ] || { echo "a seed failed: see $OUT.seed*.txt" >&2; exit 1; }
 say "all seeds done"
-"$PY" runs/estimators_report.py --out_dir=$OUT --domains=$DOMAINS
+"$PY" runs/estimators_report.py --out_dir=$OUT
 say "done: docs/estimators.md"

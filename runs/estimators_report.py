@@ -23,13 +23,12 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from checkpoint import write_text  # noqa: E402
 from config import cli, parse_config  # noqa: E402
-from evaluate import aggregate, markdown  # noqa: E402
+from evaluate import aggregate_runs, markdown, normalised  # noqa: E402
 
 
 @dataclass
 class Config:
     out_dir: str = "out/estimators"  # runs/estimators.sh's OUT: seedN/results.json, seedN/mopd_*.log
-    domains: str = "rev,sort,inc"
     docs: str = "docs/estimators"    # per-seed files: DOCS/seedN.json; the report: DOCS.md, DOCS.png
     from_docs: bool = False          # rebuild the report from DOCS/seed*.json alone
 
@@ -37,7 +36,7 @@ class Config:
 VARIANTS = ["pg", "topk4", "topk16", "reverse_kl", "forward_kl", "jsd", "pg_other"]
 
 
-def read_seed(d, domains):
+def read_seed(d):
     """One seed's numbers: results.json, and per variant its per-step KL and periodic evals."""
     res = json.load(open(os.path.join(d, "results.json")))
     curves = {}
@@ -63,21 +62,9 @@ def _ms(xs):
     return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
 
 
-def normalised(acc, res):
-    base, teacher = res["accuracy"]["S0"], res["accuracy"]["RL teacher (own domain)"]
-    return statistics.mean((acc[d] - base[d]) / (teacher[d] - base[d]) if teacher[d] != base[d] else float("nan")
-                           for d in res["domains"])
-
-
 def report(seeds, docs):
     names = sorted(seeds)
-    tmp = []
-    for s in names:  # evaluate.aggregate reads files: the per-seed results, as written to docs
-        tmp.append(f"{docs}/seed{s}.results.json")
-        write_text(tmp[-1], json.dumps(seeds[s]["results"]))
-    agg = aggregate(tmp)
-    for p in tmp:
-        os.remove(p)
+    agg = aggregate_runs([seeds[s]["results"] for s in names])
     text = (f"# Estimator study on the digit toy ({len(names)} seeds: {', '.join(map(str, names))})\n\n"
             "## Held-out accuracy and normalised score\n\n" + markdown(agg))
     text += ("\n## Per-token KL to the routed teacher\n\n"
@@ -98,10 +85,11 @@ def report(seeds, docs):
     for v in VARIANTS:
         per_step = {}
         for s in names:
-            res = seeds[s]["results"]
+            acc = seeds[s]["results"]["accuracy"]
             for r in seeds[s]["curves"].get(v, []):
                 if "eval" in r:
-                    per_step.setdefault(r["step"], []).append((r["samples"], normalised(r["eval"], res)))
+                    score = normalised(r["eval"], acc["S0"], acc["RL teacher (own domain)"])[1]
+                    per_step.setdefault(r["step"], []).append((r["samples"], score))
         if per_step:
             curves[v] = per_step
             text += f"| {v} | " + " | ".join(_ms([x[1] for x in per_step.get(t, [])]) for t in steps) + " |\n"
@@ -158,7 +146,7 @@ def main(argv=None):
         for d in sorted(glob.glob(f"{cfg.out_dir}/seed*/")):
             if os.path.exists(os.path.join(d, "results.json")):
                 s = int(os.path.basename(d.rstrip("/"))[4:])
-                seeds[s] = read_seed(d, cfg.domains.split(","))
+                seeds[s] = read_seed(d)
                 write_text(f"{cfg.docs}/seed{s}.json", json.dumps(seeds[s]))
     if not seeds:
         raise ValueError(f"no seed*/results.json under {cfg.docs if cfg.from_docs else cfg.out_dir}")
