@@ -298,7 +298,9 @@ def cached_attention(q, k, v, mask):
         q = q.reshape(B, k.shape[1], rep * T, d)  # query row r*T + t is (head r of the group, t)
         mask = mask.repeat(1, 1, rep, 1) if T > 1 else mask
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return y.view(B, nh, T, d)
+    # reshape, not view: CUDA's memory-efficient SDPA (the one that takes a float mask) may
+    # return a non-contiguous output, which view() refuses (tests/test_model.py fakes one)
+    return y.reshape(B, nh, T, d)
 
 
 def transposed(*linears):

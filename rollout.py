@@ -300,7 +300,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         truncated = top_k > 0 or top_p < 1.0  # else log pi == log mu: one tensor for both
         out_plp = torch.zeros_like(out_lp) if truncated else out_lp
         rlens = torch.zeros(R, dtype=torch.long, device=device)
-        logits = model.lm_head(last)
+        logits = head_logits(model, last)
         rows = torch.arange(R, device=device)  # the rows still decoded: logits, pos, cache hold these
         steps = range(max_new_tokens)
         if progress:
@@ -369,7 +369,27 @@ def decode_step(model, tok, pos, cache):
     """One token per row (tok [R] at positions pos [R]) through the model and its cache: the
     next logits [R, V]. On a static cache every shape is fixed, so torch.compile makes it once."""
     hidden = model(tok[:, None], positions=pos[:, None], cache=cache, return_hidden=True)
-    return model.lm_head(hidden[:, 0])
+    return head_logits(model, hidden[:, 0])
+
+
+def head_logits(model, h):
+    """
+    The logits [R, V] of final hidden states h [R, H], in fp32 whatever the model computes in:
+    what training computes (kernels.py multiplies fp32 copies of h and W), so that mu, the
+    sampler's log-prob, is the trainer's pi up to the hidden states' own rounding. bf16 logits
+    would round a logit of 20 to a multiple of 0.125, biasing log mu by up to ~0.06 nats.
+    On CUDA a bf16 x bf16 GEMM with fp32 output does it without an fp32 copy of W (products of
+    two bf16 numbers are exact in fp32, so it is the same fp32 GEMM up to summation order).
+    """
+    W = model.lm_head.weight
+    if h.dtype == torch.float32 and W.dtype == torch.float32:
+        return model.lm_head(h)
+    if h.is_cuda and h.dtype == W.dtype:
+        try:
+            return torch.mm(h, W.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm's out_dtype
+            pass
+    return F.linear(h.float(), W.float())
 
 
 @functools.cache

@@ -225,3 +225,21 @@ def test_tokenizer_files_copied(hf_dirs, tmp_path):
     m = Transformer.from_pretrained(d)
     out = m.save_pretrained(tmp_path / "dst")
     assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
+
+
+def test_cached_attention_takes_a_non_contiguous_sdpa_output(tiny_model, monkeypatch):
+    """CUDA's memory-efficient SDPA (float mask) can return a non-contiguous output; the cached
+    attention must reshape it, not view it. Faked here: the same values, in another layout."""
+    import torch.nn.functional as F
+    import model as M
+    from rollout import generate
+    ref = generate(tiny_model, [[5, 6, 7], [8, 9]], max_new_tokens=6, seed=0)
+    sdpa = F.scaled_dot_product_attention
+
+    def strided(q, k, v, **kw):
+        y = sdpa(q, k, v, **kw)
+        return y.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, T, d] values, [B, T, H, d] memory
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", strided)
+    got = generate(tiny_model, [[5, 6, 7], [8, 9]], max_new_tokens=6, seed=0)
+    assert got.response_ids == ref.response_ids
+    torch.testing.assert_close(got.logprobs, ref.logprobs)

@@ -385,3 +385,29 @@ def test_rollout_tensors_are_ordinary_tensors(tiny_model):
     w = torch.ones((), requires_grad=True)
     (res.logprobs * w).sum().backward()  # would raise on an inference tensor
     assert w.grad is not None
+
+
+def test_bf16_sampler_logits_are_fp32_ones(tiny_model, monkeypatch):
+    """Under bf16 the sampler draws from fp32 logits of the bf16 hidden states, as the trainer
+    computes them (kernels.py), not from bf16 logits, which round a logit of 20 to a multiple of
+    0.125 (log mu biased by up to ~0.06 nats). A one-token rollout's hidden state is the plain
+    forward's, bit for bit (a prefill into an empty cache is the causal forward), so the logits
+    it samples from must be the fp32 product of those hidden states and W, to fp32 rounding."""
+    import copy
+    import rollout
+    m = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(40)  # logits of tens of nats: where bf16 rounding is large
+    seen = []
+    sample = rollout.sample_next
+    monkeypatch.setattr(rollout, "sample_next", lambda logits, *a, **k: seen.append(logits) or sample(logits, *a, **k))
+    prompts = _prompts([9, 9, 9], seed=3)
+    roll = generate(m, prompts, max_new_tokens=1, seed=5)
+    with torch.no_grad():
+        h = m(torch.tensor(prompts), return_hidden=True)[:, -1]
+    want = h.float() @ m.lm_head.weight.float().t()
+    assert seen[0].dtype == torch.float32
+    assert (m.lm_head(h).float() - want).abs().max() > 1e-2  # the rounding this guards against is real here
+    torch.testing.assert_close(seen[0], want, rtol=0, atol=1e-4 * want.abs().max().item())
+    lp = torch.log_softmax(want, -1).gather(-1, roll.tokens[:, -1:])[:, 0]
+    torch.testing.assert_close(roll.logprobs[:, -1], lp, rtol=0, atol=1e-4)
