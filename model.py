@@ -5,7 +5,7 @@ checkpoint.py's job; this file does no IO beyond ModelConfig.from_hf reading a c
 
 What is in this file, top to bottom:
 - ModelConfig: one dataclass, built from an HF `config.json` (ModelConfig.from_hf).
-- RoPE (default / linear / llama3), RMSNorm, attention (SDPA, flash-attn on CUDA when
+- RoPE (default / linear / llama3 / yarn), RMSNorm, attention (SDPA, flash-attn on CUDA when
   importable), the SwiGLU MLP and the MoE block.
 - KVCache: a preallocated per-layer cache with one write position per row (used by
   rollout.py; prompts are right-padded, so every row's positions start at 0 and the
@@ -44,7 +44,7 @@ except ImportError:
 
 SUPPORTED_ARCHS = {"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
                    "LlamaForCausalLM": "llama"}
-SUPPORTED_ROPE = ("default", "linear", "llama3")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 
 # -----------------------------------------------------------------------------
 # Config
@@ -186,20 +186,69 @@ def rope_inv_freq(cfg):
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
         inv = torch.where(medium, smoothed, scaled)
+    elif s.get("rope_type") == "yarn":
+        return yarn_inv_freq(cfg)
     return inv.float()
 
 
-def rope_cos_sin(inv_freq, positions, dtype):
+def yarn_inv_freq(cfg):
+    """
+    YaRN (Peng et al. 2023, arXiv:2309.00071), as transformers computes it (in fp32, its order):
+    per frequency, blend the interpolated inv_freq / factor and the original inv_freq with a
+    ramp over the dimensions: dimensions that turn fewer than beta_slow times over the original
+    context are interpolated, more than beta_fast times kept, linear in between. Qwen3's
+    40,960-position checkpoints reach 131,072 with {"rope_type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 32768}. The attention factor is rope_attention_scale's.
+    """
+    s, d, base = cfg.rope_scaling, cfg.head_dim, cfg.rope_theta
+    factor = s.get("factor") or cfg.max_position_embeddings / s["original_max_position_embeddings"]
+    old_ctx = s.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def dim_of(rotations):  # the dimension that turns `rotations` times over old_ctx positions
+        return d * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    lo, hi = dim_of(beta_fast), dim_of(beta_slow)
+    if s.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    if lo == hi:
+        hi += 0.001
+    keep = 1 - ((torch.arange(d // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, d, 2).float() / d)
+    return 1.0 / (factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+
+
+def rope_attention_scale(cfg):
+    """YaRN's attention factor (cos and sin are multiplied by it: attention logits by its square),
+    0.1 ln(factor) + 1 unless the config gives it; 1 for every other RoPE."""
+    s = cfg.rope_scaling or {}
+    if s.get("rope_type") != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    factor = s.get("factor") or cfg.max_position_embeddings / s["original_max_position_embeddings"]
+
+    def mscale(m=1):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return float(mscale(s["mscale"]) / mscale(s["mscale_all_dim"]))
+    return mscale()
+
+
+def rope_cos_sin(inv_freq, positions, dtype, scale=1.0):
     """
     cos/sin for per-row positions [B, T] -> [B, T, 1, head_dim] (broadcast over heads),
-    computed in fp32. The first half of sin is negated: rotate_half(x) * sin becomes
-    cat(x2, x1) * sin, one op fewer per call (negation is exact, so the values are HF's).
+    computed in fp32, times `scale` (YaRN's attention factor; 1 otherwise). The first half of
+    sin is negated: rotate_half(x) * sin becomes cat(x2, x1) * sin, one op fewer per call
+    (negation is exact, so the values are HF's).
     """
     freqs = positions[..., None].float() * inv_freq  # [B, T, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]
-    sin = emb.sin()
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     sin[..., : freqs.shape[-1]].neg_()
-    return emb.cos().to(dtype), sin.to(dtype)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -471,6 +520,7 @@ class Transformer(nn.Module):
         # a plain attribute, not a buffer: it is derived from the config, so a model built on
         # the meta device and materialised later never has to restore it from a checkpoint
         self._inv_freq = rope_inv_freq(cfg)
+        self._rope_scale = rope_attention_scale(cfg)
         self.source_dir = None  # where from_pretrained read us (tokenizer files are copied on save)
 
     @property
@@ -513,7 +563,7 @@ class Transformer(nn.Module):
         inv = self._inv_freq
         if inv.device != x.device:
             inv = self._inv_freq = inv.to(x.device)
-        cos, sin = rope_cos_sin(inv, positions, x.dtype)
+        cos, sin = rope_cos_sin(inv, positions, x.dtype, self._rope_scale)
         kw = {}
         if cache is not None:
             if not cache.static:

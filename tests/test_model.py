@@ -167,8 +167,30 @@ def test_unsupported_architecture_and_rope(hf_dirs):
     d = json.load(open(os.path.join(hf_dirs["qwen3"], "config.json")))
     with pytest.raises(ValueError, match="unsupported architectures=\\['GPT2LMHeadModel'\\]"):
         ModelConfig.from_hf({**d, "architectures": ["GPT2LMHeadModel"]})
-    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
-        ModelConfig.from_hf({**d, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}})
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'longrope'"):
+        ModelConfig.from_hf({**d, "rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e6}})
+
+
+@pytest.mark.parametrize("extra", [{}, {"attention_factor": 1.3, "beta_fast": 16, "truncate": False}])
+def test_yarn_matches_transformers(tmp_path, extra):
+    """YaRN (Qwen3's route past 40,960 positions) against transformers, on sequences 3x longer than
+    the original context, where the interpolation and the attention factor both act."""
+    from conftest import hf_config
+    cfg = hf_config("qwen3")
+    cfg.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                           "rope_theta": 10000.0, **extra}
+    torch.manual_seed(0)
+    hf = hf_class("qwen3")(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(str(tmp_path))
+    assert ours.config.rope_scaling["rope_type"] == "yarn"
+    x = torch.randint(0, 128, (2, 200), generator=torch.Generator().manual_seed(1))
+    truth = hf_truth(str(tmp_path), "qwen3")
+    with torch.no_grad():
+        assert_as_accurate(ours(x), hf(x).logits, truth(x).logits, "yarn")
+        plain = Transformer(ModelConfig.from_hf({**ours.config.to_hf(), "rope_parameters": {"rope_theta": 10000.0}}))
+        plain.load_state_dict(ours.state_dict())
+        assert rel_err(plain(x), truth(x).logits) > 1e-3  # YaRN changes these logits: the test can see it
 
 
 def test_missing_key_and_shape_mismatch(hf_dirs, tmp_path):
