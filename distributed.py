@@ -91,13 +91,27 @@ def init_distributed(timeout_s=1800, backend=None):
 
 
 def active():
-    """Whether this process is one rank of a process group (i.e. runs under torchrun)."""
-    return dist.is_available() and dist.is_initialized()
+    """Whether this process is one rank of a process group (i.e. runs under torchrun). A group
+    that a vLLM engine made in a plain process (engine.py; mark_foreign) does not count: the
+    trainer must not think it is sharded because an engine is running beside it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return _FOREIGN[0] is None or dist.distributed_c10d._get_default_group() is not _FOREIGN[0]
+
+
+_FOREIGN = [None]  # the default group of a library (vLLM), not ours
+
+
+def mark_foreign(was_active):
+    """Called after a library may have made the default process group (engine.py, after starting
+    a vLLM engine): if there was none of ours before, whatever exists now is the library's."""
+    if not was_active and dist.is_available() and dist.is_initialized():
+        _FOREIGN[0] = dist.distributed_c10d._get_default_group()
 
 
 def world():
     """(rank, world size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
+    if active():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -173,13 +187,21 @@ def teardown():
     When an exception is propagating (sys.exc_info() is set inside the caller's `finally`), the
     ranks are out of step (a peer may be blocked in another collective): no barrier then, it
     could only wait for the timeout or pair with a different collective."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():  # none of ours (a vLLM engine's own group is the engine's to close)
         return
     try:
         if sys.exc_info()[0] is None and dist.get_world_size() > 1:
             dist.barrier()
     finally:
-        dist.destroy_process_group()
+        while BEFORE_TEARDOWN:  # vLLM engines (engine.py): they leave their groups, then ours
+            BEFORE_TEARDOWN.pop()()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# what must close before the process group goes (engine.py registers each engine's close():
+# vLLM's own shutdown destroys its sub-groups and the default group with them)
+BEFORE_TEARDOWN = []
 
 
 def shard(model, mesh=None, mp_policy=BF16_MIXED, reshard_after_forward=True, offload=False,
@@ -198,7 +220,7 @@ def shard(model, mesh=None, mp_policy=BF16_MIXED, reshard_after_forward=True, of
     if activation_checkpointing:  # before sharding: FSDP's hooks then wrap the checkpointed call
         for layer in model.layers:
             layer.forward = _checkpointed(layer.forward)
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return model
     kw = dict(mesh=mesh)
     if mp_policy is not None:

@@ -78,11 +78,12 @@ EVAL_SAMPLES = 4
 
 @torch.no_grad()
 def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=64, temperature=EVAL_TEMPERATURE,
-             samples=EVAL_SAMPLES, seed=0):
+             samples=EVAL_SAMPLES, seed=0, max_cache_bytes=None):
     """Mean reward of `model` on each domain's held-out split (seeded, so it is repeatable).
     Under torchrun each rank scores its slice; sample j of a domain's held-out prompt i always
     draws from the stream of (a hash of (seed, the domain's name), i, j), on any number of ranks,
-    in any batch, and whichever other domains are evaluated.
+    in any batch, and whichever other domains are evaluated. max_cache_bytes: generate's bound
+    on one batch's KV cache (the trainers pass --rollout_cache_gib).
     With rollout.show_progress() (rank 0, stderr a terminal, or MOPD_PROGRESS=1): a bar over
     this rank's prompts of every domain, and generate's own bar over each batch's tokens."""
     was_training = model.training
@@ -104,7 +105,8 @@ def evaluate(model, tok, domains, max_new_tokens, limit=None, batch=64, temperat
             chunk = mine[s:s + per] or mine[:1]  # past this rank's end: a dummy batch, not counted
             res = generate(model, [encode_prompt(tok, e.prompt) for e in chunk], max_new_tokens,
                            temperature=temperature, stop_token_ids=stop_ids(tok, model), n=n,
-                           seed=dseed, first_prompt=a + s, pad_id=tok.pad_token_id or 0, progress=progress)
+                           seed=dseed, first_prompt=a + s, pad_id=tok.pad_token_id or 0, progress=progress,
+                           max_cache_bytes=max_cache_bytes)
             if s < len(mine):
                 total += sum(d.reward(decode(tok, ids), chunk[i])
                              for ids, i in zip(res.response_ids, res.prompt_index))

@@ -236,7 +236,7 @@ def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, n):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
              stop_token_ids=(), n=1, seed=None, pad_id=0, progress=False, first_prompt=0,
-             compile=False, static=None):
+             compile=False, static=None, max_cache_bytes=None):
     """
     Sample n continuations of each prompt (a list of token-id lists of any lengths).
     Returns a Rollout, rows prompt-major: prompt 0's n samples, then prompt 1's, ...
@@ -246,8 +246,64 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     compile: run each decode step through torch.compile (decode_step, gpt-fast's lever), on a
     static cache. static (default: = compile): the decode step with fixed shapes, the logic
     compile runs, uncompiled (what the tests check).
+    max_cache_bytes: the most the KV cache may take; more prompts than fit are sampled in
+    consecutive chunks of whole prompts (cache_chunks). A row's tokens depend only on its own
+    stream, so the result is the one-batch result (up to fp32 rounding of a smaller matmul).
     """
     _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, n)
+    if seed is None:  # one seed for all chunks
+        seed = int(torch.randint(0, 2**63 - 1, ()).item())
+    chunks = cache_chunks(model, prompts, max_new_tokens, n, max_cache_bytes)
+    kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids, n=n, seed=seed,
+              pad_id=pad_id, progress=progress, compile=compile, static=static)
+    if len(chunks) == 1:
+        return _generate(model, prompts, max_new_tokens, first_prompt=first_prompt, **kw)
+    parts = []
+    for a, b in chunks:  # a chunk past this rank's prompts: a dummy call, dropped (ranks call alike)
+        r = _generate(model, prompts[a:b] or prompts[:1], max_new_tokens, first_prompt=first_prompt + a, **kw)
+        if b > a:
+            parts.append((a, r))
+    return _concat(parts, pad_id)
+
+
+def cache_chunks(model, prompts, max_new_tokens, n, max_cache_bytes):
+    """
+    [(a, b)]: consecutive slices of the prompts whose KV cache (n rows each, of the longest
+    prompt + max_new_tokens slots, keys and values of every layer) fits in max_cache_bytes
+    (None: one chunk). Under torchrun every rank makes the same number of chunks (a forward is
+    a collective), the global maximum; a rank with fewer prompts gets empty slices at the end.
+    At Qwen3-30B-A3B's shape (48 layers, 4 KV heads of 128, bf16: 96 KiB per token) one row of
+    a 33k-token rollout is 3.1 GiB, so the MOPD preset's 256 rows per GPU cannot be one batch.
+    """
+    if not max_cache_bytes:
+        return [(0, len(prompts))]
+    c = model.config
+    itemsize = torch.finfo(getattr(model, "compute_dtype", None) or model.lm_head_weight.dtype).bits // 8
+    per_prompt = 2 * c.num_layers * c.num_kv_heads * c.head_dim * itemsize * n * \
+        (max(len(p) for p in prompts) + max_new_tokens)
+    per_chunk = max(1, int(max_cache_bytes // per_prompt))
+    count = distributed.global_max(-(-len(prompts) // per_chunk))
+    size = -(-len(prompts) // count)
+    return [(min(i * size, len(prompts)), min((i + 1) * size, len(prompts))) for i in range(count)]
+
+
+def _concat(parts, pad_id):
+    """One Rollout from those of consecutive prompt slices [(first prompt, Rollout)], right-padded."""
+    L = max(r.tokens.shape[1] for _, r in parts)
+
+    def pad(x, value):
+        return F.pad(x, (0, L - x.shape[1]), value=value)
+    cat = lambda f, v: torch.cat([pad(getattr(r, f), v) for _, r in parts])  # noqa: E731
+    return Rollout(cat("tokens", pad_id), torch.cat([r.prompt_lens for _, r in parts]),
+                   torch.cat([r.response_lens for _, r in parts]), cat("response_mask", False),
+                   cat("logprobs", 0.0), cat("policy_logprobs", 0.0),
+                   [a + i for a, r in parts for i in r.prompt_index], torch.cat([r.stopped for _, r in parts]))
+
+
+def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+              stop_token_ids=(), n=1, seed=None, pad_id=0, progress=False, first_prompt=0,
+              compile=False, static=None):
+    """generate() for prompts whose KV cache is allocated at once."""
     # a sharded model computes where and in what dtype distributed.shard says (its fp32 master
     # shards may sit in host memory, and bf16 mixed precision makes bf16 keys and values)
     cfg = model.config
@@ -464,10 +520,12 @@ def show_progress():
 
 
 @torch.no_grad()
-def sample_and_reward(model, tok, domains, weights, cfg, step):
+def sample_and_reward(model, tok, domains, weights, cfg, step, engine=None):
     """
     The on-policy half of an RL or MOPD step: cfg.prompts_per_step prompts by the domain
     mixture, cfg.n rollouts each from `model`, each scored by its own domain's reward.
+    With an engine (--rollout_engine=vllm, engine.py) the engine samples instead, after its
+    weights are synced from `model` (seconds in engine.sync_s), with the same per-row seeds.
     Under torchrun this rank's contiguous slice [a, b) of the prompts (whole GRPO groups),
     sampled from the same random streams as one process would use: sample j of prompt a + i
     draws from the stream of (step_seed(seed, step), a + i, j) (row_uniforms).
@@ -479,11 +537,17 @@ def sample_and_reward(model, tok, domains, weights, cfg, step):
     exs = exs[a:b]
     model.eval()
     t0 = time.time()
-    with distributed.gathered(model, cfg.rollout_gather):
-        roll = generate(model, [encode_prompt(tok, e.prompt) for e in exs], cfg.max_new_tokens,
-                        temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model),
-                        n=cfg.n, seed=step_seed(cfg.seed, step), first_prompt=a, pad_id=tok.pad_token_id or 0,
-                        progress=show_progress())
+    prompts = [encode_prompt(tok, e.prompt) for e in exs]
+    kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids(tok, model), n=cfg.n,
+              seed=step_seed(cfg.seed, step), first_prompt=a, pad_id=tok.pad_token_id or 0)
+    if engine is not None:
+        engine.sync(model)
+        roll = engine.generate(prompts, cfg.max_new_tokens, device=model.lm_head_weight.device, **kw)
+        engine.sleep()  # on a GPU: the engine's memory is the trainer's until the next rollout
+    else:
+        with distributed.gathered(model, cfg.rollout_gather):
+            roll = generate(model, prompts, cfg.max_new_tokens, progress=show_progress(),
+                            max_cache_bytes=int(getattr(cfg, "rollout_cache_gib", 0) * 2**30) or None, **kw)
     t_sample = time.time() - t0
     by_name = {d.name: d for d in domains}
     rows = [exs[i] for i in roll.prompt_index]

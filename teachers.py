@@ -108,9 +108,12 @@ def load_frozen(path, dtype, device, offload=False):
 class Teachers:
     """domain -> frozen teacher, loaded on first use."""
 
-    def __init__(self, registry, device="cpu", dtype=torch.float32, offload=False):
+    def __init__(self, registry, device="cpu", dtype=torch.float32, offload=False, engine=None):
         self.registry, self.device, self.dtype, self.offload = dict(registry), device, dtype, offload
         self.models = {}
+        # engine: Engine options (--teacher_engine=vllm): "logprobs" and "topk" are then the prompt
+        # log-probs of one vLLM engine per teacher (engine.py); "hidden" (the exact KL) stays native
+        self.engine_options, self.engines = engine, {}
         # seconds spent scoring (prefill and the loss's outputs, offload moves included; not the
         # first call's load): a step reads the difference across its own calls
         self.seconds = 0.0
@@ -142,6 +145,8 @@ class Teachers:
         bad = [w for w in kinds if w not in ("logprobs", "topk", "hidden")]
         if bad:
             raise ValueError(f"score: what={bad[0]!r}; expected logprobs, topk or hidden")
+        if self.engine_options is not None and "hidden" not in kinds:
+            return self._score_on_engine(domain, tokens, mask, what, k)
         m = self.get(domain)
         sharded = m.is_sharded()
         if tokens.is_cuda:  # time this teacher's work, not the kernels still queued before it
@@ -168,6 +173,18 @@ class Teachers:
                 m.reshard()
             if tokens.is_cuda:
                 torch.cuda.synchronize(tokens.device)
+            self.seconds += time.perf_counter() - t0
+
+
+    def _score_on_engine(self, domain, tokens, mask, what, k):
+        import engine
+        self.check_domains([domain])
+        if domain not in self.engines:  # started on first use, like the native teachers
+            self.engines[domain] = engine.Engine(self.registry[domain], dtype=self.dtype, **self.engine_options)
+        t0 = time.perf_counter()
+        try:
+            return self.engines[domain].score(tokens, mask, what, k)
+        finally:
             self.seconds += time.perf_counter() - t0
 
 

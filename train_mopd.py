@@ -35,8 +35,9 @@ from rollout import sample_and_reward
 from tasks import get_domains
 from teachers import Teachers, each_domain, parse_registry, route, validate
 from train_teacher_rl import NO_SIGNAL_STEPS, no_signal_frac, no_signal_warning
-from train_utils import (ON_POLICY_LIMITS, OnPolicyConfig, check_start, clip_and_step, due, load_for_training,
-                         parse_weights, print0, prompt_fits, return_freed_memory, set_lr, set_seed)
+from train_utils import (ON_POLICY_LIMITS, OnPolicyConfig, cache_bytes, check_start, clip_and_step, due,
+                         load_for_training, make_engine, parse_weights, print0, prompt_fits, return_freed_memory,
+                         set_lr, set_seed)
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Config(OnPolicyConfig):  # the options shared with train_teacher_rl.py: tr
     teacher: str = ""              # "rev=DIR,sort=DIR,..." or a JSON file {"rev": "DIR", ...}
     teacher_offload: bool = False  # keep teachers in CPU memory, on the device only while scoring
     teacher_dtype: str = "float32" # frozen teachers compute in this dtype (bfloat16 at scale)
+    teacher_engine: str = "native" # native (a sharded prefill) | vllm (prompt log-probs on a vLLM engine per teacher;
+                                   #   --loss=pg or topk, temperature 1; the exact-KL log stays native)
     # objective
     loss: str = "pg"               # pg | topk | reverse_kl | forward_kl | jsd
     adv_clip: float = 5.0          # |A_t| <= adv_clip (PG form)
@@ -86,14 +89,16 @@ LOSSES = ("pg", "topk", "reverse_kl", "forward_kl", "jsd")
 # cross-field eps rules are mopd.check_objective's
 LIMITS = merge_limits(ON_POLICY_LIMITS, {">= 1": "topk exact_kl_every", ">= 0": "orm_alpha exact_kl_rows",
                                           "> 0": "adv_clip", "in [0, 1]": "beta", "one of " + " ".join(LOSSES): "loss",
-                                          "one of float32 bfloat16 float16": "teacher_dtype"})
+                                          "one of float32 bfloat16 float16": "teacher_dtype",
+                                          "one of native vllm": "teacher_engine"})
 
 
-def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
+def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step, engine=None):
     """Student rollouts -> each routed to its domain's teacher -> scored -> one update.
-    Under torchrun each rank does this on its own prompts; the metrics are over all ranks."""
+    Under torchrun each rank does this on its own prompts; the metrics are over all ranks.
+    engine: the student's vLLM engine (--rollout_engine=vllm), else the native sampler."""
     t_start = time.time()
-    roll, rows_ex, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step)
+    roll, rows_ex, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step, engine)
     t_reward = time.time() - t_start - t_sample  # decoding and each domain's reward function
     names = [d.name for d in domains]
     row_dom = [e.domain for e in rows_ex]
@@ -166,7 +171,8 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step):
             "kl_est": sum(r[2] for r in all_rows) / max(1, sum(r[3] for r in all_rows)),
             "by_domain": per, "samples": (step + 1) * n_rows, "response_len": n_tok / n_rows,
             "tokens_per_s": n_tok / (time.time() - t_start), "sample_s": t_sample, "reward_s": t_reward,
-            "score_s": t_score, "update_s": t_update, **t_exact, "step_s": time.time() - t_start}
+            "score_s": t_score, "update_s": t_update, **t_exact, "step_s": time.time() - t_start,
+            **({"sync_s": engine.sync_s} if engine is not None else {})}
 
 
 def exact_kl_subsample(model, teachers, groups, names, tokens, mask, all_dom, n_local, cfg):
@@ -202,6 +208,14 @@ def exact_reverse_kl(model, teachers, domain, tokens, mask, temperature):
     return k.sum().item()
 
 
+def teacher_engine_options(cfg):
+    """Teachers' engine settings for --teacher_engine=vllm (None: the native prefill); what the
+    engine cannot give the loss was refused by check_start (engine.check)."""
+    if cfg.teacher_engine != "vllm":
+        return None
+    return dict(memory=cfg.engine_memory, tp=cfg.engine_tp, seed=cfg.seed)
+
+
 def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS, LIMITS)
     print_config(cfg)
@@ -220,21 +234,23 @@ def main(argv=None):
         domains = get_domains(cfg.domains, cfg.data_dir or None, fits=prompt_fits(tok, model, cfg))
         weights = parse_weights(cfg.domain_weights, domains)
         teachers = Teachers(registry, device=cfg.device, dtype=getattr(torch, cfg.teacher_dtype),
-                            offload=cfg.teacher_offload)
+                            offload=cfg.teacher_offload, engine=teacher_engine_options(cfg))
         teachers.check_domains([d.name for d in domains])
         for d in domains:  # before any step: whole files, and the student's tokenizer
             validate(tok, model, registry[d.name], d.name)
         if cfg.loss == "topk" and not 1 <= cfg.topk <= model.config.vocab_size:
             raise SystemExit(f"error: --topk={cfg.topk}: must be in [1, vocab size {model.config.vocab_size}]")
+        engine = make_engine(cfg, model)  # None: the native sampler (rollout.generate)
         run.begin(start)
         flat = 0  # with --orm_alpha: consecutive steps in which every ORM group was all-equal
         for step in range(start, cfg.steps):
             lr = set_lr(opt, cfg, step)
-            row = {"step": step + 1, "lr": lr, **mopd_step(model, opt, tok, domains, weights, teachers, cfg, step)}
+            row = {"step": step + 1, "lr": lr, **mopd_step(model, opt, tok, domains, weights, teachers, cfg, step, engine)}
             run.check_finite(row)  # NaN/Inf loss or gradient: stop, the last checkpoint stays the last good one
             if due(step, cfg.eval_every, cfg.steps):
                 t_eval = time.time()
-                row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
+                row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit,
+                                       max_cache_bytes=cache_bytes(cfg))
                 row["eval_s"] = time.time() - t_eval
             run.log(row, show=("reward", "kl_est", "kl_exact", "no_signal_frac", "loss"))
             flat = flat + 1 if row.get("no_signal_frac") == 1 else 0

@@ -38,8 +38,9 @@ from mopd import check_objective, group_advantages, pg_update, policy_logprobs
 from rollout import sample_and_reward
 from tasks import get_domains
 from teachers import load_frozen
-from train_utils import (ON_POLICY_LIMITS, OnPolicyConfig, check_start, clip_and_step, due, load_for_training,
-                         parse_weights, print0, prompt_fits, return_freed_memory, set_lr, set_seed)
+from train_utils import (ON_POLICY_LIMITS, OnPolicyConfig, cache_bytes, check_start, clip_and_step, due,
+                         load_for_training, make_engine, parse_weights, print0, prompt_fits, return_freed_memory,
+                         set_lr, set_seed)
 
 
 @dataclass
@@ -90,11 +91,11 @@ def no_signal_warning(steps, n, what="the policy gradient"):
             f"an easier task (or a stronger --init), or a higher --temperature.")
 
 
-def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
+def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None, engine=None):
     """Sample a batch, score it with each prompt's domain reward, one policy-gradient update.
     Under torchrun each rank does this on its own prompts; the metrics are over all ranks."""
     t0 = time.time()
-    roll, rows, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step)
+    roll, rows, rewards, t_sample = sample_and_reward(model, tok, domains, weights, cfg, step, engine)
     t_reward = time.time() - t0 - t_sample  # decoding and each domain's reward function
     adv = group_advantages(rewards, cfg.n, cfg.std_norm).to(roll.tokens.device)
     # old_logp: the sampler's untruncated log-probs (top-p/top-k are not reweighted; README)
@@ -127,6 +128,7 @@ def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None):
             "samples": (step + 1) * len(rewards),  # sampled responses so far (sample efficiency)
             "response_len": n_tok / len(rewards), "tokens_per_s": n_tok / (time.time() - t0),
             "sample_s": t_sample, "reward_s": t_reward, **({"ref_s": t_ref} if ref is not None else {}),
+            **({"sync_s": engine.sync_s} if engine is not None else {}),
             "update_s": t_update, "step_s": time.time() - t0}
 
 
@@ -143,15 +145,17 @@ def main(argv=None):
         domains = get_domains(cfg.domains, cfg.data_dir or None, fits=prompt_fits(tok, model, cfg))
         weights = parse_weights(cfg.domain_weights, domains)
         ref = load_frozen(cfg.init, torch.float32, cfg.device) if cfg.kl_coef else None
+        engine = make_engine(cfg, model)  # None: the native sampler (rollout.generate)
         run.begin(start)
         flat = 0  # consecutive steps in which every group was all-equal
         for step in range(start, cfg.steps):
             lr = set_lr(opt, cfg, step)
-            row = {"step": step + 1, "lr": lr, **rl_step(model, opt, tok, domains, weights, cfg, step, ref)}
+            row = {"step": step + 1, "lr": lr, **rl_step(model, opt, tok, domains, weights, cfg, step, ref, engine)}
             run.check_finite(row)  # NaN/Inf loss or gradient: stop, the last checkpoint stays the last good one
             if due(step, cfg.eval_every, cfg.steps):
                 t_eval = time.time()
-                row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit)
+                row["eval"] = evaluate(model, tok, domains, cfg.max_new_tokens, limit=cfg.eval_limit,
+                                       max_cache_bytes=cache_bytes(cfg))
                 row["eval_s"] = time.time() - t_eval
             run.log(row, show=("reward", "no_signal_frac", "loss", "ratio_mean"))
             flat = flat + 1 if row["no_signal_frac"] == 1 else 0

@@ -80,19 +80,25 @@ class OnPolicyConfig:
     activation_checkpointing: bool = False  # recompute each layer's activations in backward
     optimizer_offload: bool = False  # sharded params, grads and AdamW state in host memory
     rollout_gather: bool = False   # keep layers gathered for a whole rollout (distributed.gathered)
+    rollout_cache_gib: float = 0.0 # the KV cache of one rollout batch, GiB: more prompts are sampled in chunks
+                                   #   that fit (rollout.cache_chunks; 0 = all of a rank's rows at once)
+    rollout_engine: str = "native" # native (rollout.py) | vllm (engine.py: vLLM in-process, weights synced each step)
+    engine_memory: float = 0.3     # --rollout_engine=vllm: fraction of GPU memory each engine may take
+    engine_tp: int = 1             # ... its tensor-parallel size (under torchrun: ranks per engine)
     device: str = "auto"           # auto: this rank's GPU if there is one, else cpu
 
 
 # the shared options' limits (config.check: refused as soon as the command line is read);
 # each script adds its own with config.merge_limits
-ON_POLICY_LIMITS = {">= 1": "n steps prompts_per_step max_new_tokens micro_batch eval_every ckpt_every",
-                    ">= 0": "min_lr warmup weight_decay eval_limit",
+ON_POLICY_LIMITS = {">= 1": "n steps prompts_per_step max_new_tokens micro_batch eval_every ckpt_every engine_tp",
+                    ">= 0": "min_lr warmup weight_decay eval_limit rollout_cache_gib",
                     "> 0": "lr grad_clip temperature",
-                    "in (0, 1]": "top_p",
                     "one of " + " ".join(RATIO_MODES): "ratio_mode",
                     "one of " + " ".join(LOSS_AGGS): "loss_agg",
                     "numbers": "domain_weights",
-                    "device": "device"}
+                    "device": "device",
+                    "one of native vllm": "rollout_engine",
+                    "in (0, 1]": "top_p engine_memory"}
 
 # -----------------------------------------------------------------------------
 # the domain mixture and the learning-rate schedule
@@ -128,12 +134,20 @@ def set_seed(seed):
 
 def check_start(cfg):
     """What is refused before the output directory is even looked at: FSDP's options without
-    torchrun, and a missing --init for a fresh run (a resumed one starts from OUT_DIR)."""
+    torchrun, a missing --init for a fresh run (a resumed one starts from OUT_DIR), and what
+    the vLLM engine cannot do (--rollout_engine / --teacher_engine=vllm, engine.check)."""
     if not distributed.active() and (getattr(cfg, "bf16", False) or getattr(cfg, "optimizer_offload", False)):
         raise SystemExit("error: --bf16 / --optimizer_offload are FSDP options: run under torchrun "
                          "(torchrun --nproc_per_node=1 for one GPU)")
     if not cfg.resume and cfg.init != "scratch" and not os.path.isdir(cfg.init):
         raise SystemExit(f"error: --init={cfg.init}: no such checkpoint directory")
+    for flag in ("rollout_engine", "teacher_engine"):  # what the vLLM engine cannot do (engine.check)
+        if getattr(cfg, flag, "native") == "vllm":
+            import engine
+            from model import ModelConfig
+            why = engine.check(cfg, ModelConfig.from_hf(cfg.init) if os.path.isdir(cfg.init) else None, f"--{flag}=vllm")
+            if why:
+                raise SystemExit(f"error: {why}")
 
 
 def load_for_training(cfg, state=None):
@@ -164,6 +178,21 @@ def load_for_training(cfg, state=None):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     start = checkpoint.resume_optimizer(state, cfg.out_dir, model, opt)
     return tok, model, opt, start, src
+
+
+def cache_bytes(cfg):
+    """--rollout_cache_gib in bytes, None when unbounded (generate's max_cache_bytes)."""
+    return int(cfg.rollout_cache_gib * 2**30) or None
+
+
+def make_engine(cfg, model):
+    """The rollout engine of --rollout_engine=vllm (engine.py), or None for the native sampler.
+    It starts from the checkpoint the model was read from; every step syncs the current weights."""
+    if cfg.rollout_engine != "vllm":
+        return None
+    import engine  # what it cannot do was refused by check_start
+    return engine.Engine(model.source_dir, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, seed=cfg.seed,
+                         memory=cfg.engine_memory, tp=cfg.engine_tp)
 
 
 def return_freed_memory():

@@ -153,10 +153,22 @@ def test_rank_range_and_collectives_at_world_size_1(monkeypatch):
         distributed.rank_range(3)
 
 
-def test_teardown_is_safe_without_a_process_group(tmp_path):
+def test_teardown_is_safe_without_a_process_group(tmp_path, monkeypatch):
     assert not dist.is_initialized()
     distributed.teardown()  # plain python: nothing to leave
+    # a group some library made in a plain process (a vLLM engine makes a 1-process one): not
+    # ours, so the trainer is not "distributed" and teardown leaves it to its owner
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    monkeypatch.setattr(distributed, "_FOREIGN", [None])
+    distributed.mark_foreign(was_active=False)
+    assert not distributed.active() and distributed.world() == (0, 1)
     distributed.teardown()
-    assert not dist.is_initialized()
+    assert dist.is_initialized()
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store2", rank=0, world_size=1)
+    assert distributed.active()  # a new group (ours) is not the library's
+    closed = []
+    distributed.BEFORE_TEARDOWN.append(lambda: closed.append(dist.is_initialized()))
+    distributed.teardown()
+    assert closed == [True] and not dist.is_initialized()  # engines close first, then the group goes
     distributed.teardown()  # already left: still nothing to do

@@ -431,10 +431,10 @@ def test_ctrl_c_finishes_the_step_then_is_one_line(toy, tmp_path, capsys, monkey
     argv = TINY_RL + [f"--init={toy['base']}", f"--out_dir={out}", "--steps=4"]
     step_fn = train_teacher_rl.rl_step
 
-    def interrupted_step(model, opt, tok, domains, weights, cfg, step, ref=None):
+    def interrupted_step(model, opt, tok, domains, weights, cfg, step, ref=None, engine=None):
         if step == 1:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, in the middle of step 2
-        return step_fn(model, opt, tok, domains, weights, cfg, step, ref)
+        return step_fn(model, opt, tok, domains, weights, cfg, step, ref, engine)
     monkeypatch.setattr(train_teacher_rl, "rl_step", interrupted_step)
     assert _run("train_teacher_rl", argv, capsys) == (130, [
         f"error: interrupted after step 2 of 4; last checkpoint: step 2 in {out}"])

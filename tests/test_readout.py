@@ -72,8 +72,8 @@ def test_no_signal_warning_after_three_flat_steps_and_not_before(toy, tmp_path, 
     real = train_teacher_rl.sample_and_reward
     flat = {1: True, 2: True, 3: False, 4: True, 5: True, 6: True, 7: True}
 
-    def rewards_of_step(model, tok, domains, weights, cfg, step):
-        roll, rows, rewards, t = real(model, tok, domains, weights, cfg, step)
+    def rewards_of_step(model, tok, domains, weights, cfg, step, engine=None):
+        roll, rows, rewards, t = real(model, tok, domains, weights, cfg, step, engine)
         rewards = [0.0] * len(rewards) if flat[step + 1] else [float(i == 0) for i in range(len(rewards))]
         return roll, rows, rewards, t
     monkeypatch.setattr(train_teacher_rl, "sample_and_reward", rewards_of_step)

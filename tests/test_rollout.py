@@ -411,3 +411,31 @@ def test_bf16_sampler_logits_are_fp32_ones(tiny_model, monkeypatch):
     torch.testing.assert_close(seen[0], want, rtol=0, atol=1e-4 * want.abs().max().item())
     lp = torch.log_softmax(want, -1).gather(-1, roll.tokens[:, -1:])[:, 0]
     torch.testing.assert_close(roll.logprobs[:, -1], lp, rtol=0, atol=1e-4)
+
+
+def test_rollouts_in_cache_sized_chunks_equal_one_batch(tiny_model, monkeypatch):
+    """max_cache_bytes: prompts are sampled in consecutive chunks whose KV cache fits; every row
+    samples from its own stream, so the chunks together are the one-batch rollout."""
+    import rollout
+    from model import KVCache
+    prompts = _prompts([3, 17, 8, 1, 5])
+    whole = generate(tiny_model, prompts, max_new_tokens=12, seed=4, n=2, stop_token_ids=[7])
+    c = tiny_model.config
+    per_prompt = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * 2 * (17 + 12)
+    sizes = []
+
+    class Recorded(KVCache):
+        def repeat_rows(self, n):
+            super().repeat_rows(n)
+            sizes.append((self.k.numel() + self.v.numel()) * self.k.element_size())
+    monkeypatch.setattr(rollout, "KVCache", Recorded)
+    budget = 2 * per_prompt + 100  # two prompts (4 rows) per chunk: 3 chunks
+    assert rollout.cache_chunks(tiny_model, prompts, 12, 2, budget) == [(0, 2), (2, 4), (4, 5)]
+    got = generate(tiny_model, prompts, max_new_tokens=12, seed=4, n=2, stop_token_ids=[7], max_cache_bytes=budget)
+    assert len(sizes) == 3 and max(sizes) <= budget, sizes
+    assert got.response_ids == whole.response_ids and got.prompt_index == whole.prompt_index
+    assert torch.equal(got.stopped, whole.stopped) and torch.equal(got.prompt_lens, whole.prompt_lens)
+    L = whole.tokens.shape[1]
+    assert got.tokens.shape[1] == L and torch.equal(got.tokens, whole.tokens)
+    torch.testing.assert_close(got.logprobs, whole.logprobs, rtol=0, atol=1e-5)
+    assert torch.equal(got.response_mask, whole.response_mask)
