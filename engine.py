@@ -86,6 +86,16 @@ def _reprocess_tied_lm_head(worker):
         method.process_weights_after_loading(head)
 
 
+def take_prompts(roll, a, b, n):
+    """The rows of prompts [a, b) of a Rollout (n rows each), as a Rollout of their own."""
+    r0, r1 = a * n, b * n
+    L = int((roll.prompt_lens[r0:r1] + roll.response_lens[r0:r1]).max())
+    cut = lambda x: x[r0:r1, :L]  # noqa: E731
+    return Rollout(cut(roll.tokens), roll.prompt_lens[r0:r1], roll.response_lens[r0:r1], cut(roll.response_mask),
+                   cut(roll.logprobs), cut(roll.policy_logprobs), [i - a for i in roll.prompt_index[r0:r1]],
+                   roll.stopped[r0:r1])
+
+
 class Engine:
     """One vLLM engine serving one model (a student or a teacher) in this process."""
 
@@ -144,12 +154,27 @@ class Engine:
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(),
                  n=1, seed=0, pad_id=0, first_prompt=0, device="cpu"):
         """rollout.generate's Rollout, sampled by the engine; row (prompt i, sample j) is one
-        request seeded by mix_seed(seed, first_prompt + i, j)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        request seeded by mix_seed(seed, first_prompt + i, j). Under torchrun with engine_tp > 1,
+        the engine_tp ranks of one engine must submit the same requests: each rank's prompts are
+        gathered, the engine samples all of its group's, and each rank keeps its own rows."""
         if top_p < 1.0 or top_k > 0:
             raise ValueError("Engine.generate: top_p/top_k truncate mu, and the engine returns no untruncated "
                              "log-prob to weight by; sample with top_p=1, top_k=0")
+        tp = self.kw["tensor_parallel_size"]
+        if tp > 1 and distributed.active():
+            rank = distributed.world()[0]
+            everyone = distributed.gather_list([(first_prompt, [list(p) for p in prompts])])
+            group = everyone[rank // tp * tp: rank // tp * tp + tp]
+            roll = self._generate([p for _, ps in group for p in ps], max_new_tokens, temperature, stop_token_ids,
+                                  n, seed, pad_id, group[0][0], device)
+            a = sum(len(ps) for _, ps in group[:rank % tp])
+            return take_prompts(roll, a, a + len(prompts), n)
+        return self._generate(prompts, max_new_tokens, temperature, stop_token_ids, n, seed, pad_id, first_prompt,
+                              device)
+
+    def _generate(self, prompts, max_new_tokens, temperature, stop_token_ids, n, seed, pad_id, first_prompt, device):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
         self.wake()
         reqs, params = [], []
         for i, p in enumerate(prompts):
@@ -247,13 +272,34 @@ class Engine:
     def score(self, tokens, mask, what="logprobs", k=64):
         """Teachers.score's "logprobs" ([R, L-1]) or "topk" ((ids, log-probs) [R, L-1, k]) from the
         engine's prompt log-probs over each row's tokens up to its last response token."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         kinds = (what,) if isinstance(what, str) else tuple(what)
         if "hidden" in kinds:
             raise ValueError("Engine.score: the engine returns no hidden states (the exact-KL losses score natively)")
         if "topk" in kinds and k > self.max_logprobs:
             raise ValueError(f"Engine.score: k={k} > the engine's max_logprobs={self.max_logprobs}")
+        tp = self.kw["tensor_parallel_size"]
+        if tp > 1 and distributed.active():  # the group's rows, scored alike on its ranks (see generate)
+            rank = distributed.world()[0]
+            everyone = distributed.gather_list([(tokens.cpu(), mask.cpu())])
+            group = everyone[rank // tp * tp: rank // tp * tp + tp]
+            L = max(t.shape[1] for t, _ in group)
+            allt = torch.cat([torch.nn.functional.pad(t, (0, L - t.shape[1])) for t, _ in group])
+            allm = torch.cat([torch.nn.functional.pad(m, (0, L - 1 - m.shape[1])) for _, m in group])
+            out = self._score(allt, allm, kinds, k)
+            a = sum(t.shape[0] for t, _ in group[:rank % tp])
+            R, W = tokens.shape[0], tokens.shape[1] - 1
+            out = [o[a:a + R, :W].to(tokens.device) if w == "logprobs" else
+                   (o[0][a:a + R, :W].to(tokens.device), o[1][a:a + R, :W].to(tokens.device))
+                   for w, o in zip(kinds, out)]
+            return out[0] if isinstance(what, str) else tuple(out)
+        out = self._score(tokens, mask, kinds, k)
+        out = [o.to(tokens.device) if w == "logprobs" else (o[0].to(tokens.device), o[1].to(tokens.device))
+               for w, o in zip(kinds, out)]
+        return out[0] if isinstance(what, str) else tuple(out)
+
+    def _score(self, tokens, mask, kinds, k):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
         self.wake()
         R, L = tokens.shape
         lens = [int(m.nonzero().max()) + 2 if m.any() else 2 for m in mask]  # through the last scored token
@@ -275,8 +321,4 @@ class Engine:
                     best = sorted((v.rank, tok, v.logprob) for tok, v in d.items() if v.rank <= top)[:top]
                     ids[r, t, :len(best)] = torch.tensor([b[1] for b in best])
                     tlp[r, t, :len(best)] = torch.tensor([b[2] for b in best])
-        out = []
-        dev = tokens.device
-        for w in kinds:
-            out.append(lp.to(dev) if w == "logprobs" else (ids.to(dev), tlp.to(dev)))
-        return out[0] if isinstance(what, str) else tuple(out)
+        return [lp if w == "logprobs" else (ids, tlp) for w in kinds]

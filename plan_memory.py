@@ -54,7 +54,8 @@ MODELS = {"qwen3-30b-a3b": QWEN3_30B_A3B}
 # NeMo-RL v0.4 performance summary (docs/about/performance-summary.md): GRPO, Qwen3-30B-A3B,
 # on-policy, DGX-H100, BF16, 32 GPUs, 2048 rollouts/step, max 4096 tokens, mean 3154 tokens,
 # vLLM TP4 generation, Megatron TP2/EP8 training: 925 tokens/s/GPU, 225 s per step.
-NEMO_RL = dict(gpus=32, rollouts=2048, seq_len=4096, mean_len=3154, tokens_per_s_gpu=925, step_s=225)
+NEMO_RL = dict(gpus=32, rollouts=2048, seq_len=4096, mean_len=3154, tokens_per_s_gpu=925, step_s=225,
+               generation_tp=4)
 
 
 @dataclass
@@ -72,6 +73,10 @@ class Config:
                                       # (one 64k SWE sequence, or shorter ones packed; never split)
     prompt_mean: int = 1024           # mean prompt tokens   (assumed: not published)
     response_mean: int = 8192         # mean response tokens (assumed: not published)
+    # Rollouts
+    rollout_engine: str = "vllm"      # vllm: an in-process vLLM engine per engine_tp GPUs, synced every step
+                                      # (engine.py); native: rollout.py on the model FSDP shards
+    engine_tp: int = 4                # GPUs per vLLM engine (tensor parallel; its KV heads shard too)
     # Memory choices
     optimizer_offload: bool = True    # student fp32 params + grads + AdamW in host memory (CPUOffloadPolicy)
     teacher_offload: bool = False     # teachers' bf16 shards in host memory, streamed in layer by layer
@@ -93,7 +98,8 @@ class Config:
 
 # refused as soon as the command line is read (config.check)
 LIMITS = {">= 0": "teachers kv_gib reserve_gib",
-          ">= 1": "world_size prompts_per_step rollouts seq_len micro_batch prompt_mean response_mean",
+          ">= 1": "world_size prompts_per_step rollouts seq_len micro_batch prompt_mean response_mean engine_tp",
+          "one of vllm native": "rollout_engine",
           "> 0": "gpu_gib peak_tflops hbm_tbps pcie_gbps nvlink_gbps host_gbps",
           "in (0, 1]": "mfu hbm_eff",
           "exists": "config"}
@@ -142,6 +148,7 @@ def param_counts(mc, W=1):
     k_over_e = mc.num_experts_per_tok / mc.num_experts if mc.num_experts else 0
     total = sum(n.values())
     return dict(total=total, shard=sum(shard_numel(s, W) for s in units.values()),
+                tensor_max=max(math.prod(s) for shapes in units.values() for s in shapes),
                 layer_max=max(v for u, v in n.items() if u != "root"), root=n["root"],
                 head=mc.vocab_size * mc.hidden_size, experts=experts,
                 experts_shard=shard_numel(expert_shapes, W),
@@ -224,8 +231,18 @@ def plan(cfg, mc=None):
             "gpu", "T"),
         Row("prefill", "teacher prefill, one micro-batch", "a*T_mb + 4*H*T_mb + 4*V*H + chunk",
             a * T_mb + 4 * H * T_mb + 4 * V * H + chunk, "gpu", "S"),
-        Row("rollout", "rollout copy of student (bf16, EP layout)", "2*(N - P_exp) + 2*P_exp_r",
-            2 * (N - pc["experts"]) + 2 * pc["experts_shard"], "gpu", "R"),
+    ]
+    if cfg.rollout_engine == "vllm":  # asleep (level 2: weights and KV freed) outside the rollout phase
+        t = cfg.engine_tp
+        rows += [
+            Row("rollout", f"vLLM engine weights (bf16, TP={t})", "2*N/engine_tp", 2 * N / t, "gpu", "R"),
+            Row("sync", "weight sync: one gathered fp32 tensor + bf16", "6*P_tensor_max", 6 * pc["tensor_max"],
+                "gpu", "R"),
+        ]
+    else:  # the sharded student samples: every decode step all-gathers each layer again
+        rows.append(Row("rollout", "native: FSDP gathers 2 layers + root (bf16)", "2*2*P_layer + 2*P_root",
+                        2 * 2 * pc["layer_max"] + 2 * pc["root"], "gpu", "R"))
+    rows += [
         Row("workspace", "decode workspace (logits, sampling)", "1 GiB (assumed)", 1 * GiB, "gpu", "R"),
         Row("reserve", "reserve: CUDA ctx, NCCL, fragmentation", f"{cfg.reserve_gib:g} GiB (assumed)",
             cfg.reserve_gib * GiB, "gpu", "RST"),
@@ -235,8 +252,15 @@ def plan(cfg, mc=None):
         kv, how = cfg.kv_gib * GiB, "--kv_gib"
     else:  # what the rollout phase leaves under the budget, minus 2 GiB (vLLM's gpu_memory_utilization)
         kv, how = max(0.0, (cfg.gpu_gib - 2) * GiB - phase_total(rows, "R")), "fills R to budget-2"
-    rows.append(Row("kv", "KV cache for rollouts (paged)", f"{how}; {kv_tok // 1024} KiB/token", kv, "gpu", "R"))
+    per = f"{kv_tok // 1024} KiB/token" + (f" / TP {cfg.engine_tp}" if cfg.rollout_engine == "vllm" else "")
+    rows.append(Row("kv", "KV cache for rollouts" + (" (paged)" if cfg.rollout_engine == "vllm" else ""),
+                    f"{how}; {per}", kv, "gpu", "R"))
     return rows
+
+
+def engine_gpus(cfg):
+    """GPUs that share one sampler's weights and KV cache: the engine's TP size, or 1 (native)."""
+    return cfg.engine_tp if cfg.rollout_engine == "vllm" else 1
 
 
 def phase_total(rows, phase):
@@ -249,12 +273,15 @@ def summarize(cfg, rows, mc):
     peak_phase = max(phases, key=phases.get)
     host = sum(r.bytes for r in rows if r.where == "host")
     kv = next(r.bytes for r in rows if r.key == "kv")
-    kv_tok = kv_bytes_per_token(mc)
+    kv_tok = kv_bytes_per_token(mc) / engine_gpus(cfg)  # per GPU: a TP engine shards its KV heads
     return dict(phases=phases, peak_phase=peak_phase, peak=phases[peak_phase], host=host, kv=kv,
                 # it fits if the peak phase is under budget and at least one max-length row can decode
                 fits=phases[peak_phase] <= cfg.gpu_gib * GiB and kv >= kv_tok * cfg.seq_len,
+                # rows in flight per sampler (an engine of engine_tp GPUs, or one native rank)
                 decode_rows=int(kv // (kv_tok * (cfg.prompt_mean + cfg.response_mean))),  # paged, mean length
-                decode_rows_prealloc=int(kv // (kv_tok * cfg.seq_len)))                   # model.KVCache today
+                decode_rows_prealloc=int(kv // (kv_tok * cfg.seq_len)),                   # model.KVCache
+                # vLLM's gpu_memory_utilization: the engine's share of the GPU (weights + KV + workspace)
+                engine_memory=sum(r.bytes for r in rows if r.key in ("rollout", "kv", "workspace")) / (cfg.gpu_gib * GiB))
 
 
 def print_plan(cfg, rows, s, mc):
@@ -284,16 +311,26 @@ def print_plan(cfg, rows, s, mc):
           f"{verdict}")
     print(f"host memory: {s['host'] / GiB:.1f} GiB per rank, {s['host'] * min(W, 8) / GiB:.0f} GiB per 8-GPU node "
           f"(pinned)")
-    print(f"KV cache {s['kv'] / GiB:.1f} GiB -> {s['decode_rows']} concurrent rows at the mean length "
-          f"{cfg.prompt_mean + cfg.response_mean} (paged), {s['decode_rows_prealloc']} at seq_len {cfg.seq_len} "
-          f"(preallocated like model.KVCache)")
+    if cfg.rollout_engine == "vllm":
+        print(f"KV cache {s['kv'] / GiB:.1f} GiB per GPU -> {s['decode_rows']} concurrent rows per engine of "
+              f"{cfg.engine_tp} GPUs at the mean length {cfg.prompt_mean + cfg.response_mean} (paged); "
+              f"--engine_memory={s['engine_memory']:.2f} (of {cfg.gpu_gib:g} GiB)")
+    else:
+        print(f"KV cache {s['kv'] / GiB:.1f} GiB -> {s['decode_rows_prealloc']} rows per chunk at seq_len "
+              f"{cfg.seq_len} (rollout.py preallocates each row; --rollout_cache_gib={s['kv'] / GiB:.0f})")
+
+
+ROLLOUT_NOTES = {
+    "vllm": "a vLLM engine per engine_tp GPUs (engine.py) holding a bf16 copy of the student\n"
+            "  split TP ways (its KV heads too), asleep outside the rollout phase (level 2: weights and KV cache\n"
+            "  freed), rewritten by engine.sync every step one tensor at a time (the largest gathered in fp32 and\n"
+            "  cast); KV cache paged (rows hold their actual length)",
+    "native": "rollout.py on the FSDP-sharded student: each decode step all-gathers every layer\n"
+              "  again; the KV cache is preallocated per row for seq_len tokens, in chunks of --rollout_cache_gib"}
 
 
 def print_assumptions(cfg, mc):
     a = layer_activation_bytes(mc)
-    ep = (" in the expert-parallel layout (dense weights replicated,\n"
-          "  E/W whole experts per GPU: exactly FSDP's dim-0 shard of the stacked [E, I, H] experts,\n"
-          "  so refitting the experts moves nothing between GPUs)" if mc.num_experts else " (replicated)")
     print(f"""
 assumptions:
 - N from the config; W = world_size; P_layer / P_root = largest decoder layer / root (embed + norm + lm_head).
@@ -310,8 +347,7 @@ assumptions:
 - fused head (kernels.py): fp32 copy of the bf16 lm_head (4VH), fp32 grad_W (4VH) and its bf16 cast (2VH),
   grad_hidden fp32 (4H*T_mb), the 256 MiB [chunk x V] logits budget; never [T_mb x V] logits.
 - teacher scoring: no_grad prefill of one micro-batch; one layer's transients bounded by a*T_mb.
-- rollouts: a bf16 copy of the student{ep};
-  KV cache paged (rows hold their actual length, not seq_len).
+- rollouts ({cfg.rollout_engine}): {ROLLOUT_NOTES[cfg.rollout_engine]}.
 - phases do not overlap: rollout (R), teacher scoring (S), training (T); the total is the peak phase.""")
 
 # -----------------------------------------------------------------------------
@@ -336,15 +372,26 @@ def throughput(cfg, mc, decode_rows, score_fwds=1, fsdp=True):
     flops = cfg.peak_tflops * 1e12 * cfg.mfu
     hbm, pcie, host = cfg.hbm_tbps * 1e12 * cfg.hbm_eff, cfg.pcie_gbps * 1e9, cfg.host_gbps * 1e9
     kv_tok, out = kv_bytes_per_token(mc), {}
-    # rollout: prompt prefill (compute-bound), then decoding (bandwidth-bound), B rows in flight
+    # rollout: prompt prefill (compute-bound), then decoding (bandwidth-bound), B rows in flight per
+    # sampler: a vLLM engine of t GPUs (weights, KV heads and FLOPs split t ways; two bf16
+    # all-reduces of the hidden state per layer), or one native rank (FSDP all-gathers every
+    # layer again at every decode step: 2N bytes, (W-1)/W of them over NVLink)
+    t = engine_gpus(cfg)
     out["prompt prefill"] = S * P * fwd_flops_per_token(mc, pc, P / 2) / flops
-    B = max(1, min(decode_rows, S))
-    touched = 1 - (1 - k / mc.num_experts) ** (B * W) if mc.num_experts else 1.0  # local experts some row hits
-    w_read = 2 * (N - pc["experts"]) + 2 * pc["experts_shard"] * touched  # bf16 rollout copy, EP layout
-    a2a = 2 * B * k * mc.hidden_size * 2 * L / (cfg.nvlink_gbps * 1e9) if mc.num_experts and W > 1 else 0
-    step_s = max((w_read + B * (P + R / 2) * kv_tok) / hbm, B * fwd_flops_per_token(mc, pc, P + R / 2) / flops) + a2a
-    tail_s = (w_read + (P + R) * kv_tok) / hbm  # the longest response decodes alone at the end
-    out["decode"] = max(S * R / B * step_s, (cfg.seq_len - P) * tail_s)
+    B = max(1, min(decode_rows, S * t))
+    touched = 1 - (1 - k / mc.num_experts) ** B if mc.num_experts else 1.0  # experts some row of B hits
+    nvlink = cfg.nvlink_gbps * 1e9
+    if cfg.rollout_engine == "vllm":
+        w_read = (2 * (N - pc["experts"]) + 2 * pc["experts"] * touched) / t
+        comm = 2 * L * B * mc.hidden_size * 2 * 2 * (t - 1) / t / nvlink
+    else:
+        w_read = 2 * (N - pc["experts"]) + 2 * pc["experts"] * touched
+        comm = 2 * N * (W - 1) / W / nvlink if fsdp else 0.0
+    kv_tok = kv_tok / t
+    step_s = max((w_read + B * (P + R / 2) * kv_tok) / hbm, B * fwd_flops_per_token(mc, pc, P + R / 2) / (t * flops)) \
+        + comm
+    tail_s = (w_read + (P + R) * kv_tok) / hbm + comm  # the longest response decodes alone at the end
+    out["decode"] = max(S * t * R / B * step_s, (cfg.seq_len - P) * tail_s)
     # teacher scoring: prefill only
     n_micro = math.ceil(S * T / (cfg.micro_batch * cfg.seq_len))
     # FSDP collectives per micro-batch, overlapped with compute (the slower of the two counts):
@@ -365,10 +412,12 @@ def throughput(cfg, mc, decode_rows, score_fwds=1, fsdp=True):
         out["train fwd+bwd"] = max(out["train fwd+bwd"], n_micro * 2 * 4 * Nr / pcie)
         out["grads out + CPU add"] = n_micro * (4 * Nr / pcie + 12 * Nr / host)
         out["AdamW on CPU"] = 28 * Nr / host  # read p, g, m, v; write p, m, v (fp32)
-        out["refit rollout copy"] = 2 * Nr / pcie + 2 * (N - pc["experts"]) / (cfg.nvlink_gbps * 1e9)
     else:
         out["AdamW on GPU"] = 28 * Nr / hbm
-        out["refit rollout copy"] = 2 * (N - pc["experts"]) / (cfg.nvlink_gbps * 1e9)
+    if cfg.rollout_engine == "vllm":  # engine.sync: every fp32 tensor all-gathered (one at a time), cast,
+        # loaded by the engine; host-offloaded shards are copied in first
+        out["weight sync"] = 4 * N * (W - 1) / W / nvlink + 2 * N / t / hbm + \
+            (4 * Nr / pcie if cfg.optimizer_offload else 0.0)
     total = sum(out.values())
     return dict(phases=out, step_s=total, tokens_per_s_gpu=S * T / total, rows=B, step_ms=step_s * 1e3,
                 sequences=S, tokens=S * T, micro_batches=n_micro)
@@ -380,7 +429,8 @@ def nemo_rl_setup(cfg):
     return dataclasses.replace(cfg, world_size=ref["gpus"], prompts_per_step=ref["rollouts"], rollouts=1,
                                seq_len=ref["seq_len"], micro_batch=1, prompt_mean=256,
                                response_mean=ref["mean_len"] - 256, optimizer_offload=False,
-                               teacher_offload=False, activation_checkpointing=False)
+                               teacher_offload=False, activation_checkpointing=False,
+                               rollout_engine="vllm", engine_tp=ref["generation_tp"])
 
 
 def print_throughput(cfg, mc, s):
@@ -395,8 +445,12 @@ def print_throughput(cfg, mc, s):
         f"(ctx = mean position attended)",
         f"training = {4 if ac else 3} forwards (fwd + bwd{' + recompute' if ac else ''}); teacher = 1 forward per "
         f"scored token; both at {cfg.mfu:.0%} of {cfg.peak_tflops:g} TFLOP/s (assumed MFU)",
-        f"decode step = (bf16 weights + KV read) / ({cfg.hbm_eff:.0%} of {cfg.hbm_tbps} TB/s) + MoE all-to-all "
-        f"at {cfg.nvlink_gbps:g} GB/s: {tp['rows']} rows in flight -> {tp['step_ms']:.1f} ms/step",
+        (f"decode step (vLLM engine of {cfg.engine_tp} GPUs) = (bf16 weights + KV read) / TP / "
+         f"({cfg.hbm_eff:.0%} of {cfg.hbm_tbps} TB/s) + 2 all-reduces/layer at {cfg.nvlink_gbps:g} GB/s: "
+         if cfg.rollout_engine == "vllm" else
+         f"decode step (native, FSDP) = (bf16 weights + KV read) / ({cfg.hbm_eff:.0%} of {cfg.hbm_tbps} TB/s) "
+         f"+ all-gather of every layer at {cfg.nvlink_gbps:g} GB/s: ")
+        + f"{tp['rows']} rows in flight -> {tp['step_ms']:.1f} ms/step",
         f"host<->GPU {cfg.pcie_gbps:g} GB/s, host memory {cfg.host_gbps:g} GB/s per rank, FSDP collectives "
         f"{cfg.nvlink_gbps:g} GB/s (all assumed)",
         f"mean prompt {cfg.prompt_mean} + response {cfg.response_mean} tokens (assumed), "

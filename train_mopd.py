@@ -81,7 +81,8 @@ PRESETS = {
                                  domain_weights="0.35,0.35,0.3", lr=1e-6, min_lr=1e-6, micro_batch=1,
                                  eval_every=20, eval_limit=256, ckpt_every=10, exact_kl_rows=2, exact_kl_every=20,
                                  bf16=True, activation_checkpointing=True, optimizer_offload=True,
-                                 teacher_dtype="bfloat16"),
+                                 teacher_dtype="bfloat16", rollout_engine="vllm", engine_tp=4, engine_memory=0.6,
+                                 rollout_cache_gib=24),
 }
 LOSSES = ("pg", "topk", "reverse_kl", "forward_kl", "jsd")
 # refused as soon as the command line is read, before anything loads (config.check): the

@@ -67,7 +67,8 @@ PRESETS = {
     # a domain teacher from Qwen3-30B-A3B on one 8xH100 node: 256 prompts x 8 samples per step
     "qwen3-30b-a3b-8xh100": dict(steps=300, prompts_per_step=256, n=8, max_new_tokens=32768, lr=1e-6, min_lr=1e-6,
                                  micro_batch=1, eval_every=20, eval_limit=256, ckpt_every=10, bf16=True,
-                                 activation_checkpointing=True, optimizer_offload=True),
+                                 activation_checkpointing=True, optimizer_offload=True, rollout_engine="vllm",
+                                 engine_tp=4, engine_memory=0.6, rollout_cache_gib=24),
 }
 # refused as soon as the command line is read, before anything loads (config.check): the
 # options shared with train_mopd.py (train_utils.ON_POLICY_LIMITS) and this script's own; the

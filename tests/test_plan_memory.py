@@ -50,6 +50,31 @@ def test_qwen3_30b_a3b_dry_run_matches_plan_and_fits():
     assert not dist.is_initialized()
 
 
+def test_the_vllm_rollout_path_in_the_plan():
+    """The preset's rollouts run on vLLM engines of engine_tp GPUs: their bf16 weights split TP ways
+    and alive only while rolling out (sleep mode), the sync's transient is one gathered tensor
+    (the largest: the untied 151,936 x 2048 embedding), the KV cache per GPU holds 1/TP of each
+    token's keys and values. The native path (FSDP all-gathers every layer at every decode step)
+    projects a decode > 10x slower: why the preset does not use it."""
+    import dataclasses
+    cfg = plan_memory.Config()
+    mc = plan_memory.model_config(cfg)
+    pc = plan_memory.param_counts(mc, cfg.world_size)
+    rows = plan_memory.plan(cfg, mc)
+    by = {r.key: r for r in rows}
+    assert cfg.rollout_engine == "vllm" and cfg.engine_tp == 4
+    assert by["rollout"].bytes == 2 * pc["total"] / 4 and by["rollout"].phases == "R"
+    assert by["sync"].bytes == 6 * 151936 * 2048 and by["kv"].phases == "R"
+    s = plan_memory.summarize(cfg, rows, mc)
+    assert s["fits"] and s["decode_rows"] == int(s["kv"] // (48 * 2 * 4 * 128 * 2 / 4 * (1024 + 8192)))
+    native = dataclasses.replace(cfg, rollout_engine="native")
+    nrows = plan_memory.plan(native, mc)
+    t_v = plan_memory.throughput(cfg, mc, s["decode_rows"])
+    t_n = plan_memory.throughput(native, mc, plan_memory.summarize(native, nrows, mc)["decode_rows"])
+    assert t_n["phases"]["decode"] > 10 * t_v["phases"]["decode"]
+    assert "weight sync" in t_v["phases"] and "weight sync" not in t_n["phases"]
+
+
 def test_without_offload_the_preset_cannot_fit():
     # student fp32 params + grads + AdamW (16 B/param) + 3 bf16 teachers over 8 ranks: 78 GiB of
     # state before any activation, which is why the preset offloads the student's optimizer

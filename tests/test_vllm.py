@@ -275,9 +275,10 @@ def test_rl_on_the_engine(s0, tmp_path):
 
 
 def test_two_ranks_under_torchrun(s0, tmp_path):
-    """torchrun --nproc_per_node=2 with gloo: an FSDP2-sharded student, one engine per rank
-    (external_launcher, tensor_parallel_size=1) syncing from the shards, teachers on engines.
-    Row seeds depend on (seed, step, global prompt, sample) only, so step 1 (before any update)
+    """torchrun --nproc_per_node=2 with gloo: an FSDP2-sharded student synced into the engines
+    from its shards, teachers on engines, with one engine per rank (engine_tp=1) and one engine
+    over both ranks (engine_tp=2: both submit the group's prompts, each keeps its rows). Row
+    seeds depend on (seed, step, global prompt, sample) only, so step 1 (before any update)
     samples the very tokens a single process samples: the same kl_est. The ranks exit cleanly
     (engines closed before the process group: distributed.BEFORE_TEARDOWN)."""
     import subprocess
@@ -286,18 +287,21 @@ def test_two_ranks_under_torchrun(s0, tmp_path):
             f"--teacher=rev={s0['rev']},sort={s0['sort']}", "--rollout_engine=vllm", "--teacher_engine=vllm"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     runs = {}
-    for nproc in (1, 2):
-        out = str(tmp_path / f"r{nproc}")
+    for name, nproc, tp in (("one", 1, 1), ("tp1", 2, 1), ("tp2", 2, 2)):
+        out = str(tmp_path / name)
         launch = [sys.executable, entry] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--max_restarts=0", entry]
-        p = subprocess.run(launch + args + [f"--out_dir={out}"], env=env, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(launch + args + [f"--out_dir={out}", f"--engine_tp={tp}"], env=env, capture_output=True,
+                           text=True, timeout=600)
         assert p.returncode == 0 and "Traceback" not in p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
-        runs[nproc] = _log(out)
-    one, two = runs[1], runs[2]
-    assert [r["samples"] for r in two] == [r["samples"] for r in one] == [8, 16, 24]
-    assert abs(two[0]["kl_est"] - one[0]["kl_est"]) < 1e-5, (one[0]["kl_est"], two[0]["kl_est"])
-    for r in two:
-        assert abs(r["ratio_mean"] - 1) < 1e-4 and r["ratio_absdev"] < 1e-4, r
+        runs[name] = _log(out)
+    one = runs["one"]
+    for name in ("tp1", "tp2"):
+        two = runs[name]
+        assert [r["samples"] for r in two] == [r["samples"] for r in one] == [8, 16, 24]
+        assert abs(two[0]["kl_est"] - one[0]["kl_est"]) < 1e-5, (name, one[0]["kl_est"], two[0]["kl_est"])
+        for r in two:
+            assert abs(r["ratio_mean"] - 1) < 1e-4 and r["ratio_absdev"] < 1e-4, (name, r)
 
 
 @pytest.mark.parametrize("argv,msg", [
