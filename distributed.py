@@ -144,6 +144,15 @@ def all_sum(t):
     return t
 
 
+def chunks(rows, size):
+    """(rows[i:i + size], real) over a rank's rows, the same number of chunks on every rank (the
+    global maximum: a sharded forward is a collective); a rank past its rows gets (rows[:1], False)
+    or, with no rows at all, ([0], False): the caller runs it and drops the result."""
+    for i in range(global_max(-(-len(rows) // size))):
+        part = rows[i * size:(i + 1) * size]
+        yield (part, True) if part else (rows[:1] or [0], False)
+
+
 def global_max(n, op="max"):
     """The largest int n over ranks (op="min": the smallest); e.g. how many times every rank
     must call a sharded model."""

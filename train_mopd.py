@@ -113,11 +113,12 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step, engine=Non
     # every loss; update_s: the update's other seconds
     s0 = teachers.seconds
     t_logp = torch.zeros_like(mu)
-    if cfg.loss == "pg":
+    if cfg.loss == "pg":  # micro_batch rows per prefill (its activations are bounded like training's)
         for d, rows, real in each_domain(groups, names):
-            lp = teachers.score(d, tokens[rows], mask[rows], "logprobs", cfg.temperature)
-            if real:
-                t_logp[rows] = lp
+            for part, ok in distributed.chunks(rows if real else [], cfg.micro_batch):
+                lp = teachers.score(d, tokens[part], mask[part], "logprobs", cfg.temperature)
+                if ok:
+                    t_logp[part] = lp
     t_score = teachers.seconds - s0
 
     # the exact KL on the first exact_kl_rows rows of each domain, before the update (so it

@@ -103,8 +103,12 @@ def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None, engine=None)
     batch = {"tokens": roll.tokens, "mask": roll.response_mask[:, 1:], "old_logp": roll.policy_logprobs[:, 1:]}
     t_ref = time.time()
     if ref is not None:
-        with torch.no_grad():
-            batch["ref_logp"] = policy_logprobs(ref, roll.tokens, batch["mask"], cfg.temperature)
+        batch["ref_logp"] = torch.zeros_like(batch["old_logp"])
+        with torch.no_grad():  # micro_batch rows per forward, like the update's
+            for part, ok in distributed.chunks(list(range(len(roll.tokens))), cfg.micro_batch):
+                lp = policy_logprobs(ref, roll.tokens[part], batch["mask"][part], cfg.temperature)
+                if ok:
+                    batch["ref_logp"][part] = lp
         if ref.is_sharded():  # free its root, which FSDP keeps gathered after forward
             ref.reshard()
     t_ref = time.time() - t_ref

@@ -191,3 +191,27 @@ def test_merge_and_evaluate_end_to_end(toy, tmp_path):
     assert set(res["accuracy"]) >= {"S0", "Weight average", "Task arithmetic", "RL teacher (own domain)"}
     assert "| Task arithmetic |" in open(f"{tmp_path}/results.md").read()
     assert os.path.exists(f"{tmp_path}/results.png")
+
+
+def test_teacher_scoring_runs_in_micro_batches(toy, tmp_path, monkeypatch):
+    """The PG signal's teacher prefill takes micro_batch rows at a time (a prefill over all of a
+    rank's rows is ~48 GB of MoE token copies at the 30B preset), and the chunks together are the
+    one-forward result: the same kl_est (it is computed from log pi_T of every sampled token)."""
+    import train_mopd
+    from teachers import Teachers
+    sizes, real = [], Teachers.score
+
+    def spy(self, domain, tokens, *a, **k):
+        sizes.append(len(tokens))
+        return real(self, domain, tokens, *a, **k)
+    common = ["--preset=tiny", f"--init={toy['base']}", "--domains=rev,sort", "--steps=1", "--exact_kl_rows=0",
+              f"--teacher=rev={toy['rev']},sort={toy['sort']}", "--eval_every=1000", "--ckpt_every=1000"]
+    monkeypatch.setattr(Teachers, "score", spy)
+    kl = {}
+    for mb in (3, 256):
+        sizes.clear()
+        out = str(tmp_path / f"mb{mb}")
+        train_mopd.main(common + [f"--out_dir={out}", f"--micro_batch={mb}"])
+        kl[mb] = json.loads(open(out + ".log/metrics.jsonl").readline())["kl_est"]
+        assert max(sizes) <= mb and sum(sizes) == 8, (mb, sizes)  # the tiny preset's 8 rows, each scored once
+    assert abs(kl[3] - kl[256]) < 1e-6, kl

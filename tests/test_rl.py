@@ -306,3 +306,37 @@ def test_pg_update_is_the_gradient_of_the_batch_loss(ratio_mode, eps_low, eps_hi
     check(ours, (truth, fp32), mcfg.vocab_size)
     assert 0 < out["clip_frac"] < 1 and out["kl"] > 0  # both sides of the trust region were exercised
     torch.testing.assert_close(logp, lp64.float(), rtol=0, atol=1e-5)  # logp_out: log pi_theta, every row
+
+
+def test_reference_log_probs_run_in_micro_batches(tiny_base, monkeypatch):
+    """RL's KL reference pass takes micro_batch rows per forward; the chunks equal one forward."""
+    import mopd
+    import train_teacher_rl
+    from model import Transformer
+    ref = Transformer.from_pretrained(tiny_base).eval()
+    sizes, seen, real = [], {}, train_teacher_rl.policy_logprobs
+
+    def spy(model, tokens, *a, **k):
+        if model is ref:
+            sizes.append(len(tokens))
+        return real(model, tokens, *a, **k)
+
+    def update_spy(model, batch, *a, **k):
+        seen["batch"] = batch
+        return mopd.pg_update(model, batch, *a, **k)
+    monkeypatch.setattr(train_teacher_rl, "policy_logprobs", spy)
+    monkeypatch.setattr(train_teacher_rl, "pg_update", update_spy)
+    from tasks import get_domains
+    from transformers import AutoTokenizer
+    cfg = train_teacher_rl.Config(init=tiny_base, domains="rev", prompts_per_step=3, n=2, max_new_tokens=6,
+                                  micro_batch=4, kl_coef=0.01)
+    model = Transformer.from_pretrained(tiny_base).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    train_teacher_rl.rl_step(model, opt, AutoTokenizer.from_pretrained(tiny_base), get_domains("rev"), [1.0],
+                             cfg, 0, ref)
+    assert sizes == [4, 2]  # 6 rows, micro_batch 4
+    b = seen["batch"]
+    with torch.no_grad():
+        whole = real(ref, b["tokens"], b["mask"], cfg.temperature)
+    torch.testing.assert_close(b["ref_logp"], whole, rtol=0, atol=1e-6)
+    assert (b["ref_logp"] != 0).sum() == b["mask"].sum()
