@@ -214,6 +214,10 @@ if HAS_TRITON:
     def _logprob_rows_kernel(Z, stride_z, Y, G, LP, V, BLOCK: tl.constexpr, GRAD: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         z_row = Z + row * stride_z
+        # the target's logit first: pass 2 overwrites the row in place, and a read after pass 1
+        # could race with another warp's pass-2 store (the reductions below are the barrier)
+        y = tl.load(Y + row)
+        zy = tl.load(z_row + y)
         m = float("-inf")  # running max
         d = 0.0            # running sum exp(z - m)
         for start in range(0, V, BLOCK):
@@ -221,12 +225,12 @@ if HAS_TRITON:
             inb = offs < V
             z = tl.load(z_row + offs, mask=inb, other=0.0)
             m_new = tl.maximum(m, tl.max(tl.where(inb, z, float("-inf")), axis=0))
-            e = tl.where(inb, tl.exp(z - m_new), 0.0)  # lanes past the end of the vocab add nothing
-            d = d * tl.exp(m - m_new) + tl.sum(e, axis=0)
+            m_ok = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp(-inf), not exp(nan)
+            e = tl.where(inb, tl.exp(z - m_ok), 0.0)  # lanes past the end of the vocab add nothing
+            d = d * tl.exp(m - m_ok) + tl.sum(e, axis=0)
             m = m_new
         lse = m + tl.log(d)
-        y = tl.load(Y + row)
-        tl.store(LP + row, tl.load(z_row + y) - lse)
+        tl.store(LP + row, zy - lse)
         if GRAD:
             g = tl.load(G + row)
             for start in range(0, V, BLOCK):
@@ -258,14 +262,16 @@ if HAS_TRITON:
             zt = tl.load(zt_row + offs, mask=inb, other=0.0)
             ms_new = tl.maximum(ms, tl.max(tl.where(inb, zs, float("-inf")), axis=0))
             mt_new = tl.maximum(mt, tl.max(tl.where(inb, zt, float("-inf")), axis=0))
-            es = tl.where(inb, tl.exp(zs - ms_new), 0.0)  # lanes past the end of the vocab add nothing
-            et = tl.where(inb, tl.exp(zt - mt_new), 0.0)
-            if KIND == 0:
-                c = c * tl.exp(ms - ms_new) + tl.sum(es * (zs - zt), axis=0)
+            ms_ok = tl.where(ms_new == float("-inf"), 0.0, ms_new)  # all -inf so far: no exp(nan)
+            mt_ok = tl.where(mt_new == float("-inf"), 0.0, mt_new)
+            es = tl.where(inb, tl.exp(zs - ms_ok), 0.0)  # lanes past the end of the vocab add nothing
+            et = tl.where(inb, tl.exp(zt - mt_ok), 0.0)
+            if KIND == 0:  # a token of probability 0 adds 0 (not 0 * inf)
+                c = c * tl.exp(ms - ms_ok) + tl.sum(tl.where(es > 0, es * (zs - zt), 0.0), axis=0)
             if KIND == 1:
-                c = c * tl.exp(mt - mt_new) + tl.sum(et * (zt - zs), axis=0)
-            ds = ds * tl.exp(ms - ms_new) + tl.sum(es, axis=0)
-            dt = dt * tl.exp(mt - mt_new) + tl.sum(et, axis=0)
+                c = c * tl.exp(mt - mt_ok) + tl.sum(tl.where(et > 0, et * (zt - zs), 0.0), axis=0)
+            ds = ds * tl.exp(ms - ms_ok) + tl.sum(es, axis=0)
+            dt = dt * tl.exp(mt - mt_ok) + tl.sum(et, axis=0)
             ms = ms_new
             mt = mt_new
         lse_s = ms + tl.log(ds)
@@ -287,9 +293,10 @@ if HAS_TRITON:
                 x = log_1m_beta + a
                 w = log_beta + b
                 mx = tl.maximum(x, w)
+                mx = tl.where(mx == float("-inf"), 0.0, mx)
                 logm = mx + tl.log(tl.exp(x - mx) + tl.exp(w - mx))
-                kl_t += tl.sum(tl.where(inb, tl.exp(b) * (b - logm), 0.0), axis=0)
-                kl_s += tl.sum(tl.where(inb, tl.exp(a) * (a - logm), 0.0), axis=0)
+                kl_t += tl.sum(tl.where(inb & (b > float("-inf")), tl.exp(b) * (b - logm), 0.0), axis=0)
+                kl_s += tl.sum(tl.where(inb & (a > float("-inf")), tl.exp(a) * (a - logm), 0.0), axis=0)
             kl = beta * kl_t + (1.0 - beta) * kl_s
         tl.store(OUT + row, kl)
         if GRAD:
@@ -301,20 +308,27 @@ if HAS_TRITON:
                 b = tl.load(zt_row + offs, mask=inb, other=0.0) - lse_t
                 ps = tl.exp(a)
                 if KIND == 0:
-                    dz = g * ps * (a - b - kl)
+                    dz = tl.where(ps > 0, g * ps * (a - b - kl), 0.0)
                 if KIND == 1:
                     dz = g * (ps - tl.exp(b))
                 if KIND == 2:
                     x = log_1m_beta + a
                     w = log_beta + b
                     mx = tl.maximum(x, w)
+                    mx = tl.where(mx == float("-inf"), 0.0, mx)
                     logm = mx + tl.log(tl.exp(x - mx) + tl.exp(w - mx))
-                    dz = g * (1.0 - beta) * ps * (a - logm - kl_s)
+                    dz = tl.where(ps > 0, g * (1.0 - beta) * ps * (a - logm - kl_s), 0.0)
                 tl.store(zs_row + offs, dz, mask=inb)
 
 
-def _block(V):
-    return min(4096, triton.next_power_of_2(V))
+def _block(V, cap):
+    """Vocabulary lanes per block: a power of two, at most `cap` (with 8 warps, 2048 fp32 lanes are 8
+    values per thread per live tensor; the old 4096 with 4 warps spilled registers in the KL kernel,
+    which keeps ~6 such tensors live; neither figure is measured on a GPU yet: bench/gpu_check.sh)."""
+    return min(cap, triton.next_power_of_2(V))
+
+
+NUM_WARPS = 8
 
 
 def _logprob_rows_triton(z, y, g):
@@ -324,10 +338,12 @@ def _logprob_rows_triton(z, y, g):
     # expanded, stride-0 tensor). Without g the pointer gets `lp`; GRAD=False keeps it unread.
     y = y.contiguous()
     if callable(g):  # weights from the log-probs: values first, then the gradient pass
-        _logprob_rows_kernel[(C,)](z, z.stride(0), y, lp, lp, V, BLOCK=_block(V), GRAD=False)
+        _logprob_rows_kernel[(C,)](z, z.stride(0), y, lp, lp, V, BLOCK=_block(V, 2048), GRAD=False,
+                                   num_warps=NUM_WARPS)
         g = g(lp)
     g_ = lp if g is None else g.contiguous()
-    _logprob_rows_kernel[(C,)](z, z.stride(0), y, g_, lp, V, BLOCK=_block(V), GRAD=g is not None)
+    _logprob_rows_kernel[(C,)](z, z.stride(0), y, g_, lp, V, BLOCK=_block(V, 2048), GRAD=g is not None,
+                               num_warps=NUM_WARPS)
     return lp, (z if g is not None else None)
 
 
@@ -339,7 +355,7 @@ def _kl_rows_triton(zs, zt, kind, beta, g):
     log_1m_beta = math.log1p(-beta) if beta < 1 else 0.0
     g_ = out if g is None else g.contiguous()
     _kl_rows_kernel[(C,)](zs, zt, zs.stride(0), zt.stride(0), g_, out, V, beta, log_beta, log_1m_beta,
-                          KIND=kind_id, BLOCK=_block(V), GRAD=g is not None)
+                          KIND=kind_id, BLOCK=_block(V, 1024), GRAD=g is not None, num_warps=NUM_WARPS)
     return out, (zs if g is not None else None)
 
 # -----------------------------------------------------------------------------
