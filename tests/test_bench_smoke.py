@@ -67,3 +67,15 @@ def test_char_tokenizer_covers_a_262k_vocabulary():
     assert len(tok) == V
     assert tok.encode(text, add_special_tokens=False) == ids
     assert tok.decode(ids) == text
+
+
+def test_gpu_check_logic_runs_on_a_cpu(capsys):
+    """bench/gpu_check.py's rows that have a CPU path (the bf16 sampler head and cached decode, the
+    sampler against transformers) pass on a CPU at small shapes; the CUDA-only ones say skipped."""
+    import gpu_check
+    rows = gpu_check.main(["--device=cpu", "--small=true", "--only=head"]) + \
+        gpu_check.main(["--device=cpu", "--small=true", "--only=sampler"]) + \
+        gpu_check.main(["--device=cpu", "--small=true", "--only=fsdp"])
+    status = {name.split(" ")[0]: ok for name, ok, _, _ in rows}
+    assert status == {"head_logits": True, "sampler": True, "fsdp": "skipped"}, rows
+    assert "| head_logits bf16 + cached GQA decode | ok |" in capsys.readouterr().out
