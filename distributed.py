@@ -144,13 +144,12 @@ def all_sum(t):
     return t
 
 
-def chunks(rows, size):
-    """(rows[i:i + size], real) over a rank's rows, the same number of chunks on every rank (the
-    global maximum: a sharded forward is a collective); a rank past its rows gets (rows[:1], False)
-    or, with no rows at all, ([0], False): the caller runs it and drops the result."""
-    for i in range(global_max(-(-len(rows) // size))):
-        part = rows[i * size:(i + 1) * size]
-        yield (part, True) if part else (rows[:1] or [0], False)
+def in_step(groups, fallback=(0,)):
+    """(group, real) for each of a rank's groups of rows, the same number on every rank (the
+    global maximum: a sharded forward is a collective); a rank past its groups gets
+    (fallback, False): the caller runs it and drops the result."""
+    for i in range(global_max(len(groups))):
+        yield (groups[i], True) if i < len(groups) else (list(fallback), False)
 
 
 def global_max(n, op="max"):

@@ -173,6 +173,41 @@ def train_loss(model, loss, share):
     return loss + model.router_aux_loss().to(loss.device) * share
 
 
+def micro_batches(mask, micro_batch, max_tokens=0):
+    """
+    The rows of each micro-batch: slices of micro_batch consecutive rows, or, with max_tokens,
+    rows packed by length: sorted longest first, each micro-batch as many rows (at most
+    micro_batch) as fit in max_tokens once padded to its longest row (a row longer than that
+    goes alone). Answers of 2k..64k tokens then take ~mean/max as many forward/backward
+    passes as one row each (the 30B presets: every pass of an offloaded optimizer moves the
+    fp32 shards host<->GPU once). Rows are index tensors then (adv_fn and logp_out take them).
+    """
+    R = mask.shape[0]
+    if not max_tokens:
+        return [slice(i, min(i + micro_batch, R)) for i in range(0, R, micro_batch)]
+    # each row's width as pg_update cuts it: its last response token's position + 2 (2 if none)
+    used = torch.where(mask.any(1), mask.long().cumsum(1).argmax(1) + 2, 2)
+    order = torch.argsort(used, descending=True, stable=True).tolist()
+    out, cur = [], []
+    for r in order:
+        if cur and (len(cur) + 1) * int(used[cur[0]]) > max_tokens or len(cur) == micro_batch:
+            out.append(torch.tensor(sorted(cur), device=mask.device))
+            cur = []
+        cur.append(r)
+    if cur:
+        out.append(torch.tensor(sorted(cur), device=mask.device))
+    return out
+
+
+def row_groups(mask, rows, cfg):
+    """micro_batches() over `rows` (indices into mask): lists of those indices, one per forward;
+    the teachers' and the reference model's prefills use them too, so no forward of any model
+    holds more rows or padded tokens than a training micro-batch."""
+    groups = micro_batches(mask[rows], cfg.micro_batch, getattr(cfg, "micro_batch_tokens", 0))
+    idx = list(range(len(rows)))
+    return [[rows[j] for j in (idx[g] if isinstance(g, slice) else g.tolist())] for g in groups]
+
+
 def pg_update(model, batch, adv_fn, cfg, micro_batch=64, kl_coef=0.0, logp_out=None):
     """
     The policy-gradient update shared by RL and MOPD: for each micro-batch of rows, the
@@ -185,19 +220,20 @@ def pg_update(model, batch, adv_fn, cfg, micro_batch=64, kl_coef=0.0, logp_out=N
 
     batch: dict with tokens [R, L], mask [R, L-1] (response tokens), old_logp [R, L-1] (the
     sampler's log-probs); optional ref_logp [R, L-1] for a k3 KL penalty weighted by kl_coef.
-    cfg fields used: temperature, ratio_mode, eps_low, eps_high, loss_agg, max_new_tokens.
+    cfg fields used: temperature, ratio_mode, eps_low, eps_high, loss_agg, max_new_tokens, and
+    micro_batch_tokens if it has one (micro_batches: rows packed by length).
     Under torchrun each rank passes its own rows; the loss is normalised by the whole batch's
     counts over all ranks, and the metrics are sums over all ranks.
     Returns a dict of metrics (means over the batch).
     """
     tokens, mask, old = batch["tokens"], batch["mask"], batch["old_logp"]
-    R = tokens.shape[0]
     num_seqs, n_tok = batch_counts(mask)
     sums = torch.zeros(5, dtype=torch.float64, device=mask.device)  # loss, clipped, ratio, |ratio-1|, kl
     scale = distributed.grad_scale()
-    for i in range(distributed.global_max(-(-R // micro_batch))):
-        dummy = i * micro_batch >= R  # this rank has no rows left: a zero-weight pass keeps FSDP in step
-        rows = slice(0, 1) if dummy else slice(i * micro_batch, min((i + 1) * micro_batch, R))
+    groups = micro_batches(mask, micro_batch, getattr(cfg, "micro_batch_tokens", 0))
+    for i in range(distributed.global_max(len(groups))):
+        dummy = i >= len(groups)  # this rank has no rows left: a zero-weight pass keeps FSDP in step
+        rows = slice(0, 1) if dummy else groups[i]
         m = mask[rows]
         # drop right padding that no row of this micro-batch uses
         width = int(m.any(0).nonzero().max()) + 2 if m.any() else 2

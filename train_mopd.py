@@ -78,11 +78,11 @@ PRESETS = {
     # student and teachers, 2048 prompts x 1 rollout per step, mix 0.35/0.35/0.30, 32k tokens.
     # Give --init, --teacher and --domains=math:FILE,if:FILE,code:FILE (+ --data_dir).
     "qwen3-30b-a3b-8xh100": dict(steps=200, prompts_per_step=2048, n=1, max_new_tokens=32768,
-                                 domain_weights="0.35,0.35,0.3", lr=1e-6, min_lr=1e-6, micro_batch=1,
+                                 domain_weights="0.35,0.35,0.3", lr=1e-6, min_lr=1e-6,
                                  eval_every=20, eval_limit=256, ckpt_every=10, exact_kl_rows=2, exact_kl_every=20,
                                  bf16=True, activation_checkpointing=True, optimizer_offload=True,
                                  teacher_dtype="bfloat16", rollout_engine="vllm", engine_tp=4, engine_memory=0.6,
-                                 rollout_cache_gib=24),
+                                 rollout_cache_gib=24, micro_batch=64, micro_batch_tokens=65536),
 }
 LOSSES = ("pg", "topk", "reverse_kl", "forward_kl", "jsd")
 # refused as soon as the command line is read, before anything loads (config.check): the
@@ -113,9 +113,9 @@ def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step, engine=Non
     # every loss; update_s: the update's other seconds
     s0 = teachers.seconds
     t_logp = torch.zeros_like(mu)
-    if cfg.loss == "pg":  # micro_batch rows per prefill (its activations are bounded like training's)
+    if cfg.loss == "pg":  # prefills of training's micro-batch size (mopd.row_groups: rows and padded tokens)
         for d, rows, real in each_domain(groups, names):
-            for part, ok in distributed.chunks(rows if real else [], cfg.micro_batch):
+            for part, ok in distributed.in_step(mopd.row_groups(mask, rows, cfg) if real else []):
                 lp = teachers.score(d, tokens[part], mask[part], "logprobs", cfg.temperature)
                 if ok:
                     t_logp[part] = lp

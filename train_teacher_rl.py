@@ -34,7 +34,7 @@ import checkpoint
 import distributed
 from config import cli, merge_limits, parse_config, print_config
 from evaluate import evaluate
-from mopd import check_objective, group_advantages, pg_update, policy_logprobs
+from mopd import check_objective, group_advantages, pg_update, policy_logprobs, row_groups
 from rollout import sample_and_reward
 from tasks import get_domains
 from teachers import load_frozen
@@ -66,9 +66,10 @@ PRESETS = {
     "smol_mix_all": dict(SMOL, steps=30),   # ... with MOPD's + both teachers' (320 + 2 x 320)
     # a domain teacher from Qwen3-30B-A3B on one 8xH100 node: 256 prompts x 8 samples per step
     "qwen3-30b-a3b-8xh100": dict(steps=300, prompts_per_step=256, n=8, max_new_tokens=32768, lr=1e-6, min_lr=1e-6,
-                                 micro_batch=1, eval_every=20, eval_limit=256, ckpt_every=10, bf16=True,
+                                 eval_every=20, eval_limit=256, ckpt_every=10, bf16=True,
                                  activation_checkpointing=True, optimizer_offload=True, rollout_engine="vllm",
-                                 engine_tp=4, engine_memory=0.6, rollout_cache_gib=24),
+                                 engine_tp=4, engine_memory=0.6, rollout_cache_gib=24, micro_batch=64,
+                                 micro_batch_tokens=65536),
 }
 # refused as soon as the command line is read, before anything loads (config.check): the
 # options shared with train_mopd.py (train_utils.ON_POLICY_LIMITS) and this script's own; the
@@ -104,8 +105,8 @@ def rl_step(model, opt, tok, domains, weights, cfg, step, ref=None, engine=None)
     t_ref = time.time()
     if ref is not None:
         batch["ref_logp"] = torch.zeros_like(batch["old_logp"])
-        with torch.no_grad():  # micro_batch rows per forward, like the update's
-            for part, ok in distributed.chunks(list(range(len(roll.tokens))), cfg.micro_batch):
+        with torch.no_grad():  # forwards of the update's micro-batch size (mopd.row_groups)
+            for part, ok in distributed.in_step(row_groups(batch["mask"], list(range(len(roll.tokens))), cfg)):
                 lp = policy_logprobs(ref, roll.tokens[part], batch["mask"][part], cfg.temperature)
                 if ok:
                     batch["ref_logp"][part] = lp

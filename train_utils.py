@@ -66,6 +66,8 @@ class OnPolicyConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch: int = 256
+    micro_batch_tokens: int = 0    # pack rows by length into micro-batches of <= this many padded tokens
+                                   #   (at most micro_batch rows each; 0 = micro_batch rows each)
     # bookkeeping
     eval_every: int = 25
     eval_limit: int = 200
@@ -91,7 +93,7 @@ class OnPolicyConfig:
 # the shared options' limits (config.check: refused as soon as the command line is read);
 # each script adds its own with config.merge_limits
 ON_POLICY_LIMITS = {">= 1": "n steps prompts_per_step max_new_tokens micro_batch eval_every ckpt_every engine_tp",
-                    ">= 0": "min_lr warmup weight_decay eval_limit rollout_cache_gib",
+                    ">= 0": "min_lr warmup weight_decay eval_limit rollout_cache_gib micro_batch_tokens",
                     "> 0": "lr grad_clip temperature",
                     "one of " + " ".join(RATIO_MODES): "ratio_mode",
                     "one of " + " ".join(LOSS_AGGS): "loss_agg",

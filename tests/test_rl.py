@@ -245,13 +245,15 @@ def test_k3_penalty_reaches_the_gradient(hf_dirs):
     assert any(a.abs().max() > 0 for a in g) and out["kl"] > 0
 
 
+@pytest.mark.parametrize("packed", [0, 20])
 @pytest.mark.parametrize("ratio_mode,eps_low,eps_high", [("clip", 0.2, 0.28), ("band", 0.5, 2.0)])
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
-def test_pg_update_is_the_gradient_of_the_batch_loss(ratio_mode, eps_low, eps_high, loss_agg, monkeypatch):
+def test_pg_update_is_the_gradient_of_the_batch_loss(ratio_mode, eps_low, eps_high, loss_agg, packed, monkeypatch):
     """pg_update (the loss fused into the log-prob kernel, micro-batch by micro-batch, padding
     trimmed) gives the gradient of the plain whole-batch loss: MOPD's advantage, which depends
     on log pi_theta, ratios on both sides of the clip / band, a k3 penalty, rows of different
-    lengths. The truth is the plain loss on a float64 copy of the model; ours may miss it by
+    lengths; packed: rows grouped by length into micro-batches of <= 20 padded tokens
+    (micro_batch_tokens; here [0], [2, 4], [1, 3]: non-contiguous rows). The truth is the plain loss on a float64 copy of the model; ours may miss it by
     twice what the plain loss in fp32 does (tests/test_kernels.py's errors())."""
     from types import SimpleNamespace
 
@@ -262,7 +264,7 @@ def test_pg_update_is_the_gradient_of_the_batch_loss(ratio_mode, eps_low, eps_hi
     mcfg = ModelConfig(arch="qwen3", vocab_size=256, hidden_size=16, intermediate_size=32, num_layers=2,
                        num_heads=2, num_kv_heads=1, head_dim=8)
     cfg = SimpleNamespace(temperature=0.9, ratio_mode=ratio_mode, eps_low=eps_low, eps_high=eps_high,
-                          loss_agg=loss_agg, max_new_tokens=8)
+                          loss_agg=loss_agg, max_new_tokens=8, micro_batch_tokens=packed)
     g = torch.Generator().manual_seed(5)
     R, L = 5, 12
     tokens = torch.randint(0, 256, (R, L), generator=g)
@@ -306,6 +308,27 @@ def test_pg_update_is_the_gradient_of_the_batch_loss(ratio_mode, eps_low, eps_hi
     check(ours, (truth, fp32), mcfg.vocab_size)
     assert 0 < out["clip_frac"] < 1 and out["kl"] > 0  # both sides of the trust region were exercised
     torch.testing.assert_close(logp, lp64.float(), rtol=0, atol=1e-5)  # logp_out: log pi_theta, every row
+    if packed:
+        from mopd import micro_batches
+        assert [g.tolist() for g in micro_batches(mask, 2, packed)] == [[0], [2, 4], [1, 3]]
+
+
+def test_micro_batches_pack_rows_by_length_within_the_budget():
+    from mopd import micro_batches
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(40, 99, dtype=torch.bool)
+    for r, n in enumerate(torch.randint(1, 90, (40,), generator=g).tolist()):
+        mask[r, 8:8 + n] = True
+    mask[7] = False  # a row with no response token
+    width = lambda rows: int(mask[rows].any(0).nonzero().max()) + 2 if mask[rows].any() else 2  # noqa: E731
+    for budget, cap in [(300, 64), (1000, 64), (1000, 3), (50, 64)]:
+        groups = micro_batches(mask, cap, budget)
+        assert sorted(r for grp in groups for r in grp.tolist()) == list(range(40))  # each row once
+        for grp in groups:
+            assert len(grp) <= cap and (len(grp) == 1 or len(grp) * width(grp) <= budget), (budget, grp)
+        if budget == 1000 and cap == 64:
+            assert len(groups) < 40 // 3  # packed: far fewer passes than rows
+    assert micro_batches(mask, 16, 0) == [slice(0, 16), slice(16, 32), slice(32, 40)]
 
 
 def test_reference_log_probs_run_in_micro_batches(tiny_base, monkeypatch):
