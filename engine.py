@@ -238,7 +238,9 @@ class Engine:
         self.tmp = os.path.join(tempfile.gettempdir(), f"mopd_engine_{tag}_{self.number}_{self.restarts}")
         model.save_pretrained(self.tmp)
         distributed.barrier()
+        keep, self.tmp = self.tmp, None  # close() removes self.tmp: not the copy just saved
         self.close()
+        self.tmp = keep
         self.llm = self._start(self.tmp)
         if old:
             shutil.rmtree(old, ignore_errors=True)
@@ -265,6 +267,8 @@ class Engine:
                 pass
             self.llm = None
             gc.collect()
+        if getattr(self, "tmp", None) and distributed.world()[0] == 0:  # the saved copy a restart loaded
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ---- teacher scoring --------------------------------------------------------------------
 

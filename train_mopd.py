@@ -55,6 +55,10 @@ class Config(OnPolicyConfig):  # the options shared with train_teacher_rl.py: tr
     beta: float = 0.5              # jsd mixture (0 = forward KL, 1 = reverse KL)
     exact_kl_rows: int = 8         # rows per domain on which the exact full-vocab KL is logged (0 = off)
     exact_kl_every: int = 10       # ... every this many steps (it costs two extra forwards)
+    # the domain mixture
+    domain_mix: str = "fixed"      # fixed: --domain_weights; adaptive: each domain in proportion to its remaining gap
+                                   #   to its teacher (an average of its recent kl_est), see adaptive_mixture
+    mix_floor: float = 0.25        # adaptive: every domain keeps at least this fraction of the uniform share
     # MOPD's defaults of shared options (each keeps its place in --help)
     out_dir: str = "out/toy/mopd"
     domains: str = "rev,sort,inc"  # tasks.get_domains spec, each domain with its teacher in --teacher
@@ -91,7 +95,8 @@ LOSSES = ("pg", "topk", "reverse_kl", "forward_kl", "jsd")
 LIMITS = merge_limits(ON_POLICY_LIMITS, {">= 1": "topk exact_kl_every", ">= 0": "orm_alpha exact_kl_rows",
                                           "> 0": "adv_clip", "in [0, 1]": "beta", "one of " + " ".join(LOSSES): "loss",
                                           "one of float32 bfloat16 float16": "teacher_dtype",
-                                          "one of native vllm": "teacher_engine"})
+                                          "one of native vllm": "teacher_engine",
+                                          "one of fixed adaptive": "domain_mix", "in [0, 1]": "mix_floor"})
 
 
 def mopd_step(model, opt, tok, domains, weights, teachers, cfg, step, engine=None):
@@ -210,6 +215,44 @@ def exact_reverse_kl(model, teachers, domain, tokens, mask, temperature):
     return k.sum().item()
 
 
+MIX_DECAY = 0.7  # adaptive mixture: the weight of the past in each domain's gap estimate (~3 steps)
+
+
+def adaptive_mixture(gap, names, floor):
+    """
+    The headroom-adaptive mixture: sample domain d with probability
+        w_d = floor / D + (1 - floor) * g_d / sum_e g_e,
+    g_d = an exponential average of d's kl_est, the sampled reverse KL to its own teacher per
+    response token (what MOPD drives to 0: the remaining gap). A domain already at its teacher
+    gets only its floor; one far behind gets most of the batch. Until every domain has a
+    gap estimate (or when all gaps are 0), the uniform mixture.
+    """
+    if any(d not in gap for d in names) or sum(max(gap[d], 0.0) for d in names) <= 0:
+        return [1.0] * len(names)
+    tot = sum(max(gap[d], 0.0) for d in names)
+    return [floor / len(names) + (1 - floor) * max(gap[d], 0.0) / tot for d in names]
+
+
+def update_gap(gap, by_domain):
+    """One step's kl_est per domain into the running gaps (a domain with no row this step keeps its own)."""
+    for d, m in by_domain.items():
+        gap[d] = m["kl_est"] if d not in gap else MIX_DECAY * gap[d] + (1 - MIX_DECAY) * m["kl_est"]
+
+
+def replay_gap(out_dir, start):
+    """The gaps after step `start` of a resumed run, from its own metrics log: resume is exact."""
+    import json
+    import os
+    gap, path = {}, os.path.join(out_dir + ".log", "metrics.jsonl")
+    if start and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                if "by_domain" in row and row.get("step", 0) <= start:
+                    update_gap(gap, row["by_domain"])
+    return gap
+
+
 def teacher_engine_options(cfg):
     """Teachers' engine settings for --teacher_engine=vllm (None: the native prefill); what the
     engine cannot give the loss was refused by check_start (engine.check)."""
@@ -245,9 +288,15 @@ def main(argv=None):
         engine = make_engine(cfg, model)  # None: the native sampler (rollout.generate)
         run.begin(start)
         flat = 0  # with --orm_alpha: consecutive steps in which every ORM group was all-equal
+        names = [d.name for d in domains]
+        gap = replay_gap(cfg.out_dir, start) if cfg.domain_mix == "adaptive" else {}
         for step in range(start, cfg.steps):
             lr = set_lr(opt, cfg, step)
-            row = {"step": step + 1, "lr": lr, **mopd_step(model, opt, tok, domains, weights, teachers, cfg, step, engine)}
+            mix = adaptive_mixture(gap, names, cfg.mix_floor) if cfg.domain_mix == "adaptive" else weights
+            row = {"step": step + 1, "lr": lr, **mopd_step(model, opt, tok, domains, mix, teachers, cfg, step, engine)}
+            if cfg.domain_mix == "adaptive":
+                update_gap(gap, row["by_domain"])
+                row["mix"] = {d: w / sum(mix) for d, w in zip(names, mix)}
             run.check_finite(row)  # NaN/Inf loss or gradient: stop, the last checkpoint stays the last good one
             if due(step, cfg.eval_every, cfg.steps):
                 t_eval = time.time()

@@ -215,3 +215,48 @@ def test_teacher_scoring_runs_in_micro_batches(toy, tmp_path, monkeypatch):
         kl[mb] = json.loads(open(out + ".log/metrics.jsonl").readline())["kl_est"]
         assert max(sizes) <= mb and sum(sizes) == 8, (mb, sizes)  # the tiny preset's 8 rows, each scored once
     assert abs(kl[3] - kl[256]) < 1e-6, kl
+
+
+def test_adaptive_mixture_math():
+    from train_mopd import MIX_DECAY, adaptive_mixture, update_gap
+    names = ["a", "b", "c"]
+    assert adaptive_mixture({}, names, 0.25) == [1.0, 1.0, 1.0]  # no estimate yet: uniform
+    w = adaptive_mixture({"a": 0.3, "b": 0.1, "c": -0.02}, names, 0.25)  # a negative estimate is a gap of 0
+    assert w == pytest.approx([0.25 / 3 + 0.75 * 0.75, 0.25 / 3 + 0.75 * 0.25, 0.25 / 3]) and sum(w) == pytest.approx(1)
+    gap = {}
+    update_gap(gap, {"a": {"kl_est": 0.4}})
+    update_gap(gap, {"a": {"kl_est": 0.2}, "b": {"kl_est": 0.1}})
+    assert gap == pytest.approx({"a": MIX_DECAY * 0.4 + (1 - MIX_DECAY) * 0.2, "b": 0.1})
+
+
+def test_adaptive_mixture_samples_the_domain_behind_and_resumes_exactly(toy, tmp_path, monkeypatch):
+    """--domain_mix=adaptive: rev's teacher is S0 itself (no gap: KL 0), sort's a perturbed S0.
+    From step 2 on, sort gets most prompts and rev about its floor; killed after step 2 and
+    resumed, the run is the one never killed (the gaps are replayed from the metrics log)."""
+    import train_mopd
+    from model import Transformer
+    seen = []
+    real = train_mopd.sample_and_reward
+
+    def spy(model, tok, domains, weights, cfg, step, engine=None):
+        out = real(model, tok, domains, weights, cfg, step, engine)
+        seen.append((step, [e.domain for e in out[1]]))
+        return out
+    monkeypatch.setattr(train_mopd, "sample_and_reward", spy)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--preset=tiny", f"--init={toy['base']}", "--domains=rev,sort", "--prompts_per_step=32",
+              f"--teacher=rev={toy['base']},sort={toy['sort']}", "--steps=4", "--domain_mix=adaptive",
+              "--mix_floor=0.2", "--exact_kl_rows=0"]
+    train_mopd.main(common + [f"--out_dir={a}"])
+    rows = [json.loads(line) for line in open(a + ".log/metrics.jsonl")]
+    for r in rows[1:]:
+        assert r["mix"]["sort"] > 0.8 and r["mix"]["rev"] < 0.2, r["mix"]  # rev's gap ~0: its floor, 0.1
+    counts = [doms.count("rev") for step, doms in seen if step >= 1]
+    assert sum(counts) < 0.25 * 3 * 32, counts  # uniform would give ~48 of 96
+    with killed_after_step(2):
+        train_mopd.main(common + [f"--out_dir={b}"])
+    train_mopd.main(common + [f"--out_dir={b}", "--resume=true"])
+    rb = [json.loads(line) for line in open(b + ".log/metrics.jsonl")]
+    assert [r["mix"] for r in rb] == [r["mix"] for r in rows]
+    wa, wb = Transformer.from_pretrained(a).state_dict(), Transformer.from_pretrained(b).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

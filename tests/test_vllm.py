@@ -178,9 +178,12 @@ def _moe_check(moe_dir):
         assert synced.response_ids == generate(model, prompts, 12, temperature=0).response_ids
         err = ((_lp(model, synced.tokens) - synced.logprobs[:, 1:]) * synced.response_mask[:, 1:]).abs().max()
         assert err <= TOL, err
-        print("MOE OK")
+        saved = e.tmp
+        assert bool(saved and os.path.isdir(saved)) == e.restart  # on a CPU: the copy the new engine loaded
     finally:
         e.close()
+    assert not (saved and os.path.exists(saved))  # and close() removes it
+    print("MOE OK")
 
 
 def test_teacher_scoring_equals_teachers_score(s0):
