@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Headroom-adaptive vs fixed domain mixture (issue 14) on the digit toy: the same S0 and RL
+# teachers (runs/estimators.sh's, trained here if missing), MOPD (pg) with the uniform mixture
+# and with --domain_mix=adaptive, held-out evals every 10 steps (640 samples); measured as the
+# samples until every domain is at >= 90% of its headroom at once (runs/mixture_report.py).
+#
+#   bash runs/mixture.sh                     # seeds 0 1 2, two side by side at one thread each
+#   EST=out/estimators: where S0 and teachers live (seedN/base, seedN/teacher_D)
+#   OUT=out/mixture; then docs/mixture.md and docs/mixture/seedN.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EST=${EST:-out/estimators}
+OUT=${OUT:-out/mixture}
+DOMAINS=${DOMAINS:-rev,sort,inc}
+SEED_LIST=${SEED_LIST:-"0 1 2"}
+PARALLEL=${PARALLEL:-2}
+STEPS=${STEPS:-200}
+PY=${PY:-python}
+export PYTHONUNBUFFERED=1
+doms=${DOMAINS//,/ }
+t_start=$(date +%s)
+say() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
+
+one_seed() {
+  local seed=$1 e=$EST/seed$1 o=$OUT/seed$1
+  export OMP_NUM_THREADS=1
+  mkdir -p "$o" "$e"
+  run() { local dir=$1 name=$2; shift 2; [ -f "$dir/$name.done" ] && return 0; say "seed $seed: $name"
+          "$PY" "$@" --overwrite=true > "$dir/$name.txt" 2>&1 || { tail -20 "$dir/$name.txt"; return 1; }
+          touch "$dir/$name.done"; }
+  run "$e" base train_sft.py --preset=toy_base --seed=$seed --out_dir=$e/base
+  local same=""
+  for d in $doms; do
+    run "$e" teacher_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$e/base --domains=$d --out_dir=$e/teacher_$d
+    same+="$d=$e/teacher_$d,"
+  done
+  same=${same%,}
+  for mix in fixed adaptive; do
+    run "$o" mopd_$mix train_mopd.py --preset=toy --seed=$seed --init=$e/base --domains=$DOMAINS --teacher=$same \
+        --out_dir=$o/mopd_$mix --domain_mix=$mix --steps=$STEPS --eval_every=10 --ckpt_every=1000
+  done
+}
+
+mkdir -p "$OUT"
+pids=()
+for seed in $SEED_LIST; do
+  one_seed "$seed" > "$OUT.seed$seed.txt" 2>&1 &
+  pids+=($!)
+  while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 5; done
+done
+fail=0
+for p in "${pids[@]}"; do wait "$p" || fail=1; done
+[ $fail = 0 ] || { echo "a seed failed: see $OUT.seed*.txt" >&2; exit 1; }
+say "all seeds done"
+"$PY" runs/mixture_report.py --out_dir=$OUT --est_dir=$EST --domains=$DOMAINS
+say "done: docs/mixture.md"

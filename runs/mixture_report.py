@@ -1,0 +1,130 @@
+"""
+The report of runs/mixture.sh: headroom-adaptive vs fixed domain mixture in MOPD.
+
+Per seed: S0's and each teacher's held-out accuracy on its own domain, measured exactly as the
+training runs' evals are (evaluate.evaluate, the same limit, samples and max_new_tokens), then
+from each MOPD run's eval curve (every 10 steps) the samples until *every* domain is at
+>= 90% of its headroom at once (S0 + 0.9 (T - S0)), and each domain's own first crossing.
+Writes docs/mixture/seedN.json (the numbers) and docs/mixture.md (mean +- sd over seeds);
+--from_docs=true rebuilds the table from those committed files alone.
+
+    python runs/mixture_report.py --out_dir=out/mixture --est_dir=out/estimators
+"""
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from config import cli, parse_config  # noqa: E402
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+FRAC = 0.9
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/mixture"     # runs/mixture.sh's OUT (seedN/mopd_{fixed,adaptive})
+    est_dir: str = "out/estimators"  # where S0 and the teachers are (seedN/base, seedN/teacher_D)
+    domains: str = "rev,sort,inc"
+    from_docs: bool = False          # rebuild docs/mixture.md from docs/mixture/seed*.json only
+
+
+def curve(log):
+    return [json.loads(line) for line in open(log) if '"eval"' in line]
+
+
+def first_all(rows, need):
+    """Samples at the first eval where every domain is at or above its need; None if never."""
+    for r in rows:
+        if all(r["eval"].get(d, -1) >= v for d, v in need.items()):
+            return r["samples"]
+    return None
+
+
+def first_each(rows, need):
+    return {d: next((r["samples"] for r in rows if r["eval"].get(d, -1) >= v), None) for d, v in need.items()}
+
+
+def measure_seed(cfg, seed):
+    import evaluate
+    import train_mopd
+    from model import Transformer, load_tokenizer
+    from tasks import get_domains
+    e = os.path.join(cfg.est_dir, f"seed{seed}")
+    doms = get_domains(cfg.domains)
+    mc = train_mopd.Config()
+    kw = dict(max_new_tokens=mc.max_new_tokens, limit=mc.eval_limit)  # what the runs' evals use
+    tok = load_tokenizer(os.path.join(e, "base"))
+    base = evaluate.evaluate(Transformer.from_pretrained(os.path.join(e, "base")), tok, doms, **kw)
+    teacher = {d.name: evaluate.evaluate(Transformer.from_pretrained(os.path.join(e, f"teacher_{d.name}")), tok,
+                                         [d], **kw)[d.name] for d in doms}
+    need = {d: base[d] + FRAC * (teacher[d] - base[d]) for d in teacher}
+    out = {"seed": seed, "S0": base, "teacher": teacher, "need": need, "runs": {}}
+    for mix in ("fixed", "adaptive"):
+        log = os.path.join(cfg.out_dir, f"seed{seed}", f"mopd_{mix}.log", "metrics.jsonl")
+        rows = curve(log)
+        out["runs"][mix] = {"samples_all": first_all(rows, need), "samples_each": first_each(rows, need),
+                            "final": rows[-1]["eval"], "steps": rows[-1]["step"],
+                            "curve": [(r["samples"], r["eval"]) for r in rows]}
+    return out
+
+
+def fmt(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "never"
+    return f"{statistics.mean(xs):,.0f} ± {statistics.stdev(xs):,.0f}" if len(xs) > 1 else f"{xs[0]:,}"
+
+
+def write_md(seeds, domains):
+    lines = ["# Adaptive vs fixed domain mixture (runs/mixture.sh)", "",
+             f"Samples (sampled responses) until every domain is at >= {FRAC:.0%} of its headroom at once "
+             f"(S0 + {FRAC} (teacher - S0), held-out evals every 10 steps = 640 samples); mean ± sd over "
+             f"{len(seeds)} seeds; 'never' if not within the run.", "",
+             "| mixture | samples to 90% (all domains) | per seed | " + " | ".join(f"{d} first" for d in domains)
+             + " |", "|---|---|---|" + "---|" * len(domains)]
+    for mix in ("fixed", "adaptive"):
+        per = [s["runs"][mix]["samples_all"] for s in seeds]
+        each = [fmt([s["runs"][mix]["samples_each"][d] for s in seeds]) for d in domains]
+        lines.append(f"| {mix} | {fmt(per)} | {', '.join('never' if x is None else f'{x:,}' for x in per)} | "
+                     + " | ".join(each) + " |")
+    lines += ["", "| seed | " + " | ".join(f"S0 / teacher {d}" for d in domains) + " |",
+              "|---|" + "---|" * len(domains)]
+    for s in seeds:
+        lines.append(f"| {s['seed']} | " + " | ".join(f"{s['S0'][d]:.3f} / {s['teacher'][d]:.3f}" for d in domains)
+                     + " |")
+    lines += ["", "Final held-out accuracy (last eval):", "", "| mixture | seed | " + " | ".join(domains) + " |",
+              "|---|---|" + "---|" * len(domains)]
+    for mix in ("fixed", "adaptive"):
+        for s in seeds:
+            lines.append(f"| {mix} | {s['seed']} | " + " | ".join(f"{s['runs'][mix]['final'][d]:.3f}" for d in domains)
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv)
+    domains = cfg.domains.split(",")
+    os.makedirs(os.path.join(DOCS, "mixture"), exist_ok=True)
+    if cfg.from_docs:
+        files = sorted(f for f in os.listdir(os.path.join(DOCS, "mixture")) if f.startswith("seed"))
+        seeds = [json.load(open(os.path.join(DOCS, "mixture", f))) for f in files]
+    else:
+        seeds = []
+        for name in sorted(os.listdir(cfg.out_dir)):
+            if name.startswith("seed") and os.path.isdir(os.path.join(cfg.out_dir, name)):
+                s = measure_seed(cfg, int(name[4:]))
+                with open(os.path.join(DOCS, "mixture", f"{name}.json"), "w") as f:
+                    json.dump(s, f, indent=1)
+                seeds.append(s)
+    md = write_md(seeds, domains)
+    with open(os.path.join(DOCS, "mixture.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    cli(main)
