@@ -64,18 +64,23 @@ def tiny_model(hf_dirs):
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """A tiny S0 and two 'teachers' (S0 with perturbed weights) for domains rev and sort."""
+    return build_toy(tmp_path_factory.mktemp("mopd"))
+
+
+def build_toy(root, sft_args=(), noise=0.05):
+    """{"base": S0, "rev": teacher, "sort": teacher} under root: the tiny preset's S0 (10 SFT steps,
+    sft_args appended) and, per domain, S0 with independent weight noise of std `noise`."""
     import train_sft
     from model import Transformer
-    root = tmp_path_factory.mktemp("mopd")
     base = str(root / "base")
-    train_sft.main(["--preset=tiny", f"--out_dir={base}", "--domains=rev,sort", "--steps=10"])
+    train_sft.main(["--preset=tiny", f"--out_dir={base}", "--domains=rev,sort", "--steps=10", *sft_args])
     out = {"base": base}
     for i, d in enumerate(("rev", "sort")):
         m = Transformer.from_pretrained(base)
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+                p.add_(torch.randn(p.shape, generator=g) * noise)
         out[d] = m.save_pretrained(root / f"teacher_{d}")
     return out
 

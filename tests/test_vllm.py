@@ -40,19 +40,8 @@ def s0(tmp_path_factory):
     """A tiny trained S0 (head_dim 32: vLLM's CPU attention has no 16), and two teachers: S0
     moved by independent noise (0.1, as tests/test_learning.py's far_teachers), so their KL to S0
     and to each other is well above 0."""
-    import train_sft
-    root = tmp_path_factory.mktemp("vllm")
-    base = str(root / "base")
-    train_sft.main(["--preset=tiny", f"--out_dir={base}", "--domains=rev,sort", "--steps=10", "--head_dim=32"])
-    out = {"base": base}
-    for i, d in enumerate(("rev", "sort")):
-        m = Transformer.from_pretrained(base)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        out[d] = m.save_pretrained(root / f"teacher_{d}")
-    return out
+    from conftest import build_toy
+    return build_toy(tmp_path_factory.mktemp("vllm"), ["--head_dim=32"], noise=0.1)
 
 
 @pytest.fixture(scope="module")
