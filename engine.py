@@ -6,8 +6,9 @@ verl, NeMo-RL, slime): an inference engine generates, the FSDP2 trainer trains, 
 weights go from the trainer to the engine after every update.
 
 - Engine: one vLLM `LLM` inside this process (V1 engine core in-process; under torchrun one
-  engine per rank through vLLM's `external_launcher` executor, so each rank samples its own
-  slice of the prompts, exactly as rollout.sample_and_reward lays them out).
+  engine per --engine_tp ranks through vLLM's `external_launcher` executor; each rank samples
+  its own slice of the prompts, exactly as rollout.sample_and_reward lays them out, the ranks
+  of one engine submitting their group's prompts together).
   - generate(): rollout.generate's contract, a Rollout with rows prompt-major, one request per
     row with its own seed mix_seed(seed, first_prompt + i, j) (a row's stream depends on that
     triple only, not on the batch or the ranks), and the engine's log-probs of the sampled
@@ -22,8 +23,10 @@ weights go from the trainer to the engine after every update.
     whole copy of the model. On a GPU the engine sleeps while the trainer works (sleep level 2:
     its weights and KV cache leave GPU memory; sync wakes the weights, then the KV cache).
     Where in-place reload is wrong (vLLM's CPU MoE backend repacks experts at load time and
-    reloads them garbled: error ~7 nats, tests/test_vllm.py), sync saves the model and starts
-    a fresh engine from that directory instead (SYNC_BY_RESTART; seconds for a tiny model).
+    reloads them garbled: log-probs off by nats), sync saves the model and starts a fresh engine
+    from that directory instead (Engine.restart; seconds for a tiny model). With tied
+    embeddings the reload skips lm_head, whose processed copy is then redone
+    (_reprocess_tied_lm_head).
   - score(): a teacher's prompt log-probs on the student's sequences: the log-prob of each
     sampled token (the PG signal) and the teacher's top-k (Eq. 5, k <= max_logprobs = 64).
     Prefill only; the exact-KL losses need the teacher's hidden states and stay native.
@@ -45,10 +48,10 @@ import torch
 import distributed
 from rollout import Rollout, mix_seed
 
-# vLLM's CPU attention kernels take only these head sizes (others raise, and the engine then
-# hangs): refused up front on a CPU
 _NUMBERS = itertools.count()
 _KIND = {}  # {"moe": bool} of this process's first engine
+# vLLM's CPU attention kernels take only these head sizes (others raise, and the engine then
+# hangs): refused up front on a CPU
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -182,6 +185,7 @@ class Engine:
                 reqs.append(TokensPrompt(prompt_token_ids=list(p)))
                 params.append(SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, logprobs=0,
                                              seed=mix_seed(seed, first_prompt + i, j) % 2**63,
+                                             # our stop ids, and only those (the engine has no tokenizer)
                                              stop_token_ids=list(stop_token_ids), ignore_eos=True))
         outs = self.llm.generate(reqs, params, use_tqdm=False)
         rows = [o.outputs[0] for o in outs]
