@@ -453,6 +453,9 @@ def print_throughput(cfg, mc, s):
         + f"{tp['rows']} rows in flight -> {tp['step_ms']:.1f} ms/step",
         f"host<->GPU {cfg.pcie_gbps:g} GB/s, host memory {cfg.host_gbps:g} GB/s per rank, FSDP collectives "
         f"{cfg.nvlink_gbps:g} GB/s (all assumed)",
+        *([f"weight sync = every fp32 tensor all-gathered (4N (W-1)/W over NVLink) + the engine's bf16 write "
+           f"(2N/TP at HBM speed){' + the offloaded shards copied in (4*Nr over PCIe)' if cfg.optimizer_offload else ''}; "
+           f"sleep/wake (level 2) taken as free"] if cfg.rollout_engine == "vllm" else []),
         f"mean prompt {cfg.prompt_mean} + response {cfg.response_mean} tokens (assumed), "
         f"{tp['sequences']:.0f} sequences/GPU/step, {tp['micro_batches']} micro-batches of "
         f"{cfg.micro_batch * cfg.seq_len} tokens",
