@@ -214,7 +214,7 @@ def test_teacher_scoring_runs_in_micro_batches(toy, tmp_path, monkeypatch):
         train_mopd.main(common + [f"--out_dir={out}", f"--micro_batch={mb}"])
         kl[mb] = json.loads(open(out + ".log/metrics.jsonl").readline())["kl_est"]
         assert max(sizes) <= mb and sum(sizes) == 8, (mb, sizes)  # the tiny preset's 8 rows, each scored once
-    assert abs(kl[3] - kl[256]) < 1e-6, kl
+    assert abs(kl[3] - kl[256]) < 1e-5, kl  # fp32 rounding of smaller matmuls only
 
 
 def test_adaptive_mixture_math():

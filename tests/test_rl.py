@@ -361,5 +361,5 @@ def test_reference_log_probs_run_in_micro_batches(tiny_base, monkeypatch):
     b = seen["batch"]
     with torch.no_grad():
         whole = real(ref, b["tokens"], b["mask"], cfg.temperature)
-    torch.testing.assert_close(b["ref_logp"], whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b["ref_logp"], whole, rtol=0, atol=1e-5)  # fp32 rounding of a smaller matmul
     assert (b["ref_logp"] != 0).sum() == b["mask"].sum()
