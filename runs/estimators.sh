@@ -28,15 +28,12 @@ SFT= RL= EVAL=
 if [ "${SMOKE:-0}" = 1 ]; then  # every stage for a step or two: the plumbing only
   SFT="--steps=2 --eval_every=1 --eval_limit=4"; RL="--steps=2 --eval_every=1 --eval_limit=4"; EVAL="--limit=4"
 fi
-t_start=$(date +%s)
-say() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
+. runs/seeds.sh  # step, all_seeds, say
 
 one_seed() {
   local seed=$1 o=$OUT/seed$1
-  export OMP_NUM_THREADS=1
   mkdir -p "$o"
-  run() { local name=$1; shift; [ -f "$o/$name.done" ] && return 0; say "seed $seed: $name"
-          "$PY" "$@" --overwrite=true > "$o/$name.txt" 2>&1 || { tail -20 "$o/$name.txt"; return 1; }; touch "$o/$name.done"; }
+  run() { step "$o" "$@"; }
   run base train_sft.py --preset=toy_base --seed=$seed --out_dir=$o/base $SFT
   run base_other train_sft.py --preset=toy_base --seed=$((seed + 1000)) --out_dir=$o/base_other $SFT
   local same="" other=""
@@ -62,16 +59,6 @@ one_seed() {
   run eval evaluate.py --domains=$DOMAINS --base=$o/base --teacher=$same "${models[@]}" --out=$o/results $EVAL
 }
 
-mkdir -p "$OUT"
-pids=()
-for seed in $SEED_LIST; do
-  one_seed "$seed" > "$OUT.seed$seed.txt" 2>&1 &
-  pids+=($!)
-  while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 5; done
-done
-fail=0
-for p in "${pids[@]}"; do wait "$p" || fail=1; done
-[ $fail = 0 ] || { echo "a seed failed: see $OUT.seed*.txt" >&2; exit 1; }
-say "all seeds done"
+all_seeds one_seed
 "$PY" runs/estimators_report.py --out_dir=$OUT
 say "done: docs/estimators.md"

@@ -18,16 +18,12 @@ STEPS=${STEPS:-200}
 PY=${PY:-python}
 export PYTHONUNBUFFERED=1
 doms=${DOMAINS//,/ }
-t_start=$(date +%s)
-say() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
+. runs/seeds.sh  # step, all_seeds, say
 
 one_seed() {
   local seed=$1 e=$EST/seed$1 o=$OUT/seed$1
-  export OMP_NUM_THREADS=1
   mkdir -p "$o" "$e"
-  run() { local dir=$1 name=$2; shift 2; [ -f "$dir/$name.done" ] && return 0; say "seed $seed: $name"
-          "$PY" "$@" --overwrite=true > "$dir/$name.txt" 2>&1 || { tail -20 "$dir/$name.txt"; return 1; }
-          touch "$dir/$name.done"; }
+  run() { step "$@"; }
   run "$e" base train_sft.py --preset=toy_base --seed=$seed --out_dir=$e/base
   local same=""
   for d in $doms; do
@@ -41,16 +37,6 @@ one_seed() {
   done
 }
 
-mkdir -p "$OUT"
-pids=()
-for seed in $SEED_LIST; do
-  one_seed "$seed" > "$OUT.seed$seed.txt" 2>&1 &
-  pids+=($!)
-  while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 5; done
-done
-fail=0
-for p in "${pids[@]}"; do wait "$p" || fail=1; done
-[ $fail = 0 ] || { echo "a seed failed: see $OUT.seed*.txt" >&2; exit 1; }
-say "all seeds done"
+all_seeds one_seed
 "$PY" runs/mixture_report.py --out_dir=$OUT --est_dir=$EST --domains=$DOMAINS
 say "done: docs/mixture.md"

@@ -17,16 +17,12 @@ PARALLEL=${PARALLEL:-2}
 PY=${PY:-python}
 export PYTHONUNBUFFERED=1
 kmax=$(echo $KS | tr ' ' '\n' | sort -n | tail -1)
-t_start=$(date +%s)
-say() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
+. runs/seeds.sh  # step, all_seeds, say
 
 one_seed() {
   local seed=$1 e=$EST/seed$1 o=$OUT/seed$1
-  export OMP_NUM_THREADS=1
   mkdir -p "$o" "$e"
-  run() { local dir=$1 name=$2; shift 2; [ -f "$dir/$name.done" ] && return 0; say "seed $seed: $name"
-          "$PY" "$@" --overwrite=true > "$dir/$name.txt" 2>&1 || { tail -20 "$dir/$name.txt"; return 1; }
-          touch "$dir/$name.done"; }
+  run() { step "$@"; }
   run "$e" base train_sft.py --preset=toy_base --seed=$seed --out_dir=$e/base
   for d in $("$PY" -c "from tasks import TOY_DOMAINS; print(' '.join(TOY_DOMAINS[:$kmax]))"); do
     run "$e" teacher_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$e/base --domains=$d --out_dir=$e/teacher_$d
@@ -42,16 +38,6 @@ one_seed() {
   done
 }
 
-mkdir -p "$OUT"
-pids=()
-for seed in $SEED_LIST; do
-  one_seed "$seed" > "$OUT.seed$seed.txt" 2>&1 &
-  pids+=($!)
-  while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 5; done
-done
-fail=0
-for p in "${pids[@]}"; do wait "$p" || fail=1; done
-[ $fail = 0 ] || { echo "a seed failed: see $OUT.seed*.txt" >&2; exit 1; }
-say "all seeds done"
+all_seeds one_seed
 "$PY" runs/scaling_report.py --out_dir=$OUT --ks="$KS"
 say "done: docs/scaling.md"

@@ -1,0 +1,28 @@
+# What the multi-seed studies share (sourced by runs/estimators.sh, runs/mixture.sh, runs/scaling.sh).
+#   step DIR NAME CMD...   run `$PY CMD... --overwrite=true` once: DIR/NAME.done marks it done (a rerun
+#                          of the study skips it), its output goes to DIR/NAME.txt; uses $seed for the log
+#   all_seeds FN           FN SEED for each seed of $SEED_LIST, $PARALLEL at a time, each at one
+#                          thread, its log in $OUT.seedSEED.txt; fails if any seed failed
+t_start=$(date +%s)
+say() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
+
+step() {
+  local dir=$1 name=$2; shift 2
+  [ -f "$dir/$name.done" ] && return 0
+  say "seed $seed: $name"
+  "$PY" "$@" --overwrite=true > "$dir/$name.txt" 2>&1 || { tail -20 "$dir/$name.txt"; return 1; }
+  touch "$dir/$name.done"
+}
+
+all_seeds() {
+  local fn=$1 pids=() fail=0 p
+  mkdir -p "$OUT"
+  for seed in $SEED_LIST; do
+    ( export OMP_NUM_THREADS=1; "$fn" "$seed" ) > "$OUT.seed$seed.txt" 2>&1 &
+    pids+=($!)
+    while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 5; done
+  done
+  for p in "${pids[@]}"; do wait "$p" || fail=1; done
+  [ $fail = 0 ] || { echo "a seed failed: see $OUT.seed*.txt" >&2; return 1; }
+  say "all seeds done"
+}
