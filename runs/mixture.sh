@@ -24,12 +24,10 @@ one_seed() {
   local seed=$1 e=$EST/seed$1 o=$OUT/seed$1
   mkdir -p "$o" "$e"
   run() { step "$@"; }
-  run "$e" base train_sft.py --preset=toy_base --seed=$seed --out_dir=$e/base
-  local same=""
-  for d in $doms; do
-    run "$e" teacher_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$e/base --domains=$d --out_dir=$e/teacher_$d
-    same+="$d=$e/teacher_$d,"
-  done
+  # shellcheck disable=SC2086
+  s0_and_teachers "$e" $doms
+  local same
+  same=$(for d in $doms; do printf '%s=%s,' "$d" "$e/teacher_$d"; done)
   same=${same%,}
   for mix in fixed adaptive; do
     run "$o" mopd_$mix train_mopd.py --preset=toy --seed=$seed --init=$e/base --domains=$DOMAINS --teacher=$same \

@@ -23,10 +23,8 @@ one_seed() {
   local seed=$1 e=$EST/seed$1 o=$OUT/seed$1
   mkdir -p "$o" "$e"
   run() { step "$@"; }
-  run "$e" base train_sft.py --preset=toy_base --seed=$seed --out_dir=$e/base
-  for d in $("$PY" -c "from tasks import TOY_DOMAINS; print(' '.join(TOY_DOMAINS[:$kmax]))"); do
-    run "$e" teacher_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$e/base --domains=$d --out_dir=$e/teacher_$d
-  done
+  # shellcheck disable=SC2046
+  s0_and_teachers "$e" $("$PY" -c "from tasks import TOY_DOMAINS; print(' '.join(TOY_DOMAINS[:$kmax]))")
   for k in $KS; do
     local doms teachers
     doms=$("$PY" -c "from tasks import TOY_DOMAINS; print(','.join(TOY_DOMAINS[:$k]))")
