@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Teacher-count scaling (the paper leaves it open): MOPD with the first K toy domains and K RL
 # teachers, all from one S0, the same samples per domain at every K (22 K prompts per step, 300
-# steps); normalised retention against K, mean +- sd over seeds (runs/scaling_report.py:
+# steps), and Mix-RL on the same domains with the same samples per domain (11 K / 4 prompts x 8);
+# normalised retention against K, mean +- sd over seeds (runs/scaling_report.py:
 # docs/scaling.md/.png, per-seed numbers in docs/scaling/seedN.json).
 #   bash runs/scaling.sh                       # seeds 0 1 2, K = 2 4 8, two seeds side by side at 1 thread
 #   KS="2 3 4 6 8" SEED_LIST=0 bash runs/scaling.sh
@@ -31,8 +32,11 @@ one_seed() {
     teachers=$(echo "$doms" | tr ',' '\n' | sed "s|.*|&=$e/teacher_&|" | paste -sd,)
     run "$o" mopd_k$k train_mopd.py --preset=toy --seed=$seed --init=$e/base --domains=$doms --teacher=$teachers \
         --prompts_per_step=$((22 * k)) --out_dir=$o/mopd_k$k --ckpt_every=1000
-    run "$o" eval_k$k evaluate.py --domains=$doms --base=$e/base --teacher=$teachers --model=MOPD=$o/mopd_k$k \
-        --out=$o/results_k$k
+    # Mix-RL with the same samples per domain per step as MOPD: 22 K responses = 11 K/4 prompts x 8
+    run "$o" mixrl_k$k train_teacher_rl.py --preset=toy_mix --seed=$seed --init=$e/base --domains=$doms \
+        --prompts_per_step=$((11 * k / 4)) --n=8 --out_dir=$o/mixrl_k$k --ckpt_every=1000
+    run "$o" eval_both_k$k evaluate.py --domains=$doms --base=$e/base --teacher=$teachers --model=MOPD=$o/mopd_k$k \
+        --model=Mix-RL=$o/mixrl_k$k --out=$o/results_k$k
   done
 }
 

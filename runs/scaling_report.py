@@ -36,22 +36,29 @@ def main(argv=None):
     else:
         seeds = []
         for name in sorted(n for n in os.listdir(cfg.out_dir) if n.startswith("seed")):
-            per = {}
-            for k in ks:
-                r = json.load(open(os.path.join(cfg.out_dir, name, f"results_k{k}.json")))
-                per[str(k)] = {"score": r["normalised"]["MOPD"]["score"],
-                               "domains": {d: r["normalised"]["MOPD"][d] for d in r["domains"]}}
-            s = {"seed": int(name[4:]), "mopd": per}
+            s = {"seed": int(name[4:])}
+            for method, key in (("MOPD", "mopd"), ("Mix-RL", "mixrl")):
+                per = {}
+                for k in ks:
+                    r = json.load(open(os.path.join(cfg.out_dir, name, f"results_k{k}.json")))
+                    if method in r["normalised"]:
+                        per[str(k)] = {"score": r["normalised"][method]["score"],
+                                       "domains": {d: r["normalised"][method][d] for d in r["domains"]}}
+                if per:
+                    s[key] = per
             json.dump(s, open(os.path.join(folder, f"{name}.json"), "w"), indent=1)
             seeds.append(s)
-    rows = []
-    for k in ks:
-        xs = [s["mopd"][str(k)]["score"] for s in seeds]
-        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        rows.append((k, statistics.mean(xs), sd, xs))
-    lines = [f"MOPD normalised retention vs number of teachers K ({len(seeds)} seeds, mean ± sd)", "",
-             "| teachers K | normalised score | per seed |", "|---|---|---|"]
-    lines += [f"| {k} | {m:.3f} ± {sd:.3f} | {', '.join(f'{x:.3f}' for x in xs)} |" for k, m, sd, xs in rows]
+    methods = [(key, label) for key, label in (("mopd", "MOPD"), ("mixrl", "Mix-RL")) if all(key in x for x in seeds)]
+    rows = {}
+    for key, _ in methods:
+        rows[key] = []
+        for k in ks:
+            xs = [x[key][str(k)]["score"] for x in seeds]
+            rows[key].append((k, statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, xs))
+    lines = [f"Normalised retention vs number of teachers K ({len(seeds)} seeds, mean ± sd)", "",
+             "| method | teachers K | normalised score | per seed |", "|---|---|---|---|"]
+    lines += [f"| {label} | {k} | {m:.3f} ± {sd:.3f} | {', '.join(f'{x:.3f}' for x in xs)} |"
+              for key, label in methods for k, m, sd, xs in rows[key]]
     md = "\n".join(lines) + "\n"
     open(os.path.join(DOCS, "scaling.md"), "w").write(md)
     print(md)
@@ -63,13 +70,16 @@ def main(argv=None):
         print("matplotlib not installed: no chart")
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.errorbar([r[0] for r in rows], [r[1] for r in rows], yerr=[r[2] for r in rows], fmt="o-", capsize=4)
+    for key, label in methods:
+        r = rows[key]
+        ax.errorbar([x[0] for x in r], [x[1] for x in r], yerr=[x[2] for x in r], fmt="o-", capsize=4, label=label)
+    ax.legend(loc="lower left")
     ax.axhline(1.0, ls="--", c="gray")
     ax.set_ylim(0, 1.15)
     ax.set_xticks(ks)
     ax.set_xlabel("number of teachers (domains) K")
-    ax.set_ylabel("MOPD normalised score")
-    ax.set_title(f"MOPD retention vs teacher count (toy, {len(seeds)} seeds)")
+    ax.set_ylabel("normalised score")
+    ax.set_title(f"Retention vs teacher count (toy, {len(seeds)} seeds)")
     fig.tight_layout()
     fig.savefig(os.path.join(DOCS, "scaling.png"), dpi=120)
 
