@@ -46,6 +46,7 @@ import time
 import torch
 
 import distributed
+from model import KVCache
 from rollout import Rollout, mix_seed
 
 _NUMBERS = itertools.count()
@@ -123,8 +124,7 @@ class Engine:
         if not self.cuda:  # a CPU engine takes `memory` of the whole RAM minus this process's size, so a
             # second engine in the process finds nothing left: give each a KV cache of its own size,
             # room for 64 sequences of max_model_len tokens, between 16 MiB and 1 GiB
-            c = self.config
-            per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
+            per_token = KVCache.bytes_per_token(self.config, dtype)
             self.kw["kv_cache_memory_bytes"] = min(2**30, max(2**24, 64 * self.max_model_len * per_token))
         if distributed.active():  # one engine per rank (or per tp group), inside this torchrun process
             self.kw["distributed_executor_backend"] = "external_launcher"
@@ -165,15 +165,19 @@ class Engine:
                              "log-prob to weight by; sample with top_p=1, top_k=0")
         tp = self.kw["tensor_parallel_size"]
         if tp > 1 and distributed.active():
-            rank = distributed.world()[0]
-            everyone = distributed.gather_list([(first_prompt, [list(p) for p in prompts])])
-            group = everyone[rank // tp * tp: rank // tp * tp + tp]
+            group, mine = self._tp_group((first_prompt, [list(p) for p in prompts]))
             roll = self._generate([p for _, ps in group for p in ps], max_new_tokens, temperature, stop_token_ids,
                                   n, seed, pad_id, group[0][0], device)
-            a = sum(len(ps) for _, ps in group[:rank % tp])
+            a = sum(len(ps) for _, ps in group[:mine])
             return take_prompts(roll, a, a + len(prompts), n)
         return self._generate(prompts, max_new_tokens, temperature, stop_token_ids, n, seed, pad_id, first_prompt,
                               device)
+
+    def _tp_group(self, item):
+        """(every rank's `item` in this rank's engine group, in rank order; this rank's index in it):
+        the tp ranks of one engine must submit the same requests (a collective under torchrun)."""
+        rank, tp = distributed.world()[0], self.kw["tensor_parallel_size"]
+        return distributed.gather_list([item])[rank // tp * tp: rank // tp * tp + tp], rank % tp
 
     def _generate(self, prompts, max_new_tokens, temperature, stop_token_ids, n, seed, pad_id, first_prompt, device):
         from vllm import SamplingParams
@@ -287,14 +291,12 @@ class Engine:
             raise ValueError(f"Engine.score: k={k} > the engine's max_logprobs={self.max_logprobs}")
         tp = self.kw["tensor_parallel_size"]
         if tp > 1 and distributed.active():  # the group's rows, scored alike on its ranks (see generate)
-            rank = distributed.world()[0]
-            everyone = distributed.gather_list([(tokens.cpu(), mask.cpu())])
-            group = everyone[rank // tp * tp: rank // tp * tp + tp]
+            group, mine = self._tp_group((tokens.cpu(), mask.cpu()))
             L = max(t.shape[1] for t, _ in group)
             allt = torch.cat([torch.nn.functional.pad(t, (0, L - t.shape[1])) for t, _ in group])
             allm = torch.cat([torch.nn.functional.pad(m, (0, L - 1 - m.shape[1])) for _, m in group])
             out = self._score(allt, allm, kinds, k)
-            a = sum(t.shape[0] for t, _ in group[:rank % tp])
+            a = sum(t.shape[0] for t, _ in group[:mine])
             R, W = tokens.shape[0], tokens.shape[1] - 1
             out = [o[a:a + R, :W].to(tokens.device) if w == "logprobs" else
                    (o[0][a:a + R, :W].to(tokens.device), o[1][a:a + R, :W].to(tokens.device))

@@ -485,6 +485,12 @@ class KVCache:
         self.static = static
         self.used = max_len if static else 0
 
+    @staticmethod
+    def bytes_per_token(cfg, dtype):
+        """Keys and values of every layer for one token of one row (what a cache slot costs):
+        rollout.cache_chunks, engine.py's CPU KV budget and plan_memory.py size caches with it."""
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
     def update(self, layer, k, v, positions):
         """k, v [B, T, H, d] go to slots `positions` [B, T] of their rows; returns the filled
         prefix as [B, H, used, d] views."""

@@ -35,8 +35,10 @@ import sys
 import time
 from dataclasses import dataclass
 
+import torch
+
 from config import cli, parse_config
-from model import ModelConfig
+from model import KVCache, ModelConfig
 
 GiB = 2**30
 
@@ -182,7 +184,7 @@ def layer_activation_bytes(mc, i=None, kv_repeat=False):
 
 
 def kv_bytes_per_token(mc):
-    return mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * 2  # K and V, bf16
+    return KVCache.bytes_per_token(mc, torch.bfloat16)  # K and V of every layer, bf16 (the engines' dtype)
 
 # -----------------------------------------------------------------------------
 # The plan: one row per item

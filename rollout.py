@@ -277,10 +277,8 @@ def cache_chunks(model, prompts, max_new_tokens, n, max_cache_bytes):
     """
     if not max_cache_bytes:
         return [(0, len(prompts))]
-    c = model.config
-    itemsize = torch.finfo(getattr(model, "compute_dtype", None) or model.lm_head_weight.dtype).bits // 8
-    per_prompt = 2 * c.num_layers * c.num_kv_heads * c.head_dim * itemsize * n * \
-        (max(len(p) for p in prompts) + max_new_tokens)
+    dtype = getattr(model, "compute_dtype", None) or model.lm_head_weight.dtype
+    per_prompt = KVCache.bytes_per_token(model.config, dtype) * n * (max(len(p) for p in prompts) + max_new_tokens)
     per_chunk = max(1, int(max_cache_bytes // per_prompt))
     count = distributed.global_max(-(-len(prompts) // per_chunk))
     size = -(-len(prompts) // count)
@@ -314,7 +312,7 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
     pmax = int(plens.max())
 
     # per-row random streams: uniforms[r, t] decides row r's token t (inverse-CDF sampling)
-    base = int(torch.randint(0, 2**63 - 1, ()).item()) if seed is None else int(seed)
+    base = int(seed)  # generate() drew one if the caller gave none
     uniforms = row_uniforms(base, first_prompt, P, n, max_new_tokens).to(device)
 
     # prefill every prompt once (right-padded), then give each prompt n rows of cache
@@ -519,6 +517,12 @@ def show_progress():
     return sys.stderr.isatty()
 
 
+def cache_bytes(cfg):
+    """--rollout_cache_gib in bytes, None when unbounded (generate's max_cache_bytes; evaluation
+    in the trainers passes it too)."""
+    return int(getattr(cfg, "rollout_cache_gib", 0) * 2**30) or None
+
+
 @torch.no_grad()
 def sample_and_reward(model, tok, domains, weights, cfg, step, engine=None):
     """
@@ -547,7 +551,7 @@ def sample_and_reward(model, tok, domains, weights, cfg, step, engine=None):
     else:
         with distributed.gathered(model, cfg.rollout_gather):
             roll = generate(model, prompts, cfg.max_new_tokens, progress=show_progress(),
-                            max_cache_bytes=int(getattr(cfg, "rollout_cache_gib", 0) * 2**30) or None, **kw)
+                            max_cache_bytes=cache_bytes(cfg), **kw)
     t_sample = time.time() - t0
     by_name = {d.name: d for d in domains}
     rows = [exs[i] for i in roll.prompt_index]

@@ -175,7 +175,6 @@ class Teachers:
                 torch.cuda.synchronize(tokens.device)
             self.seconds += time.perf_counter() - t0
 
-
     def _score_on_engine(self, domain, tokens, mask, what, k):
         import engine
         self.check_domains([domain])

@@ -31,11 +31,11 @@ import kernels
 import mopd
 from config import cli, merge_limits, parse_config, print_config
 from evaluate import evaluate
-from rollout import sample_and_reward
+from rollout import cache_bytes, sample_and_reward
 from tasks import get_domains
 from teachers import Teachers, each_domain, parse_registry, route, validate
 from train_teacher_rl import NO_SIGNAL_STEPS, no_signal_frac, no_signal_warning
-from train_utils import (ON_POLICY_LIMITS, OnPolicyConfig, cache_bytes, check_start, clip_and_step, due,
+from train_utils import (ON_POLICY_LIMITS, OnPolicyConfig, check_start, clip_and_step, due,
                          load_for_training, make_engine, parse_weights, print0, prompt_fits, return_freed_memory,
                          set_lr, set_seed)
 
@@ -227,9 +227,11 @@ def adaptive_mixture(gap, names, floor):
     gets only its floor; one far behind gets most of the batch. Until every domain has a
     gap estimate (or when all gaps are 0), the uniform mixture.
     """
-    if any(d not in gap for d in names) or sum(max(gap[d], 0.0) for d in names) <= 0:
+    if any(d not in gap for d in names):
         return [1.0] * len(names)
     tot = sum(max(gap[d], 0.0) for d in names)
+    if tot <= 0:
+        return [1.0] * len(names)
     return [floor / len(names) + (1 - floor) * max(gap[d], 0.0) / tot for d in names]
 
 

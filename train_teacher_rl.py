@@ -35,10 +35,10 @@ import distributed
 from config import cli, merge_limits, parse_config, print_config
 from evaluate import evaluate
 from mopd import check_objective, group_advantages, pg_update, policy_logprobs, row_groups
-from rollout import sample_and_reward
+from rollout import cache_bytes, sample_and_reward
 from tasks import get_domains
 from teachers import load_frozen
-from train_utils import (ON_POLICY_LIMITS, OnPolicyConfig, cache_bytes, check_start, clip_and_step, due,
+from train_utils import (ON_POLICY_LIMITS, OnPolicyConfig, check_start, clip_and_step, due,
                          load_for_training, make_engine, parse_weights, print0, prompt_fits, return_freed_memory,
                          set_lr, set_seed)
 

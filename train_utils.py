@@ -182,11 +182,6 @@ def load_for_training(cfg, state=None):
     return tok, model, opt, start, src
 
 
-def cache_bytes(cfg):
-    """--rollout_cache_gib in bytes, None when unbounded (generate's max_cache_bytes)."""
-    return int(cfg.rollout_cache_gib * 2**30) or None
-
-
 def make_engine(cfg, model):
     """The rollout engine of --rollout_engine=vllm (engine.py), or None for the native sampler.
     It starts from the checkpoint the model was read from; every step syncs the current weights."""
