@@ -350,7 +350,7 @@ def cli(main):
             raise
         fail(f"{e.filename}: {e.strerror}" if e.filename else e)
     finally:
-        distributed.teardown()
+        distributed.teardown(end_process=True)  # a torchrun rank ends here (distributed.teardown)
 
 
 def fail(msg):

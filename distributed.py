@@ -14,7 +14,9 @@ Multi-GPU training: the one place where FSDP2 (torch's `fully_shard`) is applied
   reduce-scattered in fp32. offload=True keeps the sharded parameters and gradients in
   host memory (FSDP2's CPUOffloadPolicy; the optimizer step then runs on the CPU).
   activation_checkpointing=True recomputes each layer's activations in backward.
-- teardown(): leave the process group, if any: a barrier (on the normal path), then destroy it.
+- teardown(): leave the process group, if any: a barrier (on the normal path), then destroy it;
+  with end_process=True (a rank's last act) the rank then ends at once, without the
+  interpreter's own shutdown (why: teardown's docstring).
 - Data parallelism, the few collectives the trainers need: rank_range (this rank's slice of
   a step's prompts), gather_list (per-row values from every rank, in rank order, so every
   rank computes the same global metrics), all_sum / global_max, grad_scale, barrier.
@@ -29,7 +31,7 @@ on every rank each step, on a dummy row when that rank has none of its domain.
     model = shard(model)                     # before building the optimizer (or
                                              # Transformer.from_pretrained(shard_fn=...))
     ...
-    teardown()                               # last thing (config.cli again)
+    teardown(end_process=True)               # last thing (config.cli again)
 
 Parameters after shard() are DTensors: build the optimizer after sharding, and read a full
 weight with p.full_tensor() (a collective: every rank must call it).
@@ -178,7 +180,7 @@ def barrier():
         dist.barrier()
 
 
-def teardown():
+def teardown(end_process=False):
     """Leave the process group: the last thing each rank does (the scripts' cli(), the spawned test
     ranks), in a `finally`. A no-op without a process group (plain python, or already left).
 
@@ -194,17 +196,37 @@ def teardown():
     interpreter is shutting down. After the barrier every rank is out of every collective.
     When an exception is propagating (sys.exc_info() is set inside the caller's `finally`), the
     ranks are out of step (a peer may be blocked in another collective): no barrier then, it
-    could only wait for the timeout or pair with a different collective."""
+    could only wait for the timeout or pair with a different collective.
+
+    end_process=True (config.cli, the tests' spawned ranks): after leaving, the rank ends with
+    os._exit, its status that of the SystemExit in flight (0 when none). The reason is the
+    threads above: FSDP2's modules are kept alive by references from C++ (autograd hooks), so
+    gc cannot free them and gloo's threads are still running when the interpreter shuts down;
+    tearing a running std::thread down there aborts the process ("terminate called without an
+    active exception", SIGABRT) after all its work is done, rarely, depending on timing (seen
+    once in CI at the end of a 2-rank MOPD run). Nothing is left to do at that point (every
+    file is written and closed; stdout and stderr are flushed here), so the rank skips the
+    shutdown instead of racing it. An exception other than SystemExit keeps the normal exit,
+    so that its traceback is printed."""
     if not active():  # none of ours (a vLLM engine's own group is the engine's to close)
         return
+    exc = sys.exc_info()[1]
     try:
-        if sys.exc_info()[0] is None and dist.get_world_size() > 1:
+        if exc is None and dist.get_world_size() > 1:
             dist.barrier()
     finally:
         while BEFORE_TEARDOWN:  # vLLM engines (engine.py): they leave their groups, then ours
             BEFORE_TEARDOWN.pop()()
         if dist.is_initialized():
             dist.destroy_process_group()
+    if end_process and (exc is None or isinstance(exc, SystemExit)):
+        code = 0 if exc is None or exc.code is None else exc.code
+        if not isinstance(code, int):  # sys.exit("message"): Python prints it and exits 1
+            print(code, file=sys.stderr)
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 # what must close before the process group goes (engine.py registers each engine's close():

@@ -122,7 +122,7 @@ def _uneven_eos_worker(rank, port, ckpt, out_dir):
             got.response_lens.tolist()
         open(os.path.join(out_dir, f"ok{rank}"), "w").close()
     finally:
-        distributed.teardown()
+        distributed.teardown(end_process=True)
 
 
 def _is_dtensor(t):
@@ -172,3 +172,41 @@ def test_teardown_is_safe_without_a_process_group(tmp_path, monkeypatch):
     distributed.teardown()
     assert closed == [True] and not dist.is_initialized()  # engines close first, then the group goes
     distributed.teardown()  # already left: still nothing to do
+
+
+_RANK_SCRIPT = """
+import atexit, sys
+sys.path.insert(0, {root!r})
+import config, distributed
+atexit.register(lambda: print("interpreter shutdown ran"))
+def main():
+    assert distributed.active()
+    print("main ran", flush=False)  # buffered: teardown must flush it before ending the rank
+    {body}
+config.cli(main)
+print("after cli")
+"""
+
+
+@pytest.mark.parametrize("body,code,out", [
+    ("pass", 0, "main ran\n"),
+    ("raise ValueError('--steps=-1: must be >= 0')", 2, "main ran\n"),
+    ("raise RuntimeError('a bug')", 1, "main ran\ninterpreter shutdown ran\n"),
+])
+def test_a_rank_ends_at_teardown_with_its_status(body, code, out, tmp_path):
+    """config.cli under torchrun ends the rank right after leaving the group (os._exit: no
+    interpreter shutdown to race gloo's threads, distributed.teardown), with the status of the
+    run: 0, or 2 after a one-line error; a bug's traceback keeps the normal exit."""
+    port = free_port()
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONUNBUFFERED", None)  # stdout to a pipe is then block-buffered: the flush is tested
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT.format(root=ROOT, body=body))
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == code, res.stderr[-3000:]
+    assert res.stdout == out
+    if code == 2:
+        assert res.stderr.strip() == "error: --steps=-1: must be >= 0"
+    if code == 1:
+        assert "Traceback" in res.stderr and "RuntimeError: a bug" in res.stderr

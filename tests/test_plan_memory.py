@@ -194,7 +194,7 @@ def _two_rank_worker(rank, port, out_dir):
             assert_as_accurate(q.grad.full_tensor(), p.grad, t.grad, name)
         open(os.path.join(out_dir, f"ok{rank}"), "w").close()
     finally:
-        distributed.teardown()
+        distributed.teardown(end_process=True)
 
 
 def test_shard_two_ranks_matches_unsharded():

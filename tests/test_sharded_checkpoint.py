@@ -120,7 +120,7 @@ def _worker(rank, port, dirs, out):
                 assert torch.equal(again(ids), m(ids))
         open(os.path.join(out, f"ok{rank}"), "w").close()
     finally:
-        distributed.teardown()
+        distributed.teardown(end_process=True)
 
 
 def test_two_ranks_load_and_save_sharded(odd_dirs, tmp_path, monkeypatch):
