@@ -54,6 +54,8 @@ class Config:
 
 
 PRESETS = {
+    "toy": {},                             # runs/toy.sh: the digit puzzles
+    "worked": dict(max_new_tokens=64),     # PRESET=worked runs/toy.sh: 20-50-token worked answers
     # SmolLM2-135M-Instruct (runs/smol.sh): 100 prompts x 2 samples per domain and checkpoint,
     # ~35 s each on 2 cores (4 samples would double the table's time)
     "smol": dict(limit=100, samples=2, max_new_tokens=48),

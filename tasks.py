@@ -11,6 +11,10 @@ families live here:
    do with it ("rev 48310=" -> "01384", "sort 48310=" -> "01348", "sum 48310=" -> "16").
    A character-level tokenizer (toy_tokenizer / save_toy_tokenizer) makes toy checkpoints
    ordinary Hugging Face directories.
+   Worked toy domains (WORKED_DOMAINS: add, mul, isort) use the same tokenizer for answers of
+   20-50 tokens written step by step, where one slip spoils every later step ("mul 4831x7="
+   -> "1x7=7,3x7=21,8x7+2=58,4x7+5=33:33817"), two valid ways to write each; the reward reads
+   the text after the last ":".
 2. Real domains from local JSONL files: math (final answer checked with math-verify),
    instruction following (IFEval-style verifiable constraints), code (unit tests run in a
    sandbox that calls the program, itself in another sandbox: sandbox.run_tests).
@@ -26,6 +30,7 @@ Conventions every trainer relies on:
 
 Spec syntax of get_domains (comma-separated items, or a list of items):
     rev,sort,inc            toy domains by name (TOY_DOMAINS lists them in order)
+    add,mul,isort           worked toy domains by name (WORKED_DOMAINS)
     toy:4                   the first 4 toy domains, TOY_DOMAINS[:4] (scaling study)
     math:data/gsm.jsonl     a real domain of kind math|if|code, named after its kind
     gsm=math:data/gsm.jsonl the same, named "gsm" (needed for two files of one kind)
@@ -167,6 +172,114 @@ def toy_domain(name: str) -> Domain:
 
     eval_set = [_toy_example(name, s) for s in _toy_eval_digits()]
     return Domain(name, sample, eval_set, toy_reward, lambda ex: ex.answer)
+
+
+# -----------------------------------------------------------------------------
+# Worked toy domains: long answers whose steps compound (issue 14)
+#
+# The digit puzzles above answer in <= 6 tokens with one correct string: off-policy
+# finetuning is then plain supervised learning, and no error can compound. These three write
+# a worked solution of 20-50 tokens, one step per digit, each step using the previous step's
+# result (a carry, a partial list), then ":" and the answer; one slip early spoils every later
+# step. Each has two valid ways to write the steps (ex.meta["style"], drawn per example), so a
+# teacher's distribution is not a single path. The reward checks only the final answer (the
+# text after the last ":"), as a math verifier checks a boxed answer.
+#   add   "add 483+295="  -> "3+5=8,8+9=17,4+2+1=7:778"           (style 1: "5+3=8,9+8=17,...")
+#   mul   "mul 4831x7="   -> "1x7=7,3x7=21,8x7+2=58,4x7+5=33:33817" (style 1: "7x1=7,7x3=21,...")
+#   isort "isort 4831="   -> "4,48,348,1348:1348"  insertion sort, digits taken left to right
+#                            (style 1: right to left, "1,13,138,1348:1348")
+# Inputs: add two numbers of 3-5 digits (same length), mul a 3-5 digit number by one digit,
+# isort 4-7 digits; held out by the CRC rule of the digit puzzles on the prompt's digits.
+
+WORKED_OPS = {
+    "add":   "column addition, right to left, each step a digit sum with its carry",
+    "mul":   "a number times one digit, right to left, each step a product plus the carry",
+    "isort": "insertion sort, the sorted prefix written after each insertion",
+}
+WORKED_DOMAINS = list(WORKED_OPS)
+
+
+def _worked_input(name: str, rng: random.Random) -> str:
+    digits = lambda k: "".join(rng.choices("0123456789", k=k))  # noqa: E731
+    if name == "add":
+        k = rng.randint(3, 5)
+        return f"{digits(k)}+{digits(k)}"
+    if name == "mul":
+        return f"{digits(rng.randint(3, 5))}x{rng.randint(2, 9)}"
+    return digits(rng.randint(4, 7))
+
+
+def worked_solution(name: str, inp: str, style: int = 0, slip: int = -1, rng: random.Random | None = None):
+    """(worked response, final answer) for input `inp`. slip >= 0: step `slip` goes wrong (its
+    result off by one, or a digit inserted one place off) and every later step builds on the
+    wrong value, so the final answer is wrong the way a real slip makes it wrong."""
+    steps, bump = [], (lambda i: (rng.choice((-1, 1)) if i == slip else 0))
+    if name == "add":
+        a, b = inp.split("+")
+        carry, out = 0, ""
+        for i, (x, y) in enumerate(zip(reversed(a), reversed(b))):
+            v = max(int(x) + int(y) + carry + bump(i), 0)
+            l, r = (x, y) if style == 0 else (y, x)
+            steps.append(f"{l}+{r}{'+1' if carry else ''}={v}")
+            carry, out = v // 10, str(v % 10) + out
+        answer = (str(carry) if carry else "") + out
+    elif name == "mul":
+        a, m = inp.split("x")
+        carry, out = 0, ""
+        for i, x in enumerate(reversed(a)):
+            v = max(int(x) * int(m) + carry + bump(i), 0)
+            l, r = (x, m) if style == 0 else (m, x)
+            steps.append(f"{l}x{r}{f'+{carry}' if carry else ''}={v}")
+            carry, out = v // 10, str(v % 10) + out
+        answer = (str(carry) if carry else "") + out
+    else:
+        part = []
+        for i, d in enumerate(inp if style == 0 else inp[::-1]):
+            pos = sum(c <= d for c in part)  # after the equal digits
+            if i == slip:  # any place that gives a different list
+                wrong = [q for q in range(len(part) + 1) if part[:q] + [d] + part[q:] != part[:pos] + [d] + part[pos:]]
+                pos = rng.choice(wrong) if wrong else pos
+            part.insert(pos, d)
+            steps.append("".join(part))
+        answer = steps[-1]
+    return ",".join(steps) + ":" + answer, answer
+
+
+def worked_reward(response: str, ex: Example) -> float:
+    """1.0 iff the text after the last ":" (the whole response if there is none) is the answer."""
+    return float(response.rsplit(":", 1)[-1].strip() == ex.answer)
+
+
+def worked_steps(ex: Example) -> int:
+    """How many steps the worked solution of ex has (where a slip can happen)."""
+    return len(ex.meta["input"].split("+")[0].split("x")[0])
+
+
+def _worked_example(name: str, inp: str, style: int) -> Example:
+    return Example(f"{name} {inp}=", worked_solution(name, inp)[1], name,
+                   {"digits": inp.replace("+", "").replace("x", ""), "input": inp, "style": style})
+
+
+@lru_cache(maxsize=None)
+def _worked_eval_inputs(name: str) -> tuple[str, ...]:
+    rng, seen = random.Random(TOY_EVAL_SEED), {}
+    while len(seen) < EVAL_SIZE:
+        inp = _worked_input(name, rng)
+        if is_toy_eval(inp):
+            seen[inp] = None
+    return tuple(seen)
+
+
+def worked_domain(name: str) -> Domain:
+    def sample(rng: random.Random) -> Example:
+        while True:  # 90% of inputs are training inputs
+            inp = _worked_input(name, rng)
+            if not is_toy_eval(inp):
+                return _worked_example(name, inp, rng.randint(0, 1))
+
+    eval_set = [_worked_example(name, inp, 0) for inp in _worked_eval_inputs(name)]
+    demo = lambda ex: worked_solution(name, ex.meta["input"], ex.meta["style"])[0]  # noqa: E731
+    return Domain(name, sample, eval_set, worked_reward, demo)
 
 
 # -----------------------------------------------------------------------------
@@ -505,6 +618,7 @@ def code_demo(ex: Example) -> str:
 
 def _spec_help() -> str:
     return (f"toy domains: {', '.join(TOY_DOMAINS)}; 'toy:K' for the first K (1..{len(TOY_DOMAINS)}); "
+            f"worked toy domains: {', '.join(WORKED_DOMAINS)}; "
             f"real domains: KIND:PATH or NAME=KIND:PATH with KIND in {', '.join(REAL_KINDS)}")
 
 
@@ -519,6 +633,9 @@ def get_domains(spec: str | list[str], data_dir: str | None = None, fits=None) -
     for item in items:
         if item in TOY_OPS:
             domains.append(toy_domain(item))
+            continue
+        if item in WORKED_OPS:
+            domains.append(worked_domain(item))
             continue
         name, kind, path = None, item, ""
         if ":" in item:

@@ -73,6 +73,7 @@ class Config(OnPolicyConfig):  # the options shared with train_teacher_rl.py: tr
 
 PRESETS = {
     "toy": {},
+    "worked": dict(max_new_tokens=64, domains="add,mul,isort", out_dir="out/worked/mopd"),  # PRESET=worked runs/toy.sh
     "tiny": dict(steps=3, prompts_per_step=8, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1,
                  exact_kl_rows=4, exact_kl_every=1),
     # SmolLM2-135M-Instruct on a laptop CPU (runs/smol.sh): 10 steps x 32 prompts x 1 response

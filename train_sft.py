@@ -35,7 +35,7 @@ from evaluate import evaluate
 from model import ModelConfig, Transformer, num_params
 from mopd import policy_logprobs
 from rollout import decode, encode_prompt, generate, sample_examples, show_progress, step_seed, stop_ids
-from tasks import TOY_OPS, get_domains, save_toy_tokenizer, toy_tokenizer
+from tasks import TOY_OPS, WORKED_OPS, get_domains, save_toy_tokenizer, toy_tokenizer, worked_solution, worked_steps
 from teachers import parse_registry, validate
 from train_utils import check_start, clip_and_step, due, prompt_fits, set_lr, set_seed
 
@@ -57,6 +57,7 @@ class Config:
     num_kv_heads: int = 2
     head_dim: int = 32
     intermediate_size: int = 384
+    max_positions: int = 64        # the context (max_position_embeddings): prompt + answer + <eos>
     # optimisation
     steps: int = 600
     batch_size: int = 128
@@ -85,11 +86,16 @@ PRESETS = {
     # correct answers are finetuned on for 8 steps of 16
     "smol_offpolicy": dict(data="teachers", offpolicy_per_domain=64, steps=8, batch_size=16, lr=3e-5, min_lr=3e-5,
                            warmup=0, max_new_tokens=48, eval_every=1000, eval_limit=25, ckpt_every=4),
+    # the worked toy (tasks.WORKED_OPS: 20-50-token answers whose steps compound; runs/toy.sh
+    # with PRESET=worked): the same model, a longer context and answer budget
+    "worked_base": dict(out_dir="out/worked/base", domains="add,mul,isort", max_positions=128, max_new_tokens=64),
+    "worked_offpolicy": dict(out_dir="out/worked/offpolicy", data="teachers", domains="add,mul,isort", steps=150,
+                             lr=3e-4, min_lr=3e-5, warmup=10, eval_every=50, max_new_tokens=64),
     "tiny": dict(out_dir="out/tiny/base", steps=20, batch_size=32, hidden_size=32, num_layers=2,
                  head_dim=16, intermediate_size=64, eval_every=10, eval_limit=20),
 }
 # refused as soon as the command line is read, before anything loads (config.check)
-LIMITS = {">= 1": "offpolicy_per_domain hidden_size num_layers num_heads num_kv_heads head_dim intermediate_size "
+LIMITS = {">= 1": "offpolicy_per_domain hidden_size num_layers num_heads num_kv_heads head_dim intermediate_size max_positions "
                   "steps batch_size eval_every max_new_tokens ckpt_every",
           ">= 0": "min_lr warmup weight_decay eval_limit",
           "> 0": "lr grad_clip",
@@ -101,13 +107,18 @@ def toy_model(cfg, vocab_size, bos, eos, pad):
     mc = ModelConfig(arch="qwen3", vocab_size=vocab_size, hidden_size=cfg.hidden_size,
                      intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers,
                      num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                     max_position_embeddings=64, tie_word_embeddings=True,
+                     max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
                      bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     return Transformer(mc).init_weights(seed=cfg.seed)
 
 
 def noisy_answer(ex, rng, noise):
-    """With probability `noise`, a different toy domain's answer for the same digits."""
+    """The demo's response. With probability `noise` it is wrong: a digit puzzle gets a different
+    toy domain's answer for the same digits (interference between skills); a worked domain gets
+    a slip at one random step, every later step built on it (an error that compounds)."""
+    if ex.domain in WORKED_OPS:
+        slip = rng.randrange(worked_steps(ex)) if rng.random() < noise else -1
+        return worked_solution(ex.domain, ex.meta["input"], ex.meta["style"], slip, rng)[0]
     if ex.domain in TOY_OPS and rng.random() < noise:
         other = rng.choice([d for d in TOY_OPS if d != ex.domain])
         return TOY_OPS[other][1](ex.meta["digits"])

@@ -11,9 +11,14 @@
 #   DOMAINS=rev,sort,odd MULTI_ROUND=0 OUT=out/toy bash runs/toy.sh
 #   OVERWRITE=1 bash runs/toy.sh        # replace an earlier run's OUT/seedN (by default a rerun
 #                                       # stops before touching it: the trainers never overwrite)
+#   PRESET=worked bash runs/toy.sh      # the worked toy (tasks.WORKED_OPS: add,mul,isort, answers of
+#                                       # 20-50 tokens whose steps compound) in out/worked: every
+#                                       # script runs its worked* presets instead of toy*
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-1}
+P=${PRESET:-toy}  # presets $P_base, $P, $P_mix, $P_cascade, $P_offpolicy
+if [ "$P" = worked ]; then DOMAINS=${DOMAINS:-add,mul,isort}; OUT=${OUT:-out/worked}; fi
 DOMAINS=${DOMAINS:-rev,sort,inc}
 OUT=${OUT:-out/toy}
 MULTI_ROUND=${MULTI_ROUND:-1}
@@ -33,21 +38,21 @@ for seed in $SEED_LIST; do
   mkdir -p "$o"
   run() { local name=$1; shift; say "seed $seed: $name"; "$PY" "$@" > "$o/$name.txt" 2>&1 || { tail -20 "$o/$name.txt"; exit 1; }; }
 
-  run base train_sft.py --preset=toy_base --seed=$seed --out_dir=$o/base
+  run base train_sft.py --preset=${P}_base --seed=$seed --out_dir=$o/base
   teachers=""
   for d in $doms; do
-    run teacher_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$o/base --domains=$d --out_dir=$o/teacher_$d
+    run teacher_$d train_teacher_rl.py --preset=$P --seed=$seed --init=$o/base --domains=$d --out_dir=$o/teacher_$d
     teachers+="$d=$o/teacher_$d,"
   done
   teachers=${teachers%,}
-  run mopd train_mopd.py --preset=toy --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$teachers --out_dir=$o/mopd
-  run mixrl train_teacher_rl.py --preset=toy_mix --seed=$seed --init=$o/base --domains=$DOMAINS --out_dir=$o/mixrl
+  run mopd train_mopd.py --preset=$P --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$teachers --out_dir=$o/mopd
+  run mixrl train_teacher_rl.py --preset=${P}_mix --seed=$seed --init=$o/base --domains=$DOMAINS --out_dir=$o/mixrl
   prev=$o/base  # Cascade RL: one domain after another, each from the previous result
   for d in $doms; do
-    run cascade_$d train_teacher_rl.py --preset=toy_cascade --seed=$seed --init=$prev --domains=$d --out_dir=$o/cascade_$d
+    run cascade_$d train_teacher_rl.py --preset=${P}_cascade --seed=$seed --init=$prev --domains=$d --out_dir=$o/cascade_$d
     prev=$o/cascade_$d
   done
-  run offpolicy train_sft.py --preset=toy_offpolicy --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$teachers --out_dir=$o/offpolicy
+  run offpolicy train_sft.py --preset=${P}_offpolicy --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$teachers --out_dir=$o/offpolicy
   run merge_avg merge.py --mode=average --base=$o/base --teacher=$teachers --out=$o/merge_avg
   run merge_ta merge.py --mode=task_arithmetic --base=$o/base --teacher=$teachers --out=$o/merge_ta
   models=(--model=MOPD=$o/mopd --model=Mix-RL=$o/mixrl --model="Cascade RL=$prev" --model="Off-policy FT=$o/offpolicy"
@@ -55,13 +60,13 @@ for seed in $SEED_LIST; do
   if [ "$MULTI_ROUND" = 1 ]; then  # round 2: teachers re-trained from the MOPD student, then distil again
     teachers2=""
     for d in $doms; do
-      run teacher2_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$o/mopd --domains=$d --out_dir=$o/teacher2_$d
+      run teacher2_$d train_teacher_rl.py --preset=$P --seed=$seed --init=$o/mopd --domains=$d --out_dir=$o/teacher2_$d
       teachers2+="$d=$o/teacher2_$d,"
     done
-    run mopd2 train_mopd.py --preset=toy --seed=$seed --init=$o/mopd --domains=$DOMAINS --teacher=${teachers2%,} --out_dir=$o/mopd2
+    run mopd2 train_mopd.py --preset=$P --seed=$seed --init=$o/mopd --domains=$DOMAINS --teacher=${teachers2%,} --out_dir=$o/mopd2
     models+=(--model="MOPD round 2=$o/mopd2")
   fi
-  run eval evaluate.py --domains=$DOMAINS --base=$o/base --teacher=$teachers "${models[@]}" \
+  run eval evaluate.py --preset=$P --domains=$DOMAINS --base=$o/base --teacher=$teachers "${models[@]}" \
       --curve=MOPD=$o/mopd.log/metrics.jsonl --curve=Mix-RL=$o/mixrl.log/metrics.jsonl --out=$o/results
   cat "$o/results.md"
 done

@@ -201,7 +201,7 @@ BAD = [  # (script, argv, the one line on stderr)
     ("train_mopd", MOPD + ["--steps"], "--steps: expected a value (--steps=VALUE or --steps VALUE)"),
     ("train_mopd", MOPD + ["--resume=maybe"], "--resume=maybe: expected a value of type bool (true or false)"),
     ("train_mopd", MOPD + ["steps=3"], "'steps=3': expected --key=value or --key value; python train_mopd.py --help lists the keys"),
-    ("train_mopd", MOPD + ["--preset=huge"], "--preset=huge: unknown preset; presets: toy, tiny, smol, qwen3-30b-a3b-8xh100"),
+    ("train_mopd", MOPD + ["--preset=huge"], "--preset=huge: unknown preset; presets: toy, worked, tiny, smol, qwen3-30b-a3b-8xh100"),
     ("train_mopd", MOPD + ["--threads=-1"], "--threads=-1: must be >= 0"),
     ("train_mopd", MOPD + ["--teacher=rev"], "--teacher=rev: teacher 'rev': expected DOMAIN=DIR"),
     ("train_mopd", MOPD + ["--init={notok}"], "--init={notok}: no tokenizer files in it (" + NOTOK + ")"),

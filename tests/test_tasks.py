@@ -77,6 +77,101 @@ def test_toy_eval_inputs_shared_across_domains():
 
 
 # -----------------------------------------------------------------------------
+# Worked toy domains: long answers whose steps compound
+
+def _true_answer(name, inp):
+    if name == "add":
+        a, b = inp.split("+")
+        return int(a) + int(b)
+    if name == "mul":
+        a, m = inp.split("x")
+        return int(a) * int(m)
+    return "".join(sorted(inp))
+
+
+@pytest.mark.parametrize("name,inp,style,response", [
+    ("add", "483+295", 0, "3+5=8,8+9=17,4+2+1=7:778"),
+    ("add", "483+295", 1, "5+3=8,9+8=17,2+4+1=7:778"),
+    ("add", "95+17", 0, "5+7=12,9+1+1=11:112"),
+    ("mul", "4831x7", 0, "1x7=7,3x7=21,8x7+2=58,4x7+5=33:33817"),
+    ("mul", "4831x7", 1, "7x1=7,7x3=21,7x8+2=58,7x4+5=33:33817"),
+    ("isort", "4831", 0, "4,48,348,1348:1348"),
+    ("isort", "4831", 1, "1,13,138,1348:1348"),
+    ("isort", "3131", 0, "3,13,133,1133:1133"),
+])
+def test_worked_solutions(name, inp, style, response):
+    assert tasks.worked_solution(name, inp, style) == (response, response.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("name", tasks.WORKED_DOMAINS)
+def test_worked_domain_answers_lengths_and_split(name):
+    d = tasks.get_domains(name)[0]
+    rng = random.Random(0)
+    train = [d.sample(rng) for _ in range(3000)]
+    for ex in train[:500] + d.eval_set:
+        want = _true_answer(name, ex.meta["input"])
+        assert (int(ex.answer) if name != "isort" else ex.answer) == want
+        r = d.demo(ex)
+        assert d.reward(r, ex) == 1.0 and r.endswith(":" + ex.answer)
+        # one step per digit of the (first) number, each step on the previous step's result
+        assert r.count(",") + 1 == tasks.worked_steps(ex)
+        assert ex.prompt == f"{name} {ex.meta['input']}="
+    # answers are long (20-50 tokens), both styles occur and differ, and every prompt + answer + <eos>
+    # fits the worked presets' context (128) and answer budget (64)
+    lens = [len(d.demo(e)) for e in train]
+    assert 15 <= min(lens) and max(lens) <= 50 and sum(lens) / len(lens) >= 25
+    assert {e.meta["style"] for e in train} == {0, 1}
+    ex = train[0]
+    other = Example(ex.prompt, ex.answer, name, {**ex.meta, "style": 1 - ex.meta["style"]})
+    assert d.demo(other) != d.demo(ex) or len(set(ex.meta["digits"])) == 1
+    assert max(len(e.prompt) + 1 for e in train) + 50 + 1 <= 128
+    # held out by the CRC rule on the input; the eval set is fixed
+    assert len(d.eval_set) == tasks.EVAL_SIZE == len({e.prompt for e in d.eval_set})
+    assert all(tasks.is_toy_eval(e.meta["input"]) for e in d.eval_set)
+    assert not any(tasks.is_toy_eval(e.meta["input"]) for e in train)
+    assert [e.prompt for e in d.eval_set] == [e.prompt for e in tasks.get_domains(name)[0].eval_set]
+
+
+@pytest.mark.parametrize("name", tasks.WORKED_DOMAINS)
+def test_a_slip_compounds(name):
+    """A slip at step i leaves steps < i as they were, changes step i, and (nearly always) the
+    final answer: the later steps build on the wrong value."""
+    d, rng = tasks.get_domains(name)[0], random.Random(1)
+    wrong = total = 0
+    for _ in range(300):
+        ex = d.sample(rng)
+        steps = tasks.worked_steps(ex)
+        i = rng.randrange(1, steps)
+        good = d.demo(ex).split(":")[0].split(",")
+        bad, answer = tasks.worked_solution(name, ex.meta["input"], ex.meta["style"], slip=i, rng=rng)
+        bad_steps = bad.split(":")[0].split(",")
+        assert bad_steps[:i] == good[:i] and len(bad_steps) == len(good)
+        total += 1
+        if bad_steps[i] != good[i]:
+            wrong += answer != ex.answer
+            assert d.reward(bad, ex) == float(answer == ex.answer)
+    assert wrong >= 0.8 * total
+
+
+def test_worked_reward_reads_the_text_after_the_last_colon():
+    ex = tasks.worked_domain("add").eval_set[0]
+    assert tasks.worked_reward(f"x:{ex.answer}", ex) == 1.0
+    assert tasks.worked_reward(f"{ex.answer}\n", ex) == 1.0  # no worked steps: the answer alone counts
+    assert tasks.worked_reward(f"1+1=2:{ex.answer}:9", ex) == 0.0
+    assert tasks.worked_reward(f"{ex.answer}:", ex) == 0.0
+
+
+def test_noisy_demos_of_worked_domains_slip():
+    import train_sft
+    for name in tasks.WORKED_DOMAINS:
+        d, rng = tasks.get_domains(name)[0], random.Random(2)
+        exs = [d.sample(rng) for _ in range(400)]
+        assert all(train_sft.noisy_answer(e, rng, 0.0) == d.demo(e) for e in exs)
+        wrong = sum(d.reward(train_sft.noisy_answer(e, rng, 1.0), e) == 0 for e in exs)
+        assert wrong >= 0.7 * len(exs)
+
+
+# -----------------------------------------------------------------------------
 # Toy tokenizer
 
 def _toy_texts():
