@@ -62,7 +62,9 @@ PRESETS = {
     "toy_cascade": dict(steps=100),               # one stage of Cascade RL
     # the worked toy (tasks.WORKED_OPS, runs/toy.sh with PRESET=worked): 20-50-token answers
     "worked": dict(max_new_tokens=64),
-    "worked_mix": dict(max_new_tokens=64, steps=300, eval_every=25),
+    # Mix-RL matched to MOPD's whole budget: 450 x 128 = 57,600 responses = the teachers' 3 x 12,800
+    # + MOPD's 300 x 64 (its curve passes the teachers' total alone at step 300)
+    "worked_mix": dict(max_new_tokens=64, steps=450, eval_every=25),
     "worked_cascade": dict(max_new_tokens=64, steps=100),
     "tiny": dict(steps=3, prompts_per_step=4, n=4, max_new_tokens=8, eval_every=2, eval_limit=10, ckpt_every=1),
     "smol": dict(SMOL, steps=10),           # a teacher: 10 steps x 32 responses
