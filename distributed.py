@@ -207,10 +207,14 @@ def teardown(end_process=False):
     once in CI at the end of a 2-rank MOPD run). Nothing is left to do at that point (every
     file is written and closed; stdout and stderr are flushed here), so the rank skips the
     shutdown instead of racing it. An exception other than SystemExit keeps the normal exit,
-    so that its traceback is printed."""
+    so that its traceback is printed. So does a process that ran a vLLM engine: its CPU backend's
+    shared-memory segments (/dev/shm/...cpushm_RANK, named the same in every run) are unlinked
+    only by destructors of the normal exit; skipping them made the next such run fail ("create
+    shm in SHMManager failed. errno: 17"), and vLLM's own shutdown has already destroyed the
+    groups FSDP2 shares with it."""
     if not active():  # none of ours (a vLLM engine's own group is the engine's to close)
         return
-    exc = sys.exc_info()[1]
+    exc, engines = sys.exc_info()[1], bool(BEFORE_TEARDOWN)
     try:
         if exc is None and dist.get_world_size() > 1:
             dist.barrier()
@@ -219,7 +223,7 @@ def teardown(end_process=False):
             BEFORE_TEARDOWN.pop()()
         if dist.is_initialized():
             dist.destroy_process_group()
-    if end_process and (exc is None or isinstance(exc, SystemExit)):
+    if end_process and not engines and (exc is None or isinstance(exc, SystemExit)):
         code = 0 if exc is None or exc.code is None else exc.code
         if not isinstance(code, int):  # sys.exit("message"): Python prints it and exits 1
             print(code, file=sys.stderr)

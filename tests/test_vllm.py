@@ -272,8 +272,12 @@ def test_two_ranks_under_torchrun(s0, tmp_path):
     over both ranks (engine_tp=2: both submit the group's prompts, each keeps its rows). Row
     seeds depend on (seed, step, global prompt, sample) only, so step 1 (before any update)
     samples the very tokens a single process samples: the same kl_est. The ranks exit cleanly
-    (engines closed before the process group: distributed.BEFORE_TEARDOWN)."""
+    (engines closed before the process group: distributed.BEFORE_TEARDOWN), leaving no shared
+    memory behind (the engine's CPU TP segments are named alike in every run: a leftover makes
+    the next run fail)."""
+    import glob
     import subprocess
+    shm = set(glob.glob("/dev/shm/*cpushm*"))
     entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchrun_entry.py")
     args = ["mopd", "--preset=tiny", f"--init={s0['base']}", "--domains=rev,sort", "--steps=3",
             f"--teacher=rev={s0['rev']},sort={s0['sort']}", "--rollout_engine=vllm", "--teacher_engine=vllm"]
@@ -286,6 +290,7 @@ def test_two_ranks_under_torchrun(s0, tmp_path):
         p = subprocess.run(launch + args + [f"--out_dir={out}", f"--engine_tp={tp}"], env=env, capture_output=True,
                            text=True, timeout=600)
         assert p.returncode == 0 and "Traceback" not in p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
+        assert set(glob.glob("/dev/shm/*cpushm*")) == shm, name
         runs[name] = _log(out)
     one = runs["one"]
     for name in ("tp1", "tp2"):
