@@ -231,13 +231,21 @@ def markdown(res):
     return text
 
 
-def chart(res, path):
+def pyplot():
+    """matplotlib.pyplot drawing to files (no display needed), or None, said once, without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no chart (pip install matplotlib)")
+        return None
+    return plt
+
+
+def chart(res, path):
+    plt = pyplot()
+    if plt is None:
         return
     labels = [l for l in res["normalised"] if not l.startswith("teacher[")]
     vals = [res["normalised"][l]["score"] for l in labels]

@@ -210,9 +210,12 @@ def _worked_input(name: str, rng: random.Random) -> str:
 
 
 def worked_solution(name: str, inp: str, style: int = 0, slip: int = -1, rng: random.Random | None = None):
-    """(worked response, final answer) for input `inp`. slip >= 0: step `slip` goes wrong (its
-    result off by one, or a digit inserted one place off) and every later step builds on the
-    wrong value, so the final answer is wrong the way a real slip makes it wrong."""
+    """(worked response, final answer) for input `inp`, its steps written in `style` (0 or 1).
+    slip >= 0: step `slip` goes wrong (add/mul: its result off by one; isort: the digit inserted
+    at another place, both drawn from rng) and every later step builds on the wrong value, so
+    the final answer is wrong the way a real slip makes it wrong."""
+    if slip >= 0 and rng is None:
+        raise ValueError("worked_solution: a slip needs rng")
     steps, bump = [], (lambda i: (rng.choice((-1, 1)) if i == slip else 0))
     if name == "add":
         a, b = inp.split("+")

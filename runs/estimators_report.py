@@ -99,12 +99,9 @@ def report(seeds, docs):
 
 
 def _chart(curves, seeds, names, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart")
+    from evaluate import pyplot
+    plt = pyplot()
+    if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for v in VARIANTS:

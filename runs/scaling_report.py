@@ -62,12 +62,9 @@ def main(argv=None):
     md = "\n".join(lines) + "\n"
     open(os.path.join(DOCS, "scaling.md"), "w").write(md)
     print(md)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart")
+    from evaluate import pyplot
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for key, label in methods:

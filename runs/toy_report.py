@@ -18,7 +18,7 @@ and its normaliser are one measurement. The end-of-run table is evaluate.py's (r
 Writes docs/NAME/seedN.json (the numbers), docs/NAME.md and docs/NAME.png;
 --from_docs=true rebuilds both from the committed seed files alone.
 
-    python runs/toy_report.py --out_dir=out/worked --preset=worked --name=worked
+    python runs/toy_report.py --out_dir=out/worked --run_preset=worked --name=worked
 """
 import json
 import os
@@ -36,7 +36,7 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 @dataclass
 class Config:
     out_dir: str = "out/worked"   # runs/toy.sh's OUT (seedN/...)
-    preset: str = "worked"        # the runs' preset: the in-training evals' settings come from it
+    run_preset: str = "worked"    # the runs' preset: the in-training evals' settings come from it
     name: str = "worked"          # docs/NAME.md, docs/NAME.png, docs/NAME/seedN.json
     from_docs: bool = False       # rebuild from docs/NAME/seed*.json only
 
@@ -79,7 +79,7 @@ def measure_seed(cfg, seed, domains):
         "RL teacher (own domain)": teachers * 2,
     }
     # S0 and the teachers, measured as the in-training evals are
-    mc = parse_config(train_mopd.Config, [f"--preset={cfg.preset}"])
+    mc = parse_config(train_mopd.Config, [f"--preset={cfg.run_preset}"], train_mopd.PRESETS)
     doms = get_domains(",".join(domains))
     kw = dict(max_new_tokens=mc.max_new_tokens, limit=mc.eval_limit)
     base = evaluate.evaluate(Transformer.from_pretrained(os.path.join(o, "base")), tok, doms, **kw)
@@ -139,12 +139,9 @@ def write_md(seeds, domains):
 
 
 def chart(seeds, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart")
+    from evaluate import pyplot
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, c in (("MOPD", "C1"), ("Mix-RL", "C0")):
@@ -152,10 +149,11 @@ def chart(seeds, path):
         k = min(len(s["curves"][label]) for s in seeds)
         ms = [mean_sd([s["curves"][label][i][1] for s in seeds]) for i in range(k)]
         ax.errorbar(xs[:k], [m for m, _ in ms], yerr=[d for _, d in ms], color=c, label=label, capsize=2)
-    for label, mk in (("Off-policy FT", "s"), ("Cascade RL", "^"), ("Weight average", "v"), ("Task arithmetic", "D")):
+    for label, mk, c in (("Off-policy FT", "s", "C2"), ("Cascade RL", "^", "C3"), ("Weight average", "v", "C4"),
+                         ("Task arithmetic", "D", "C5")):
         x = statistics.mean(s["budget"][label][2] for s in seeds)
         m, d = mean_sd([s["results"]["normalised"][label]["score"] for s in seeds])
-        ax.errorbar([x], [m], yerr=[d], fmt=mk, label=label, capsize=2)
+        ax.errorbar([x], [m], yerr=[d], fmt=mk, color=c, label=label, capsize=2)
     ax.axhline(1.0, ls="--", c="gray", lw=0.8)
     ax.axhline(0.0, ls=":", c="gray", lw=0.8)
     ax.set_xlabel("sampled responses, incl. the teachers' RL")

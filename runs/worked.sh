@@ -21,4 +21,4 @@ done
 fail=0
 for p in "${pids[@]}"; do wait "$p" || fail=1; done
 [ $fail = 0 ] || { echo "a seed failed: see $OUT.seed*.txt" >&2; exit 1; }
-"$PY" runs/toy_report.py --out_dir="$OUT" --preset=worked --name=worked
+"$PY" runs/toy_report.py --out_dir="$OUT" --run_preset=worked --name=worked
