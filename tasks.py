@@ -125,6 +125,16 @@ TOY_OPS = {
     "rot":  ("the digits rotated left by one", lambda s: s[1:] + s[0]),
     "uniq": ("the digits without repeats, first occurrences kept", lambda s: "".join(dict.fromkeys(s))),
     "min":  ("the smallest digit", lambda s: min(s)),
+    # eight more of the same kinds (permutations, digit-wise maps, counts, slices), for the
+    # teacher-count curve to 16 (runs/scaling.sh, its S0 trained on all sixteen: toy16_base)
+    "desc": ("the digits sorted descending", lambda s: "".join(sorted(s, reverse=True))),
+    "dec":  ("every digit minus one, 0 wraps to 9", lambda s: "".join(str((int(c) - 1) % 10) for c in s)),
+    "rotr": ("the digits rotated right by one", lambda s: s[-1] + s[:-1]),
+    "comp": ("every digit's complement to nine", lambda s: "".join(str(9 - int(c)) for c in s)),
+    "swap": ("the first and last digits swapped", lambda s: s[-1] + s[1:-1] + s[0]),
+    "even": ("how many digits are even", lambda s: str(sum(int(c) % 2 == 0 for c in s))),
+    "dbl":  ("every digit doubled, keeping the last digit", lambda s: "".join(str(2 * int(c) % 10) for c in s)),
+    "tail": ("every digit but the first", lambda s: s[1:]),
     "sum":  ("the sum of the digits, in decimal", lambda s: str(sum(map(int, s)))),
 }
 TOY_DOMAINS = list(TOY_OPS)

@@ -80,6 +80,8 @@ class Config:
 
 PRESETS = {
     "toy_base": {},
+    # the teacher-count study's S0 (runs/scaling.sh): all sixteen learnable digit domains
+    "toy16_base": dict(out_dir="out/scaling/base", domains="toy:16"),
     "toy_offpolicy": dict(out_dir="out/toy/offpolicy", data="teachers", domains="rev,sort,inc", steps=150,
                           lr=3e-4, min_lr=3e-5, warmup=10, eval_every=50),
     # SmolLM2-135M-Instruct (runs/smol.sh): each teacher answers 64 prompts of its domain, the

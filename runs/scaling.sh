@@ -1,41 +1,40 @@
 #!/usr/bin/env bash
 # Teacher-count scaling (the paper leaves it open): MOPD with the first K toy domains and K RL
-# teachers, all from one S0, the same samples per domain at every K (22 K prompts per step, 300
-# steps), and Mix-RL on the same domains with the same samples per domain (11 K / 4 prompts x 8);
-# normalised retention against K, mean +- sd over seeds (runs/scaling_report.py:
-# docs/scaling.md/.png, per-seed numbers in docs/scaling/seedN.json).
-#   bash runs/scaling.sh                       # seeds 0 1 2, K = 2 4 8, two seeds side by side at 1 thread
+# teachers, all from one S0 trained on all sixteen digit domains (train_sft.py's toy16_base:
+# sixteen skills in 0.8M parameters, so they compete), the same samples per domain at every K
+# (22 K prompts per step, 300 steps), and Mix-RL on the same domains with the same samples per
+# domain (11 K / 4 prompts x 8); normalised retention against K, mean +- sd over seeds
+# (runs/scaling_report.py: docs/scaling.md/.png, per-seed numbers in docs/scaling/seedN.json).
+#   bash runs/scaling.sh                       # seeds 0 1 2, K = 2 4 8 16, all three side by side at 1 thread
 #   KS="2 3 4 6 8" SEED_LIST=0 bash runs/scaling.sh
-#   EST=out/estimators: S0 and teachers already trained there (seedN/base, seedN/teacher_D, with
-#   their .done markers) are reused, the rest is trained into it
+# A rerun skips every step already done (its .done marker), so an interrupted study resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/scaling}
-EST=${EST:-$OUT}
-KS=${KS:-"2 4 8"}
+KS=${KS:-"2 4 8 16"}
 SEED_LIST=${SEED_LIST:-"0 1 2"}
-PARALLEL=${PARALLEL:-2}
+PARALLEL=${PARALLEL:-3}
 PY=${PY:-python}
 export PYTHONUNBUFFERED=1
 kmax=$(echo $KS | tr ' ' '\n' | sort -n | tail -1)
 . runs/seeds.sh  # step, all_seeds, say
 
 one_seed() {
-  local seed=$1 e=$EST/seed$1 o=$OUT/seed$1
-  mkdir -p "$o" "$e"
+  local seed=$1 o=$OUT/seed$1
+  mkdir -p "$o"
   run() { step "$@"; }
   # shellcheck disable=SC2046
-  s0_and_teachers "$e" $("$PY" -c "from tasks import TOY_DOMAINS; print(' '.join(TOY_DOMAINS[:$kmax]))")
+  S0_PRESET=toy16_base s0_and_teachers "$o" $("$PY" -c "from tasks import TOY_DOMAINS; print(' '.join(TOY_DOMAINS[:$kmax]))")
   for k in $KS; do
     local doms teachers
     doms=$("$PY" -c "from tasks import TOY_DOMAINS; print(','.join(TOY_DOMAINS[:$k]))")
-    teachers=$(echo "$doms" | tr ',' '\n' | sed "s|.*|&=$e/teacher_&|" | paste -sd,)
-    run "$o" mopd_k$k train_mopd.py --preset=toy --seed=$seed --init=$e/base --domains=$doms --teacher=$teachers \
+    teachers=$(echo "$doms" | tr ',' '\n' | sed "s|.*|&=$o/teacher_&|" | paste -sd,)
+    run "$o" mopd_k$k train_mopd.py --preset=toy --seed=$seed --init=$o/base --domains=$doms --teacher=$teachers \
         --prompts_per_step=$((22 * k)) --out_dir=$o/mopd_k$k --ckpt_every=1000
     # Mix-RL with the same samples per domain per step as MOPD: 22 K responses = 11 K/4 prompts x 8
-    run "$o" mixrl_k$k train_teacher_rl.py --preset=toy_mix --seed=$seed --init=$e/base --domains=$doms \
+    run "$o" mixrl_k$k train_teacher_rl.py --preset=toy_mix --seed=$seed --init=$o/base --domains=$doms \
         --prompts_per_step=$((11 * k / 4)) --n=8 --out_dir=$o/mixrl_k$k --ckpt_every=1000
-    run "$o" eval_both_k$k evaluate.py --domains=$doms --base=$e/base --teacher=$teachers --model=MOPD=$o/mopd_k$k \
+    run "$o" eval_both_k$k evaluate.py --domains=$doms --base=$o/base --teacher=$teachers --model=MOPD=$o/mopd_k$k \
         --model=Mix-RL=$o/mixrl_k$k --out=$o/results_k$k
   done
 }

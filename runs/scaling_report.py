@@ -4,7 +4,7 @@ mean +- sd over seeds, as a table (docs/scaling.md) and a chart with error bars 
 from 0 (docs/scaling.png); each seed's numbers go to docs/scaling/seedN.json, from which
 --from_docs=true rebuilds both.
 
-    python runs/scaling_report.py --out_dir=out/scaling --ks="2 4 8"
+    python runs/scaling_report.py --out_dir=out/scaling --ks="2 4 8 16"
 """
 import json
 import os
@@ -22,7 +22,7 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 @dataclass
 class Config:
     out_dir: str = "out/scaling"   # runs/scaling.sh's OUT (seedN/results_kK.json)
-    ks: str = "2 4 8"              # the teacher counts, as runs/scaling.sh's KS
+    ks: str = "2 4 8 16"           # the teacher counts, as runs/scaling.sh's KS
     from_docs: bool = False        # rebuild from docs/scaling/seed*.json only
 
 
@@ -46,6 +46,11 @@ def main(argv=None):
                                        "domains": {d: r["normalised"][method][d] for d in r["domains"]}}
                 if per:
                     s[key] = per
+            r = json.load(open(os.path.join(cfg.out_dir, name, f"results_k{max(ks)}.json")))
+            acc = r["accuracy"]  # the largest K's accuracies: S0, each domain's own teacher, both students
+            s["accuracy"] = {label: {d: acc[src][d] for d in r["domains"]} for label, src in
+                             (("S0", "S0"), ("teacher", "RL teacher (own domain)"), ("MOPD", "MOPD"), ("Mix-RL", "Mix-RL"))
+                             if src in acc}
             json.dump(s, open(os.path.join(folder, f"{name}.json"), "w"), indent=1)
             seeds.append(s)
     methods = [(key, label) for key, label in (("mopd", "MOPD"), ("mixrl", "Mix-RL")) if all(key in x for x in seeds)]
@@ -59,6 +64,13 @@ def main(argv=None):
              "| method | teachers K | normalised score | per seed |", "|---|---|---|---|"]
     lines += [f"| {label} | {k} | {m:.3f} ± {sd:.3f} | {', '.join(f'{x:.3f}' for x in xs)} |"
               for key, label in methods for k, m, sd, xs in rows[key]]
+    if all("accuracy" in x for x in seeds):  # where the domains compete: accuracy per domain at the largest K
+        labels = [label for label in seeds[0]["accuracy"] if all(label in x["accuracy"] for x in seeds)]
+        doms = list(seeds[0]["accuracy"]["S0"])
+        lines += ["", f"Accuracy per domain at K = {max(ks)} (pass@1, mean over {len(seeds)} seeds)", "",
+                  "| | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+        lines += [f"| {label} | " + " | ".join(f"{statistics.mean(x['accuracy'][label][d] for x in seeds):.3f}" for d in doms)
+                  + " |" for label in labels]
     md = "\n".join(lines) + "\n"
     open(os.path.join(DOCS, "scaling.md"), "w").write(md)
     print(md)

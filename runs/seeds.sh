@@ -27,11 +27,11 @@ all_seeds() {
   say "all seeds done"
 }
 
-# s0_and_teachers DIR DOMAIN...: this seed's S0 (train_sft.py toy_base) and one RL teacher per
-# domain in DIR (DIR/base, DIR/teacher_D), each once; $SFT / $RL: extra flags (a smoke run's)
+# s0_and_teachers DIR DOMAIN...: this seed's S0 (train_sft.py's $S0_PRESET, toy_base by default) and
+# one RL teacher per domain in DIR (DIR/base, DIR/teacher_D), each once; $SFT / $RL: extra flags (a smoke run's)
 s0_and_teachers() {
   local e=$1 d; shift
-  step "$e" base train_sft.py --preset=toy_base --seed=$seed --out_dir=$e/base ${SFT:-}
+  step "$e" base train_sft.py --preset=${S0_PRESET:-toy_base} --seed=$seed --out_dir=$e/base ${SFT:-}
   for d in "$@"; do
     step "$e" teacher_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$e/base --domains=$d \
         --out_dir=$e/teacher_$d ${RL:-}

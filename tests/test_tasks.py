@@ -19,14 +19,17 @@ from tasks import Example  # noqa: E402
 # Toy domains
 
 def test_toy_domain_list():
-    assert tasks.TOY_DOMAINS[:3] == ["rev", "sort", "inc"] and len(tasks.TOY_DOMAINS) == 9
-    assert len(set(tasks.TOY_DOMAINS)) == 9
+    assert tasks.TOY_DOMAINS[:3] == ["rev", "sort", "inc"] and len(tasks.TOY_DOMAINS) == 17
+    assert len(set(tasks.TOY_DOMAINS)) == 17 and tasks.TOY_DOMAINS[-1] == "sum"  # opt-in: last, past toy:16
 
 
 @pytest.mark.parametrize("name,digits,answer", [
     ("rev", "48310", "01384"), ("sort", "48310", "01348"), ("sum", "48310", "16"),
     ("sum", "999999", "54"), ("max", "48310", "8"), ("min", "48310", "0"), ("odd", "48310", "2"), ("odd", "2468", "0"),
     ("inc", "48390", "59401"), ("uniq", "48348", "483"), ("uniq", "123", "123"), ("rot", "48310", "83104"),
+    ("desc", "48310", "84310"), ("dec", "48390", "37289"), ("rotr", "48310", "04831"), ("comp", "48310", "51689"),
+    ("swap", "48310", "08314"), ("swap", "123", "321"), ("even", "48310", "3"), ("even", "1357", "0"),
+    ("dbl", "48315", "86620"), ("tail", "48310", "8310"),
 ])
 def test_toy_answers(name, digits, answer):
     ex = tasks._toy_example(name, digits)
@@ -34,7 +37,7 @@ def test_toy_answers(name, digits, answer):
 
 
 def test_toy_outputs_differ_across_domains():
-    # The point of the design: one input, eight different correct behaviours.
+    # The point of the design: one input, a different correct behaviour per domain.
     answers = {tasks._toy_example(n, "48310").answer for n in tasks.TOY_DOMAINS}
     assert len(answers) == len(tasks.TOY_DOMAINS)
 
@@ -216,9 +219,10 @@ def test_get_domains_spec():
     assert [d.name for d in tasks.get_domains("rev,sort,sum")] == ["rev", "sort", "sum"]
     assert [d.name for d in tasks.get_domains(["max", "odd, inc"])] == ["max", "odd", "inc"]
     assert [d.name for d in tasks.get_domains("toy:3")] == ["rev", "sort", "inc"]
+    assert [d.name for d in tasks.get_domains("toy:17")] == tasks.TOY_DOMAINS  # the last one, opt-in sum, included
     with pytest.raises(ValueError, match="rev, sort, inc, odd"):  # lists what exists
         tasks.get_domains("rev,nope")
-    for bad in ["", "toy:0", "toy:10", "rev,rev", "math:", "chess:x.jsonl"]:
+    for bad in ["", "toy:0", "toy:18", "rev,rev", "math:", "chess:x.jsonl"]:
         with pytest.raises(ValueError):
             tasks.get_domains(bad)
 
