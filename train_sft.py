@@ -114,16 +114,17 @@ def toy_model(cfg, vocab_size, bos, eos, pad):
     return Transformer(mc).init_weights(seed=cfg.seed)
 
 
-def noisy_answer(ex, rng, noise):
-    """The demo's response. With probability `noise` it is wrong: a digit puzzle gets a different
-    toy domain's answer for the same digits (interference between skills); a worked domain gets
-    a slip at one random step, every later step built on it (an error that compounds)."""
+def noisy_answer(ex, rng, noise, trained=()):
+    """The demo's response. With probability `noise` it is wrong: a digit puzzle gets another
+    trained toy domain's answer for the same digits (interference between the skills S0 learns;
+    any other toy domain's when it is the only one); a worked domain gets a slip at one random
+    step, every later step built on it (an error that compounds)."""
     if ex.domain in WORKED_OPS:
         slip = rng.randrange(worked_steps(ex)) if rng.random() < noise else -1
         return worked_solution(ex.domain, ex.meta["input"], ex.meta["style"], slip, rng)[0]
     if ex.domain in TOY_OPS and rng.random() < noise:
-        other = rng.choice([d for d in TOY_OPS if d != ex.domain])
-        return TOY_OPS[other][1](ex.meta["digits"])
+        others = [d for d in trained if d in TOY_OPS and d != ex.domain] or [d for d in TOY_OPS if d != ex.domain]
+        return TOY_OPS[rng.choice(others)][1](ex.meta["digits"])
     return ex.answer
 
 
@@ -217,7 +218,8 @@ def batch(cfg, domains, samples, step):
     rng = random.Random(step_seed(cfg.seed, step))
     if samples is None:
         exs = sample_examples(domains, [1.0] * len(domains), cfg.batch_size, rng)
-        return [(e.prompt, noisy_answer(e, rng, cfg.noise)) for e in exs]
+        names = [d.name for d in domains]
+        return [(e.prompt, noisy_answer(e, rng, cfg.noise, names)) for e in exs]
     return rng.choices(samples, k=cfg.batch_size)
 
 

@@ -174,6 +174,22 @@ def test_noisy_demos_of_worked_domains_slip():
         assert wrong >= 0.7 * len(exs)
 
 
+def test_noisy_toy_demos_take_another_trained_domains_answer():
+    # S0's interference comes from the skills it is taught: a noisy demo of `rev` in a toy:3
+    # run is sort's or inc's answer, never that of a domain S0 never sees (e.g. the opt-in sum)
+    import train_sft
+    trained = ["rev", "sort", "inc"]
+    d, rng = tasks.toy_domain("rev"), random.Random(3)
+    exs = [d.sample(rng) for _ in range(600)]
+    assert all(train_sft.noisy_answer(e, rng, 0.0, trained) == e.answer for e in exs)
+    got = [train_sft.noisy_answer(e, rng, 1.0, trained) for e in exs]
+    sort_, inc = (tasks.TOY_OPS[n][1] for n in ("sort", "inc"))
+    assert all(g in (sort_(e.meta["digits"]), inc(e.meta["digits"])) for g, e in zip(got, exs))
+    assert sum(g == inc(e.meta["digits"]) for g, e in zip(got, exs)) > 200  # both occur
+    alone = [train_sft.noisy_answer(e, rng, 1.0, ["rev"]) for e in exs]  # no other trained domain:
+    assert sum(a != e.answer for a, e in zip(alone, exs)) > 500          # any other toy domain's answer
+
+
 # -----------------------------------------------------------------------------
 # Toy tokenizer
 
