@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The estimator study (issue 14) on the digit toy: the same S0 and the same RL teachers, and MOPD
-# with each per-token signal the paper discusses, at the same steps, prompts and learning rate:
+# The estimator study (issue 14): the same S0 and the same RL teachers, and MOPD with each
+# per-token signal the paper discusses, at the same steps, prompts and learning rate:
 #   pg          the paper's default: A_t = log pi_T(y_t) - log pi(y_t) through the sampled token
 #   topk4/16    Eq. 5 over the teacher's top-k tokens (the toy's vocabulary is 47, so k = 64
 #               would be every token: the exact reverse KL plus (1 - sum p) terms that vanish)
@@ -10,15 +10,24 @@
 # and the initial per-token KL of each teacher family to the student (step 1's sampled kl_est,
 # before any update; the paper: ~0.04 same origin vs ~0.19 different, which hurt).
 #
-#   bash runs/estimators.sh                  # seeds 0 1 2, two side by side at one thread each
+#   bash runs/estimators.sh                  # the digit toy: seeds 0 1 2, two side by side at one thread each
 #   SEED_LIST="0" bash runs/estimators.sh    # one seed (e.g. in several shells)
 #   SMOKE=1 OUT=/tmp/est bash runs/estimators.sh   # every stage for two steps: the plumbing only
+#   PRESET=worked REUSE=out/worked VARIANTS="pg topk4 reverse_kl forward_kl" OTHER=0 bash runs/estimators.sh
+#       the worked toy (out/estimators_worked, docs/estimators_worked*): S0, the teachers and the
+#       pg arm linked from runs/worked.sh's seeds in REUSE (the same presets, seed and commands as
+#       here, so the same runs), the other arms trained; OTHER=0 leaves out the other-origin arm
 #   OUT=out/estimators; per seed OUT/seedN/{results.json,mopd_*.log}; then runs/estimators_report.py
 #   writes docs/estimators.md + .png and copies each seed's numbers to docs/estimators/seedN.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
+P=${PRESET:-toy}  # presets ${P}_base (S0) and $P (teachers, MOPD, evaluation)
+if [ "$P" = worked ]; then DOMAINS=${DOMAINS:-add,mul,isort}; OUT=${OUT:-out/estimators_worked}; DOCS=${DOCS:-docs/estimators_worked}; fi
 OUT=${OUT:-out/estimators}
+DOCS=${DOCS:-docs/estimators}
 DOMAINS=${DOMAINS:-rev,sort,inc}
+VARIANTS=${VARIANTS:-"pg topk4 topk16 reverse_kl forward_kl jsd"}
+OTHER=${OTHER:-1}
 SEED_LIST=${SEED_LIST:-"0 1 2"}
 PARALLEL=${PARALLEL:-2}
 PY=${PY:-python}
@@ -30,35 +39,51 @@ if [ "${SMOKE:-0}" = 1 ]; then  # every stage for a step or two: the plumbing on
 fi
 . runs/seeds.sh  # step, all_seeds, say
 
+declare -A FLAGS=([pg]="" [topk4]="--loss=topk --topk=4" [topk16]="--loss=topk --topk=16" [reverse_kl]="--loss=reverse_kl"
+                  [forward_kl]="--loss=forward_kl" [jsd]="--loss=jsd --beta=0.5")
+
+reuse() {  # reuse NAME FROM: REUSE's seed run FROM (its directory and log) as this study's NAME, marked done
+  local src=$REUSE/seed$seed/$2 o=$OUT/seed$seed
+  [ -n "${REUSE:-}" ] && [ -f "$src/config.json" ] && [ ! -e "$o/$1" ] || return 0
+  ln -s "$(realpath "$src")" "$o/$1"
+  [ -d "$src.log" ] && ln -s "$(realpath "$src.log")" "$o/$1.log"
+  touch "$o/$1.done"
+}
+
 one_seed() {
   local seed=$1 o=$OUT/seed$1
   mkdir -p "$o"
   run() { step "$o" "$@"; }
-  run base train_sft.py --preset=toy_base --seed=$seed --out_dir=$o/base $SFT
-  run base_other train_sft.py --preset=toy_base --seed=$((seed + 1000)) --out_dir=$o/base_other $SFT
+  reuse base base
+  run base train_sft.py --preset=${P}_base --seed=$seed --out_dir=$o/base $SFT
+  [ "$OTHER" = 1 ] && run base_other train_sft.py --preset=${P}_base --seed=$((seed + 1000)) --out_dir=$o/base_other $SFT
   local same="" other=""
   for d in $doms; do
-    run teacher_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$o/base --domains=$d --out_dir=$o/teacher_$d $RL
-    run other_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$o/base_other --domains=$d --out_dir=$o/other_$d $RL
+    reuse teacher_$d teacher_$d
+    run teacher_$d train_teacher_rl.py --preset=$P --seed=$seed --init=$o/base --domains=$d --out_dir=$o/teacher_$d $RL
+    [ "$OTHER" = 1 ] && run other_$d train_teacher_rl.py --preset=$P --seed=$seed --init=$o/base_other --domains=$d \
+        --out_dir=$o/other_$d $RL
     same+="$d=$o/teacher_$d,"; other+="$d=$o/other_$d,"
   done
   same=${same%,}; other=${other%,}
   local models=()
-  for v in "pg:" "topk4:--loss=topk --topk=4" "topk16:--loss=topk --topk=16" "reverse_kl:--loss=reverse_kl" \
-           "forward_kl:--loss=forward_kl" "jsd:--loss=jsd --beta=0.5"; do
-    local name=${v%%:*} flags=${v#*:}
+  reuse mopd_pg mopd
+  for name in $VARIANTS; do
+    [ -n "${FLAGS[$name]+x}" ] || { echo "unknown variant $name (known: ${!FLAGS[*]})" >&2; return 2; }
     # shellcheck disable=SC2086
-    run mopd_$name train_mopd.py --preset=toy --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$same \
-        --out_dir=$o/mopd_$name $flags $RL
+    run mopd_$name train_mopd.py --preset=$P --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$same \
+        --out_dir=$o/mopd_$name ${FLAGS[$name]} $RL
     models+=(--model="MOPD $name=$o/mopd_$name")
   done
-  run mopd_pg_other train_mopd.py --preset=toy --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$other \
-      --out_dir=$o/mopd_pg_other $RL
-  models+=(--model="MOPD pg, other-origin teachers=$o/mopd_pg_other")
-  for d in $doms; do models+=(--model="other-origin teacher[$d]=$o/other_$d"); done
-  run eval evaluate.py --domains=$DOMAINS --base=$o/base --teacher=$same "${models[@]}" --out=$o/results $EVAL
+  if [ "$OTHER" = 1 ]; then
+    run mopd_pg_other train_mopd.py --preset=$P --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$other \
+        --out_dir=$o/mopd_pg_other $RL
+    models+=(--model="MOPD pg, other-origin teachers=$o/mopd_pg_other")
+    for d in $doms; do models+=(--model="other-origin teacher[$d]=$o/other_$d"); done
+  fi
+  run eval evaluate.py --preset=$P --domains=$DOMAINS --base=$o/base --teacher=$same "${models[@]}" --out=$o/results $EVAL
 }
 
 all_seeds one_seed
-"$PY" runs/estimators_report.py --out_dir=$OUT
-say "done: docs/estimators.md"
+"$PY" runs/estimators_report.py --out_dir=$OUT --docs=$DOCS --name="$P"
+say "done: $DOCS.md"

@@ -11,6 +11,7 @@ and writes docs/estimators.md (mean ± sd over seeds) and docs/estimators.png:
 
     python runs/estimators_report.py --out_dir=out/estimators
     python runs/estimators_report.py --from_docs=true    # the committed per-seed files only
+    python runs/estimators_report.py --out_dir=out/estimators_worked --docs=docs/estimators_worked --name=worked
 """
 
 import glob
@@ -31,6 +32,7 @@ class Config:
     out_dir: str = "out/estimators"  # runs/estimators.sh's OUT: seedN/results.json, seedN/mopd_*.log
     docs: str = "docs/estimators"    # per-seed files: DOCS/seedN.json; the report: DOCS.md, DOCS.png
     from_docs: bool = False          # rebuild the report from DOCS/seed*.json alone
+    name: str = "toy"                # the preset studied, for the title: toy (the digit toy) or worked
 
 
 VARIANTS = ["pg", "topk4", "topk16", "reverse_kl", "forward_kl", "jsd", "pg_other"]
@@ -62,10 +64,11 @@ def _ms(xs):
     return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
 
 
-def report(seeds, docs):
+def report(seeds, docs, name="toy"):
     names = sorted(seeds)
     agg = aggregate_runs([seeds[s]["results"] for s in names])
-    text = (f"# Estimator study on the digit toy ({len(names)} seeds: {', '.join(map(str, names))})\n\n"
+    toy = {"toy": "the digit toy", "worked": "the worked toy"}.get(name, name)
+    text = (f"# Estimator study on {toy} ({len(names)} seeds: {', '.join(map(str, names))})\n\n"
             "## Held-out accuracy and normalised score\n\n" + markdown(agg))
     text += ("\n## Per-token KL to the routed teacher\n\n"
              "| variant | sampled KL at step 1 | sampled KL, last 10 steps | exact KL, first log | exact KL, last log |\n"
@@ -147,7 +150,7 @@ def main(argv=None):
                 write_text(f"{cfg.docs}/seed{s}.json", json.dumps(seeds[s]))
     if not seeds:
         raise ValueError(f"no seed*/results.json under {cfg.docs if cfg.from_docs else cfg.out_dir}")
-    report(seeds, cfg.docs)
+    report(seeds, cfg.docs, cfg.name)
 
 
 if __name__ == "__main__":
