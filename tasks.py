@@ -8,7 +8,7 @@ families live here:
 1. Toy domains (TOY_DOMAINS): digit-string puzzles that a ~1M-parameter model learns on a
    CPU in minutes, each with an exact verifier. They are built to compete inside one small
    model: every domain sees the same kind of input and only the word in front says what to
-   do with it ("rev 48310=" -> "01384", "sort 48310=" -> "01348", "sum 48310=" -> "16").
+   do with it ("rev 48310=" -> "01384", "sort 48310=" -> "01348", "sum 48310=" -> "16"; 17 jobs).
    A character-level tokenizer (toy_tokenizer / save_toy_tokenizer) makes toy checkpoints
    ordinary Hugging Face directories.
    Worked toy domains (WORKED_DOMAINS: add, mul, isort) use the same tokenizer for answers of
@@ -113,9 +113,9 @@ TOY_EVAL_SEED = 1234
 # name -> (what the answer is, function from digit string to answer). The order matters:
 # TOY_DOMAINS[:k] is the k-domain scaling study, and the first three are the main trio (two
 # different permutations and a digit-wise map: unrelated skills on the same input, like
-# Math/IF/SWE). All of the first eight are within reach of RL from the toy S0; "sum" comes
-# last: digit-sum arithmetic is a skill the 0.8M-parameter toy model does not pick up, and
-# RL cannot find it from there (measured: 0.07 -> 0.08 in 300 steps), so it is opt-in.
+# Math/IF/SWE). All of the first sixteen are within reach of RL from an S0 trained on them;
+# "sum" comes last: digit-sum arithmetic is a skill the 0.8M-parameter toy model does not pick
+# up, and RL cannot find it from there (measured: 0.07 -> 0.08 in 300 steps), so it is opt-in.
 TOY_OPS = {
     "rev":  ("the digits in reverse order", lambda s: s[::-1]),
     "sort": ("the digits sorted ascending", lambda s: "".join(sorted(s))),
