@@ -37,16 +37,16 @@ def main(argv=None):
         seeds = []
         for name in sorted(n for n in os.listdir(cfg.out_dir) if n.startswith("seed")):
             s = {"seed": int(name[4:])}
+            res = {k: json.load(open(os.path.join(cfg.out_dir, name, f"results_k{k}.json"))) for k in ks}
             for method, key in (("MOPD", "mopd"), ("Mix-RL", "mixrl")):
                 per = {}
-                for k in ks:
-                    r = json.load(open(os.path.join(cfg.out_dir, name, f"results_k{k}.json")))
+                for k, r in res.items():
                     if method in r["normalised"]:
                         per[str(k)] = {"score": r["normalised"][method]["score"],
                                        "domains": {d: r["normalised"][method][d] for d in r["domains"]}}
                 if per:
                     s[key] = per
-            r = json.load(open(os.path.join(cfg.out_dir, name, f"results_k{max(ks)}.json")))
+            r = res[max(ks)]
             acc = r["accuracy"]  # the largest K's accuracies: S0, each domain's own teacher, both students
             s["accuracy"] = {label: {d: acc[src][d] for d in r["domains"]} for label, src in
                              (("S0", "S0"), ("teacher", "RL teacher (own domain)"), ("MOPD", "MOPD"), ("Mix-RL", "Mix-RL"))
