@@ -116,20 +116,22 @@ def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
     return F.log_softmax(sampling_logits(logits, temperature, top_k, top_p), dim=-1)
 
 
-def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0, out=None):
     """
     One token per row from logits [R, V], by inverse CDF with the float64 uniforms u [R] in [0, 1).
     Returns (tokens [R], log mu [R], log pi [R]) in fp32: log mu is the log-prob of the token under
     the distribution sampled (after top-k/top-p), log pi under the untruncated softmax(logits / T)
-    (the same tensor when nothing is truncated: computed once).
+    (the same tensor when nothing is truncated: computed once). out: an fp32 [R, V] buffer for the
+    probabilities (generate reuses one for every step: at V = 152k a fresh [R, V] tensor per step
+    makes the softmax 2-2.5x slower on a CPU, its pages touched for the first time each step).
 
-    Exact at any vocabulary size: the softmax p (fp32, as everywhere else) is accumulated into a
-    float64 CDF (_inverse_cdf) and searched with a 53-bit uniform, so token v is drawn with
-    probability (cdf[v] - cdf[v-1]) / cdf[-1] = p[v] / sum(p) up to ~1e-16 per token, and log mu
-    is the log of that very p[v] / sum(p). (An fp32 CDF rounds every step to ~6e-8 near 1 and fp32
-    uniforms come on a 2^-24 grid: at V = 152k that is ~1e-3 in total variation, and tokens below
-    ~3e-8 are never drawn.) temperature == 0 is greedy (u unused; log mu = log pi = the plain
-    log-softmax).
+    Exact at any vocabulary size, in the relative sense: every token, down to the rarest, is drawn
+    with its fp32 softmax probability times (1 + d), |d| <= ~5e-7 (_inverse_cdf: the fp32 block
+    sums' rounding; the fp32 softmax itself carries ~1e-7), and log mu is the log of the very
+    probability it was drawn with. (An fp32 CDF rounds every step to ~6e-8 *absolute* near 1 and
+    fp32 uniforms come on a 2^-24 grid: at V = 152k that is ~1e-3 in total variation, and tokens
+    below ~3e-8 are never drawn.)
+    temperature == 0 is greedy (u unused; log mu = log pi = the plain log-softmax).
     """
     if temperature == 0:
         logp = sampling_logprobs(logits, 0)
@@ -138,9 +140,10 @@ def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0):
         return tok, lp, lp
     scaled = _scale(logits, temperature)
     kept = _truncate(scaled, top_k, top_p)
-    probs = F.softmax(kept, dim=-1)  # probabilities, not log-probs: one pass over [rows x vocab] fewer
-    tok, total = _inverse_cdf(probs, u)
-    lp = (probs.gather(-1, tok[:, None])[:, 0].double().log() - total.log()).float()
+    # probabilities, not log-probs: one pass over [rows x vocab] fewer
+    probs = torch.softmax(kept, dim=-1, out=out) if out is not None else F.softmax(kept, dim=-1)
+    tok, scale = _inverse_cdf(probs, u)
+    lp = (probs.gather(-1, tok[:, None])[:, 0].double() * scale).log().float()
     if kept is scaled:
         return tok, lp, lp
     # the untruncated policy's log-prob of the same token: what the trainer's policy_logprobs
@@ -149,30 +152,39 @@ def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     return tok, lp, plp
 
 
-def _inverse_cdf(probs, u, block=256):
+def _inverse_cdf(weights, u, block=256):
     """
-    For each row of probs [R, V] (fp32, any total > 0), the first token whose float64 CDF exceeds
-    u * total, and the total (float64). The CDF is built in two levels, which is the same float64
-    CDF to ~1e-16 without a float64 cumsum over [R, V] (~10x the cost of an fp32 one on a CPU):
-    float64 sums of blocks of `block` tokens and their running sum pick the block, then the
-    running sum inside that one block picks the token.
+    For each row of weights [R, V] (fp32, >= 0, any total > 0: unnormalised probabilities), a token
+    drawn by inverse CDF at u, and `scale` (float64): the token was drawn with probability
+    weights[token] * scale. Two levels, so that no float64 pass over [R, V] is needed (converting
+    to float64 costs ~15x an fp32 sum on a CPU):
+    1. a block of `block` tokens, by the float64 running sum of the blocks' fp32 sums S32_b;
+    2. the token inside that block, by the float64 running sum of its weights (whose total is
+       S64_b), at the point u falls within the block *rescaled* to S64_b.
+    So token v of block b is drawn with probability (S32_b / sum_b' S32_b') * (w_v / S64_b): the
+    in-block shares are exact, and the block's own mass is off only by S32_b / S64_b, an fp32 sum
+    of 256 non-negative numbers, relative error <= 8 * 2^-24 ~ 5e-7. Every token's probability is
+    right in relative terms, the rarest included (without the rescaling the last tokens of a block
+    would absorb the block sum's absolute rounding, ~1e-7 of its mass).
     """
-    R, V = probs.shape
+    R, V = weights.shape
     full = V // block * block
-    sums = probs[:, :full].view(R, -1, block).sum(-1, dtype=torch.float64)
+    sums = weights[:, :full].view(R, -1, block).sum(-1)
     if full < V:
-        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64)], 1)
-    ends = sums.cumsum(-1)  # the CDF at each block's end
+        sums = torch.cat([sums, weights[:, full:].sum(-1, keepdim=True)], 1)
+    ends = sums.double().cumsum(-1)  # the block CDF (float64: its running sum keeps every block's mass)
     total = ends[:, -1:]
-    # below total strictly (u * total may round up to it), and below the chosen block's own
-    # running sum: right=True then lands on a token of positive probability, never a filtered one
+    # below total strictly (u * total may round up to it); right=True lands on a block of
+    # positive mass, never an empty (filtered) one
     target = torch.minimum(u.to(total)[:, None] * total, _below(total))
     b = torch.searchsorted(ends, target, right=True)
     start = torch.where(b > 0, ends.gather(1, (b - 1).clamp(min=0)), 0.0)
-    idx = b * block + torch.arange(block, device=probs.device)
-    inner = probs.gather(1, idx.clamp(max=V - 1)).masked_fill(idx >= V, 0).cumsum(-1, dtype=torch.float64)
-    k = torch.searchsorted(inner, torch.minimum(target - start, _below(inner[:, -1:])), right=True)
-    return (b * block + k)[:, 0], total[:, 0]
+    mass = ends.gather(1, b) - start  # S32_b (> 0: a block of zero mass is never chosen)
+    idx = b * block + torch.arange(block, device=weights.device)
+    inner = weights.gather(1, idx.clamp(max=V - 1)).masked_fill(idx >= V, 0).cumsum(-1, dtype=torch.float64)
+    exact = inner[:, -1:]  # S64_b
+    k = torch.searchsorted(inner, torch.minimum((target - start) / mass * exact, _below(exact)), right=True)
+    return (b * block + k)[:, 0], (mass / (exact * total))[:, 0]
 
 
 def _below(x):
@@ -321,11 +333,13 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
         ids[i, :len(p)] = torch.tensor(p, device=device)
     # inference_mode: ~5% less per-op overhead than no_grad, and decoding is call-bound; but not
     # for an FSDP-sharded model, whose gathered weights outlive this call and must stay
-    # ordinary tensors for the training step that follows.
+    # ordinary tensors for the training step that follows: no_grad there (not
+    # inference_mode(False), which turns grad mode *on*: every decode step, chained through the
+    # KV cache, was recorded for autograd).
     # Weights from a snapshot laid out for batched inference (model.py); one row decodes
     # with matrix-vector products, about as fast on the modules' own layout, so it skips
     # the copy (which costs as much as several such steps)
-    with torch.inference_mode(not model.is_sharded()), model.inference_weights() if R > 1 else contextlib.nullcontext():
+    with torch.no_grad() if model.is_sharded() else torch.inference_mode(), model.inference_weights() if R > 1 else contextlib.nullcontext():
         # a prefix every prompt shares (a chat template's system prompt) is prefilled once, in
         # one row, and copied: its keys/values are the same in every row. Each prompt keeps
         # at least its last token for the second prefill, which gives the first logits.
@@ -336,7 +350,6 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
         if static:  # rounded up, so that prompts of other lengths reuse the compiled step
             slots = min(-(-slots // STATIC_SLOTS) * STATIC_SLOTS, cfg.max_position_embeddings)
         cache = KVCache(cfg, 1 if shared else P, slots, dtype, device, static=static)
-        step_fn = compiled_decode_step() if compile else decode_step
         if shared:
             model(ids[:1, :shared], cache=cache, return_hidden=True)
             cache.repeat_rows(P)
@@ -354,14 +367,17 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
         truncated = top_k > 0 or top_p < 1.0  # else log pi == log mu: one tensor for both
         out_plp = torch.zeros_like(out_lp) if truncated else out_lp
         rlens = torch.zeros(R, dtype=torch.long, device=device)
-        logits = head_logits(model, last)
+        # the [rows x vocab] logits and probabilities of every step go to two buffers made once
+        # (see sample_next); the compiled step makes its own
+        buf = torch.empty(2, R, cfg.vocab_size, device=device)
+        logits = head_logits(model, last, out=buf[0])
         rows = torch.arange(R, device=device)  # the rows still decoded: logits, pos, cache hold these
         steps = range(max_new_tokens)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="sampling", leave=False)
         for t in steps:
-            tok, lp, plp = sample_next(logits, uniforms[rows, t], temperature, top_k, top_p)
+            tok, lp, plp = sample_next(logits, uniforms[rows, t], temperature, top_k, top_p, out=buf[1, :len(rows)])
             # a finished row not yet dropped writes past its length: the assembly below reads only
             # each row's first rlens tokens
             fin = done[rows]
@@ -384,7 +400,10 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
             if not cache.static and 0 < int(keep.sum()) <= COMPACT_AT * len(rows):
                 rows, tok, pos = rows[keep], tok[keep], pos[keep]
                 cache.keep_rows(keep)
-            logits = step_fn(model, tok, pos, cache)
+            if compile:
+                logits = compiled_decode_step()(model, tok, pos, cache)
+            else:
+                logits = decode_step(model, tok, pos, cache, out=buf[0, :len(rows)])
             pos += 1
 
     # ordinary tensors again (inference tensors cannot be used by autograd in training)
@@ -419,14 +438,15 @@ STATIC_SLOTS = 64  # a static cache's length is a multiple of this
 COMPACT_AT = 0.75  # drop finished rows once at most this fraction of the batch is still running
 
 
-def decode_step(model, tok, pos, cache):
+def decode_step(model, tok, pos, cache, out=None):
     """One token per row (tok [R] at positions pos [R]) through the model and its cache: the
-    next logits [R, V]. On a static cache every shape is fixed, so torch.compile makes it once."""
+    next logits [R, V] (in `out` where given and fp32). On a static cache every shape is fixed,
+    so torch.compile makes it once."""
     hidden = model(tok[:, None], positions=pos[:, None], cache=cache, return_hidden=True)
-    return head_logits(model, hidden[:, 0])
+    return head_logits(model, hidden[:, 0], out)
 
 
-def head_logits(model, h):
+def head_logits(model, h, out=None):
     """
     The logits [R, V] of final hidden states h [R, H], in fp32 whatever the model computes in:
     what training computes (kernels.py multiplies fp32 copies of h and W), so that mu, the
@@ -437,7 +457,7 @@ def head_logits(model, h):
     """
     W = model.lm_head.weight
     if h.dtype == torch.float32 and W.dtype == torch.float32:
-        return model.lm_head(h)
+        return model.lm_head(h) if out is None else torch.mm(h, W.detach().t(), out=out)  # sampling: no grad
     if h.is_cuda and h.dtype == W.dtype:
         try:
             return torch.mm(h, W.t(), out_dtype=torch.float32)

@@ -105,7 +105,12 @@ def _uneven_eos_worker(rank, port, ckpt, out_dir):
         vocab = model.config.vocab_size
         stops = list(range(vocab)) if rank == 0 else []  # rank 0: every token is a stop token
         prompts = [[1, 5 + rank, 7], [1, 9]]
+        import rollout
+        grad_on, sample = [], rollout.sample_next  # grad mode at each draw: sampling records no graph
+        rollout.sample_next = lambda *a, **k: grad_on.append(torch.is_grad_enabled()) or sample(*a, **k)
         got = generate(model, prompts, 6, stop_token_ids=stops, n=2, seed=rank)
+        rollout.sample_next = sample
+        assert grad_on and not any(grad_on)
         want = generate(ref, prompts, 6, stop_token_ids=stops, n=2, seed=rank)
         assert got.response_lens.tolist() == ([1] * 4 if rank == 0 else [6] * 4)
         assert torch.equal(got.tokens, want.tokens)

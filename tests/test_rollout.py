@@ -172,38 +172,51 @@ def _old_fp32_distribution(p32):
 
 
 def test_exact_draws_at_large_vocabulary():
-    """At V = 151,936 the sampler draws softmax(logits / T) within 1e-5 in total variation, and the
-    log mu it records is the log-prob of that very distribution. The distribution is checked, not
-    estimated (1e-5 would take ~1e10 draws): sample_next is inverse-CDF sampling, so token v is drawn
-    iff u lands in [cdf[v-1], cdf[v]) / cdf[-1], with cdf the float64 cumsum of the fp32 softmax
-    (its docstring; built in two levels, the same CDF to ~1e-16). We (1) probe sample_next inside the intervals of the mode, the rarest tokens
-    and random ones, each interval at 1/4 and 3/4 of its width (down to ~1e-11 wide): it returns that
-    token and records log((cdf[v] - cdf[v-1]) / cdf[-1]); (2) compare those intervals' lengths with
-    the float64 softmax: TV 2.3e-8 (the fp32 softmax's rounding). The old fp32 CDF with fp32 uniforms,
-    enumerated exactly over all 2^24 uniforms, is 1.2e-3 away and never draws 54% of the tokens
-    (7e-4 of the mass)."""
-    T = 0.9
+    """At V = 151,936 the sampler draws every token with its fp32 softmax probability times (1 + d),
+    |d| < 1e-6, the rarest included, and the log mu it records is the log-prob it drew with. The
+    distribution is checked, not estimated (1e-6 on a 1e-12 token would take ~1e36 draws):
+    sample_next is inverse-CDF sampling over the map its docstring states (_inverse_cdf: fp32 sums
+    of 256-token blocks, their float64 running sum picks the block, the float64 running sum inside
+    the block, rescaled to the block's share, picks the token), so token v is drawn iff u lands in
+    its interval of that map. We (1) probe sample_next inside the intervals of the mode, the rarest
+    tokens and random ones, each at 1/4 and 3/4 of its width (down to ~1e-12 wide): it returns that
+    token and records the log of the interval's length; (2) compare the lengths with the fp32
+    softmax (max relative error 2.1e-7 here, bound 5e-7) and the float64 one (TV ~2e-8). The old
+    fp32 CDF with fp32 uniforms, enumerated exactly over all 2^24 uniforms, is 1.2e-3 away and
+    never draws 54% of the tokens (7e-4 of the mass)."""
+    T, block = 0.9, 256
     logits = _peaked_logits()
+    V = len(logits)
     q = torch.softmax(logits.double() / T, -1)                     # the ideal distribution
-    p32 = torch.softmax(logits / T, -1)
-    cdf = p32.double().cumsum(-1)
-    exact = torch.diff(cdf, prepend=cdf.new_zeros(1)) / cdf[-1]   # the interval lengths
-    tv_new = 0.5 * (exact - q).abs().sum().item()
+    p32 = torch.softmax(logits / T, -1)                            # what the sampler computes
+    # the map: block b's fp32 sum, float64 running sums across blocks and inside each block
+    pad = torch.cat([p32, p32.new_zeros(-V % block)]).view(-1, block)
+    full = V // block
+    s32 = torch.cat([p32[:full * block].view(1, full, block).sum(-1)[0], p32[full * block:].sum()[None]])
+    ends = s32.double().cumsum(0)
+    inner = pad.double().cumsum(-1)
+    blk, j = torch.arange(V) // block, torch.arange(V) % block
+    start = torch.cat([ends.new_zeros(1), ends[:-1]])[blk]
+    share = s32.double()[blk] / inner[blk, -1]                     # S32_b / S64_b
+    lo = (start + (inner[blk, j] - pad[blk, j].double()) * share) / ends[-1]  # where its interval starts
+    drawn = p32.double() * share / ends[-1]                        # and its length: the probability
+    rel = (drawn / (p32.double() / p32.double().sum()) - 1).abs().max().item()
+    tv_new = 0.5 * (drawn - q).abs().sum().item()
     old = _old_fp32_distribution(p32)
     tv_old = 0.5 * (old - q).abs().sum().item()
-    assert tv_new < 1e-5 and tv_old > 1e-4, (tv_new, tv_old)
-    assert (old == 0).float().mean() > 0.3 and (exact > 0).all()   # the old one never drew these
+    assert rel < 1e-6 and tv_new < 1e-5 and tv_old > 1e-4, (rel, tv_new, tv_old)
+    assert (old == 0).float().mean() > 0.3 and (drawn > 0).all()   # the old one never drew these
 
     # (1) sample_next draws from those intervals and records their log-lengths
     g = torch.Generator().manual_seed(1)
-    probe = torch.cat([q.argmax()[None], q.argsort()[:8], torch.randint(0, len(q), (7,), generator=g)])
-    lo = torch.cat([cdf.new_zeros(1), cdf[:-1]])[probe]
-    u = torch.cat([lo + (cdf[probe] - lo) * f for f in (0.25, 0.75)]) / cdf[-1]
+    last = torch.arange(block - 1, V, block)[:3]                   # a block's last token: its rounding
+    probe = torch.cat([q.argmax()[None], q.argsort()[:8], last, torch.randint(0, V, (7,), generator=g)])
+    u = torch.cat([lo[probe] + drawn[probe] * f for f in (0.25, 0.75)])
     tok, lp, plp = sample_next(logits.expand(len(u), -1), u, temperature=T)
     assert torch.equal(tok, probe.repeat(2))
     # mu = the interval's length, to ~1e-17 absolute (the fp64 CDF's rounding: 2e-5 relative on the
     # rarest tokens, p ~ 1e-12) and fp32 storage of log mu (~2e-6 relative)
-    assert ((lp.double().exp() - exact[tok]).abs() <= 1e-5 * exact[tok] + 1e-15).all()
+    assert ((lp.double().exp() - drawn[tok]).abs() <= 1e-5 * drawn[tok] + 1e-15).all()
     assert (lp.double() - q[tok].log()).abs().max() < 1e-5       # = log softmax, to fp32 rounding
     assert plp is lp                                             # no truncation: one log-prob
 
