@@ -191,8 +191,11 @@ def test_exact_draws_at_large_vocabulary():
     p32 = torch.softmax(logits / T, -1)                            # what the sampler computes
     # the map: block b's fp32 sum, float64 running sums across blocks and inside each block
     pad = torch.cat([p32, p32.new_zeros(-V % block)]).view(-1, block)
-    full = V // block
-    s32 = torch.cat([p32[:full * block].view(1, full, block).sum(-1)[0], p32[full * block:].sum()[None]])
+    # the blocks' fp32 sums taken exactly as _inverse_cdf takes them (same ops on the same [rows, V]
+    # shape: the probes below sit inside intervals ~1e-12 wide, so the sums must match to the bit)
+    rows = p32.expand(2 * (1 + 8 + 3 + 7), V).contiguous()
+    full = V // block * block
+    s32 = torch.cat([rows[:, :full].view(len(rows), -1, block).sum(-1), rows[:, full:].sum(-1, keepdim=True)], 1)[0]
     ends = s32.double().cumsum(0)
     inner = pad.double().cumsum(-1)
     blk, j = torch.arange(V) // block, torch.arange(V) % block
@@ -212,6 +215,7 @@ def test_exact_draws_at_large_vocabulary():
     last = torch.arange(block - 1, V, block)[:3]                   # a block's last token: its rounding
     probe = torch.cat([q.argmax()[None], q.argsort()[:8], last, torch.randint(0, V, (7,), generator=g)])
     u = torch.cat([lo[probe] + drawn[probe] * f for f in (0.25, 0.75)])
+    assert len(u) == len(rows)
     tok, lp, plp = sample_next(logits.expand(len(u), -1), u, temperature=T)
     assert torch.equal(tok, probe.repeat(2))
     # mu = the interval's length, to ~1e-17 absolute (the fp64 CDF's rounding: 2e-5 relative on the
