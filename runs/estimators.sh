@@ -28,6 +28,7 @@ DOCS=${DOCS:-docs/estimators}
 DOMAINS=${DOMAINS:-rev,sort,inc}
 VARIANTS=${VARIANTS:-"pg topk4 topk16 reverse_kl forward_kl jsd"}
 OTHER=${OTHER:-1}
+REUSE=${REUSE:-}  # empty: train every stage
 SEED_LIST=${SEED_LIST:-"0 1 2"}
 PARALLEL=${PARALLEL:-2}
 PY=${PY:-python}
@@ -43,8 +44,8 @@ declare -A FLAGS=([pg]="" [topk4]="--loss=topk --topk=4" [topk16]="--loss=topk -
                   [forward_kl]="--loss=forward_kl" [jsd]="--loss=jsd --beta=0.5")
 
 reuse() {  # reuse NAME FROM: REUSE's seed run FROM (its directory and log) as this study's NAME, marked done
-  local src=${REUSE:-}/seed$seed/$2 o=$OUT/seed$seed
-  [ -n "${REUSE:-}" ] && [ -f "$src/config.json" ] && [ ! -e "$o/$1" ] || return 0
+  local src=$REUSE/seed$seed/$2 o=$OUT/seed$seed
+  [ -n "$REUSE" ] && [ -f "$src/config.json" ] && [ ! -e "$o/$1" ] || return 0
   ln -s "$(realpath "$src")" "$o/$1"
   [ -d "$src.log" ] && ln -s "$(realpath "$src.log")" "$o/$1.log"
   touch "$o/$1.done"
