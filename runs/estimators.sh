@@ -20,6 +20,7 @@
 #   OUT=out/estimators; per seed OUT/seedN/{results.json,mopd_*.log}; then runs/estimators_report.py
 #   writes docs/estimators.md + .png and copies each seed's numbers to docs/estimators/seedN.json
 set -euo pipefail
+. "$(dirname "$0")/args.sh"
 cd "$(dirname "$0")/.."
 P=${PRESET:-toy}  # presets ${P}_base (S0) and $P (teachers, MOPD, evaluation)
 if [ "$P" = worked ]; then DOMAINS=${DOMAINS:-add,mul,isort}; OUT=${OUT:-out/estimators_worked}; DOCS=${DOCS:-docs/estimators_worked}; fi

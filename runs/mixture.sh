@@ -6,11 +6,14 @@
 #
 #   bash runs/mixture.sh                     # seeds 0 1 2, two side by side at one thread each
 #   EST=out/estimators: where S0 and teachers live (seedN/base, seedN/teacher_D)
-#   OUT=out/mixture; then docs/mixture.md and docs/mixture/seedN.json
+#   OUT=out/mixture; then DOCS.md and DOCS/seedN.json (DOCS=docs/mixture)
+#   SMOKE=1 EST=/tmp/est OUT=/tmp/mix DOCS=/tmp/mix-docs bash runs/mixture.sh   # two steps a stage: the plumbing
 set -euo pipefail
+. "$(dirname "$0")/args.sh"
 cd "$(dirname "$0")/.."
 EST=${EST:-out/estimators}
 OUT=${OUT:-out/mixture}
+DOCS=${DOCS:-docs/mixture}
 DOMAINS=${DOMAINS:-rev,sort,inc}
 SEED_LIST=${SEED_LIST:-"0 1 2"}
 PARALLEL=${PARALLEL:-2}
@@ -18,6 +21,10 @@ STEPS=${STEPS:-200}
 PY=${PY:-python}
 export PYTHONUNBUFFERED=1
 doms=${DOMAINS//,/ }
+SFT= RL= LIMIT=
+if [ "${SMOKE:-0}" = 1 ]; then  # every stage for two steps (and tiny evals): the plumbing only
+  SFT="--steps=2 --eval_every=1 --eval_limit=4"; RL="--steps=2 --eval_every=1 --eval_limit=4"; STEPS=2; LIMIT=4
+fi
 . runs/seeds.sh  # step, all_seeds, say
 
 one_seed() {
@@ -31,10 +38,10 @@ one_seed() {
   same=${same%,}
   for mix in fixed adaptive; do
     run "$o" mopd_$mix train_mopd.py --preset=toy --seed=$seed --init=$e/base --domains=$DOMAINS --teacher=$same \
-        --out_dir=$o/mopd_$mix --domain_mix=$mix --steps=$STEPS --eval_every=10 --ckpt_every=1000
+        --out_dir=$o/mopd_$mix --domain_mix=$mix --steps=$STEPS --eval_every=10 --ckpt_every=1000 $RL
   done
 }
 
 all_seeds one_seed
-"$PY" runs/mixture_report.py --out_dir=$OUT --est_dir=$EST --domains=$DOMAINS
-say "done: docs/mixture.md"
+"$PY" runs/mixture_report.py --out_dir=$OUT --est_dir=$EST --domains=$DOMAINS --docs="$DOCS" ${LIMIT:+--eval_limit=$LIMIT}
+say "done: $DOCS.md"

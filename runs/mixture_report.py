@@ -30,6 +30,8 @@ class Config:
     est_dir: str = "out/estimators"  # where S0 and the teachers are (seedN/base, seedN/teacher_D)
     domains: str = "rev,sort,inc"
     from_docs: bool = False          # rebuild docs/mixture.md from docs/mixture/seed*.json only
+    docs: str = DOCS + "/mixture"    # per-seed files: DOCS/seedN.json; the table: DOCS.md
+    eval_limit: int = 0              # the runs' --eval_limit, if not train_mopd's default (a smoke run's)
 
 
 def curve(log):
@@ -56,7 +58,7 @@ def measure_seed(cfg, seed):
     e = os.path.join(cfg.est_dir, f"seed{seed}")
     doms = get_domains(cfg.domains)
     mc = train_mopd.Config()
-    kw = dict(max_new_tokens=mc.max_new_tokens, limit=mc.eval_limit)  # what the runs' evals use
+    kw = dict(max_new_tokens=mc.max_new_tokens, limit=cfg.eval_limit or mc.eval_limit)  # what the runs' evals use
     tok = load_tokenizer(os.path.join(e, "base"))
     base = evaluate.evaluate(Transformer.from_pretrained(os.path.join(e, "base")), tok, doms, **kw)
     teacher = {d.name: evaluate.evaluate(Transformer.from_pretrained(os.path.join(e, f"teacher_{d.name}")), tok,
@@ -108,20 +110,20 @@ def write_md(seeds, domains):
 def main(argv=None):
     cfg = parse_config(Config, argv)
     domains = cfg.domains.split(",")
-    os.makedirs(os.path.join(DOCS, "mixture"), exist_ok=True)
+    os.makedirs(cfg.docs, exist_ok=True)
     if cfg.from_docs:
-        files = sorted(f for f in os.listdir(os.path.join(DOCS, "mixture")) if f.startswith("seed"))
-        seeds = [json.load(open(os.path.join(DOCS, "mixture", f))) for f in files]
+        files = sorted(f for f in os.listdir(cfg.docs) if f.startswith("seed"))
+        seeds = [json.load(open(os.path.join(cfg.docs, f))) for f in files]
     else:
         seeds = []
         for name in sorted(os.listdir(cfg.out_dir)):
             if name.startswith("seed") and os.path.isdir(os.path.join(cfg.out_dir, name)):
                 s = measure_seed(cfg, int(name[4:]))
-                with open(os.path.join(DOCS, "mixture", f"{name}.json"), "w") as f:
+                with open(os.path.join(cfg.docs, f"{name}.json"), "w") as f:
                     json.dump(s, f, indent=1)
                 seeds.append(s)
     md = write_md(seeds, domains)
-    with open(os.path.join(DOCS, "mixture.md"), "w") as f:
+    with open(cfg.docs + ".md", "w") as f:
         f.write(md)
     print(md)
 

@@ -7,15 +7,23 @@
 # (runs/scaling_report.py: docs/scaling.md/.png, per-seed numbers in docs/scaling/seedN.json).
 #   bash runs/scaling.sh                       # seeds 0 1 2, K = 2 4 8 16, all three side by side at 1 thread
 #   KS="2 3 4 6 8" SEED_LIST=0 bash runs/scaling.sh
+#   SMOKE=1 OUT=/tmp/sc DOCS=/tmp/sc-docs bash runs/scaling.sh   # every stage for two steps: the plumbing only
+#   DOCS=docs/scaling: where the report goes (DOCS.md, DOCS.png, DOCS/seedN.json)
 # A rerun skips every step already done (its .done marker), so an interrupted study resumes.
 set -euo pipefail
+. "$(dirname "$0")/args.sh"
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/scaling}
+DOCS=${DOCS:-docs/scaling}
 KS=${KS:-"2 4 8 16"}
 SEED_LIST=${SEED_LIST:-"0 1 2"}
 PARALLEL=${PARALLEL:-3}
 PY=${PY:-python}
 export PYTHONUNBUFFERED=1
+SFT= RL= EVAL=
+if [ "${SMOKE:-0}" = 1 ]; then  # every stage for two steps (and tiny evals): the plumbing only
+  SFT="--steps=2 --eval_every=1 --eval_limit=4"; RL="--steps=2 --eval_every=1 --eval_limit=4"; EVAL="--limit=4"
+fi
 kmax=$(echo $KS | tr ' ' '\n' | sort -n | tail -1)
 . runs/seeds.sh  # step, all_seeds, say
 
@@ -30,15 +38,15 @@ one_seed() {
     doms=$("$PY" -c "from tasks import TOY_DOMAINS; print(','.join(TOY_DOMAINS[:$k]))")
     teachers=$(echo "$doms" | tr ',' '\n' | sed "s|.*|&=$o/teacher_&|" | paste -sd,)
     run "$o" mopd_k$k train_mopd.py --preset=toy --seed=$seed --init=$o/base --domains=$doms --teacher=$teachers \
-        --prompts_per_step=$((22 * k)) --out_dir=$o/mopd_k$k --ckpt_every=1000
+        --prompts_per_step=$((22 * k)) --out_dir=$o/mopd_k$k --ckpt_every=1000 $RL
     # Mix-RL with the same samples per domain per step as MOPD: 22 K responses = 11 K/4 prompts x 8
     run "$o" mixrl_k$k train_teacher_rl.py --preset=toy_mix --seed=$seed --init=$o/base --domains=$doms \
-        --prompts_per_step=$((11 * k / 4)) --n=8 --out_dir=$o/mixrl_k$k --ckpt_every=1000
+        --prompts_per_step=$((11 * k / 4)) --n=8 --out_dir=$o/mixrl_k$k --ckpt_every=1000 $RL
     run "$o" eval_both_k$k evaluate.py --domains=$doms --base=$o/base --teacher=$teachers --model=MOPD=$o/mopd_k$k \
-        --model=Mix-RL=$o/mixrl_k$k --out=$o/results_k$k
+        --model=Mix-RL=$o/mixrl_k$k --out=$o/results_k$k $EVAL
   done
 }
 
 all_seeds one_seed
-"$PY" runs/scaling_report.py --out_dir=$OUT --ks="$KS"
-say "done: docs/scaling.md"
+"$PY" runs/scaling_report.py --out_dir=$OUT --ks="$KS" --docs="$DOCS"
+say "done: $DOCS.md"

@@ -24,12 +24,13 @@ class Config:
     out_dir: str = "out/scaling"   # runs/scaling.sh's OUT (seedN/results_kK.json)
     ks: str = "2 4 8 16"           # the teacher counts, as runs/scaling.sh's KS
     from_docs: bool = False        # rebuild from docs/scaling/seed*.json only
+    docs: str = DOCS + "/scaling"  # per-seed files: DOCS/seedN.json; the report: DOCS.md, DOCS.png
 
 
 def main(argv=None):
     cfg = parse_config(Config, argv)
     ks = [int(k) for k in cfg.ks.split()]
-    folder = os.path.join(DOCS, "scaling")
+    folder = cfg.docs
     os.makedirs(folder, exist_ok=True)
     if cfg.from_docs:
         seeds = [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.startswith("seed")]
@@ -72,7 +73,7 @@ def main(argv=None):
         lines += [f"| {label} | " + " | ".join(f"{statistics.mean(x['accuracy'][label][d] for x in seeds):.3f}" for d in doms)
                   + " |" for label in labels]
     md = "\n".join(lines) + "\n"
-    open(os.path.join(DOCS, "scaling.md"), "w").write(md)
+    open(cfg.docs + ".md", "w").write(md)
     print(md)
     from evaluate import pyplot
     plt = pyplot()
@@ -90,7 +91,7 @@ def main(argv=None):
     ax.set_ylabel("normalised score")
     ax.set_title(f"Retention vs teacher count (toy, {len(seeds)} seeds)")
     fig.tight_layout()
-    fig.savefig(os.path.join(DOCS, "scaling.png"), dpi=120)
+    fig.savefig(cfg.docs + ".png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@
 #   SMOKE=1 OUT=/tmp/smoke bash runs/smol.sh  # every stage for a step or two: the plumbing only
 # Every stage prints its time; each script's own log is OUT/<stage>.txt.
 set -euo pipefail
+. "$(dirname "$0")/args.sh"
 cd "$(dirname "$0")/.."
 SEED=${SEED:-0}
 OUT=${OUT:-out/smol}

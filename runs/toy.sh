@@ -11,10 +11,12 @@
 #   DOMAINS=rev,sort,odd MULTI_ROUND=0 OUT=out/toy bash runs/toy.sh
 #   OVERWRITE=1 bash runs/toy.sh        # replace an earlier run's OUT/seedN (by default a rerun
 #                                       # stops before touching it: the trainers never overwrite)
+#   SMOKE=1 OUT=/tmp/toy bash runs/toy.sh   # every stage for two steps: the plumbing only
 #   PRESET=worked bash runs/toy.sh      # the worked toy (tasks.WORKED_OPS: add,mul,isort, answers of
 #                                       # 20-50 tokens whose steps compound) in out/worked: every
 #                                       # script runs its worked* presets instead of toy*
 set -euo pipefail
+. "$(dirname "$0")/args.sh"
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-1}
 P=${PRESET:-toy}  # presets $P_base, $P, $P_mix, $P_cascade, $P_offpolicy
@@ -25,6 +27,12 @@ MULTI_ROUND=${MULTI_ROUND:-1}
 PY=${PY:-python}
 export PYTHONUNBUFFERED=1
 doms=${DOMAINS//,/ }
+SFT= RL= EVAL= MERGE=
+if [ "${SMOKE:-0}" = 1 ]; then  # every stage for two steps (and tiny evals): the plumbing only
+  SFT="--steps=2 --eval_every=1 --eval_limit=4 --offpolicy_per_domain=4 --keep_incorrect=true"
+  RL="--steps=2 --eval_every=1 --eval_limit=4"
+  EVAL="--limit=4"; MERGE="--val_n=4 --lambdas=1.0"
+fi
 t_start=$(date +%s)
 say() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
 
@@ -38,36 +46,36 @@ for seed in $SEED_LIST; do
   mkdir -p "$o"
   run() { local name=$1; shift; say "seed $seed: $name"; "$PY" "$@" > "$o/$name.txt" 2>&1 || { tail -20 "$o/$name.txt"; exit 1; }; }
 
-  run base train_sft.py --preset=${P}_base --seed=$seed --out_dir=$o/base
+  run base train_sft.py --preset=${P}_base --seed=$seed --out_dir=$o/base $SFT
   teachers=""
   for d in $doms; do
-    run teacher_$d train_teacher_rl.py --preset=$P --seed=$seed --init=$o/base --domains=$d --out_dir=$o/teacher_$d
+    run teacher_$d train_teacher_rl.py --preset=$P --seed=$seed --init=$o/base --domains=$d --out_dir=$o/teacher_$d $RL
     teachers+="$d=$o/teacher_$d,"
   done
   teachers=${teachers%,}
-  run mopd train_mopd.py --preset=$P --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$teachers --out_dir=$o/mopd
-  run mixrl train_teacher_rl.py --preset=${P}_mix --seed=$seed --init=$o/base --domains=$DOMAINS --out_dir=$o/mixrl
+  run mopd train_mopd.py --preset=$P --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$teachers --out_dir=$o/mopd $RL
+  run mixrl train_teacher_rl.py --preset=${P}_mix --seed=$seed --init=$o/base --domains=$DOMAINS --out_dir=$o/mixrl $RL
   prev=$o/base  # Cascade RL: one domain after another, each from the previous result
   for d in $doms; do
-    run cascade_$d train_teacher_rl.py --preset=${P}_cascade --seed=$seed --init=$prev --domains=$d --out_dir=$o/cascade_$d
+    run cascade_$d train_teacher_rl.py --preset=${P}_cascade --seed=$seed --init=$prev --domains=$d --out_dir=$o/cascade_$d $RL
     prev=$o/cascade_$d
   done
-  run offpolicy train_sft.py --preset=${P}_offpolicy --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$teachers --out_dir=$o/offpolicy
-  run merge_avg merge.py --mode=average --base=$o/base --teacher=$teachers --out=$o/merge_avg
-  run merge_ta merge.py --mode=task_arithmetic --base=$o/base --teacher=$teachers --out=$o/merge_ta
+  run offpolicy train_sft.py --preset=${P}_offpolicy --seed=$seed --init=$o/base --domains=$DOMAINS --teacher=$teachers --out_dir=$o/offpolicy $SFT
+  run merge_avg merge.py --mode=average --base=$o/base --teacher=$teachers --out=$o/merge_avg $MERGE
+  run merge_ta merge.py --mode=task_arithmetic --base=$o/base --teacher=$teachers --out=$o/merge_ta $MERGE
   models=(--model=MOPD=$o/mopd --model=Mix-RL=$o/mixrl --model="Cascade RL=$prev" --model="Off-policy FT=$o/offpolicy"
           --model="Weight average=$o/merge_avg" --model="Task arithmetic=$o/merge_ta")
   if [ "$MULTI_ROUND" = 1 ]; then  # round 2: teachers re-trained from the MOPD student, then distil again
     teachers2=""
     for d in $doms; do
-      run teacher2_$d train_teacher_rl.py --preset=$P --seed=$seed --init=$o/mopd --domains=$d --out_dir=$o/teacher2_$d
+      run teacher2_$d train_teacher_rl.py --preset=$P --seed=$seed --init=$o/mopd --domains=$d --out_dir=$o/teacher2_$d $RL
       teachers2+="$d=$o/teacher2_$d,"
     done
-    run mopd2 train_mopd.py --preset=$P --seed=$seed --init=$o/mopd --domains=$DOMAINS --teacher=${teachers2%,} --out_dir=$o/mopd2
+    run mopd2 train_mopd.py --preset=$P --seed=$seed --init=$o/mopd --domains=$DOMAINS --teacher=${teachers2%,} --out_dir=$o/mopd2 $RL
     models+=(--model="MOPD round 2=$o/mopd2")
   fi
   run eval evaluate.py --preset=$P --domains=$DOMAINS --base=$o/base --teacher=$teachers "${models[@]}" \
-      --curve=MOPD=$o/mopd.log/metrics.jsonl --curve=Mix-RL=$o/mixrl.log/metrics.jsonl --out=$o/results
+      --curve=MOPD=$o/mopd.log/metrics.jsonl --curve=Mix-RL=$o/mixrl.log/metrics.jsonl --out=$o/results $EVAL
   cat "$o/results.md"
 done
 "$PY" evaluate.py --aggregate $OUT/seed*/results.json --out=$OUT/results > /dev/null

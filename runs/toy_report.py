@@ -39,6 +39,7 @@ class Config:
     run_preset: str = "worked"    # the runs' preset: the in-training evals' settings come from it
     name: str = "worked"          # docs/NAME.md, docs/NAME.png, docs/NAME/seedN.json
     from_docs: bool = False       # rebuild from docs/NAME/seed*.json only
+    docs: str = ""                # where: DOCS.md, DOCS.png, DOCS/seedN.json ("" = docs/NAME)
 
 
 def rows(log):
@@ -165,7 +166,7 @@ def chart(seeds, path):
 
 def main(argv=None):
     cfg = parse_config(Config, argv)
-    d = os.path.join(DOCS, cfg.name)
+    d = cfg.docs or os.path.join(DOCS, cfg.name)
     os.makedirs(d, exist_ok=True)
     if cfg.from_docs:
         seeds = [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d)) if f.startswith("seed")]
@@ -181,9 +182,9 @@ def main(argv=None):
     if not seeds:
         raise ValueError(f"--out_dir={cfg.out_dir}: no seedN/results.json (run runs/toy.sh first)")
     md = write_md(seeds, seeds[0]["results"]["domains"])
-    with open(os.path.join(DOCS, f"{cfg.name}.md"), "w") as f:
+    with open(d + ".md", "w") as f:
         f.write(md)
-    chart(seeds, os.path.join(DOCS, f"{cfg.name}.png"))
+    chart(seeds, d + ".png")
     print(md)
 
 

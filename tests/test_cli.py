@@ -329,3 +329,22 @@ def test_real_scripts_exit_2_with_one_line_and_no_traceback(tmp_path):
         else:
             assert err.splitlines() == [line] and "Traceback" not in err, (argv, err)
     assert os.listdir(tmp_path) == []
+
+
+RUNS = sorted(f for f in os.listdir(os.path.join(ROOT, "runs")) if f.endswith(".sh") and f not in ("args.sh", "seeds.sh"))
+
+
+@pytest.mark.parametrize("script", RUNS)
+def test_run_scripts_take_help_and_refuse_arguments(script, tmp_path):
+    """runs/*.sh read their settings from the environment, so `--help` prints the header and an
+    argument is refused (exit 2, one line) before anything runs: `bash runs/study.sh --help`
+    must not start hours of training. Run from an empty directory, which must stay empty."""
+    path = os.path.join(ROOT, "runs", script)
+    header = [line[2:] for line in open(path).read().splitlines()[1:4]]
+    r = subprocess.run(["bash", path, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.splitlines()[:3] == header, (script, r.stdout, r.stderr)
+    r = subprocess.run(["bash", path, "--steps=2"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stdout == "", (script, r.stdout, r.stderr)
+    assert r.stderr.splitlines() == [f"error: {path} takes no arguments, got '--steps=2': its settings are "
+                                     f"environment variables (see {path} --help)"]
+    assert os.listdir(tmp_path) == [] and not os.path.exists(os.path.join(ROOT, "out", "study.txt"))
