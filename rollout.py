@@ -367,17 +367,20 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
         truncated = top_k > 0 or top_p < 1.0  # else log pi == log mu: one tensor for both
         out_plp = torch.zeros_like(out_lp) if truncated else out_lp
         rlens = torch.zeros(R, dtype=torch.long, device=device)
-        # the [rows x vocab] logits and probabilities of every step go to two buffers made once
-        # (see sample_next); the compiled step makes its own
-        buf = torch.empty(2, R, cfg.vocab_size, device=device)
-        logits = head_logits(model, last, out=buf[0])
+        # the [rows x vocab] probabilities of every step go to a buffer made once (see
+        # sample_next), and so do the logits where head_logits can write them (an fp32 head; the
+        # compiled step and a bf16 head make their own)
+        fp32_head = model.lm_head.weight.dtype == torch.float32
+        buf = torch.empty(1 + fp32_head, R, cfg.vocab_size, device=device)
+        logits_buf = buf[1] if fp32_head else None
+        logits = head_logits(model, last, out=logits_buf)
         rows = torch.arange(R, device=device)  # the rows still decoded: logits, pos, cache hold these
         steps = range(max_new_tokens)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="sampling", leave=False)
         for t in steps:
-            tok, lp, plp = sample_next(logits, uniforms[rows, t], temperature, top_k, top_p, out=buf[1, :len(rows)])
+            tok, lp, plp = sample_next(logits, uniforms[rows, t], temperature, top_k, top_p, out=buf[0, :len(rows)])
             # a finished row not yet dropped writes past its length: the assembly below reads only
             # each row's first rlens tokens
             fin = done[rows]
@@ -403,7 +406,7 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
             if compile:
                 logits = compiled_decode_step()(model, tok, pos, cache)
             else:
-                logits = decode_step(model, tok, pos, cache, out=buf[0, :len(rows)])
+                logits = decode_step(model, tok, pos, cache, out=None if logits_buf is None else logits_buf[:len(rows)])
             pos += 1
 
     # ordinary tensors again (inference tensors cannot be used by autograd in training)
