@@ -1,6 +1,7 @@
 # What the multi-seed studies share (sourced by runs/estimators.sh, runs/mixture.sh, runs/scaling.sh).
 #   step DIR NAME CMD...   run `$PY CMD... --overwrite=true` once: DIR/NAME.done marks it done (a rerun
-#                          of the study skips it), its output goes to DIR/NAME.txt; uses $seed for the log
+#                          of the study skips it) and holds its seconds "wall user sys" (what sizes a
+#                          study: runs/study.sh sums them), its output goes to DIR/NAME.txt; uses $seed
 #   all_seeds FN           FN SEED for each seed of $SEED_LIST, $PARALLEL at a time, each at one
 #                          thread, its log in $OUT.seedSEED.txt; fails if any seed failed
 t_start=$(date +%s)
@@ -10,8 +11,9 @@ step() {
   local dir=$1 name=$2; shift 2
   [ -f "$dir/$name.done" ] && return 0
   say "seed $seed: $name"
-  "$PY" "$@" --overwrite=true > "$dir/$name.txt" 2>&1 || { tail -20 "$dir/$name.txt"; return 1; }
-  touch "$dir/$name.done"
+  { TIMEFORMAT="%R %U %S"; time "$PY" "$@" --overwrite=true > "$dir/$name.txt" 2>&1; } 2> "$dir/$name.time" \
+      || { tail -20 "$dir/$name.txt"; return 1; }
+  mv "$dir/$name.time" "$dir/$name.done"
 }
 
 all_seeds() {

@@ -49,3 +49,13 @@ stage estimators env OUT="$OUT/estimators" DOCS="$DOCS/estimators" PARALLEL="$PA
 stage mixture env EST="$OUT/estimators" OUT="$OUT/mixture" DOCS="$DOCS/mixture" PARALLEL="$PAR" bash runs/mixture.sh
 stage scaling env OUT="$OUT/scaling" DOCS="$DOCS/scaling" PARALLEL="$PAR" bash runs/scaling.sh
 say "done: $DOCS/{worked,estimators_worked,estimators,mixture,scaling}.md"
+# what each stage cost: its wall time, and the CPU time of every run it trained (each run's
+# "wall user sys" seconds in its .done / .time file; a run in another stage's directory, e.g. one
+# linked from it, counts there)
+echo "stage | wall (min) | runs | CPU (core-min)"
+for name in $STAGES; do
+  [ -f "$OUT/$name.done" ] || continue
+  find "$OUT/$name" -name '*.done' -o -name '*.time' | xargs cat 2>/dev/null \
+    | awk -v n="$name" -v w="$(cat "$OUT/$name.done")" \
+        'NF == 3 { r++; c += $2 + $3 } END { printf "%s | %.1f | %d | %.1f\n", n, w / 60, r, c / 60 }'
+done

@@ -44,7 +44,10 @@ for seed in $SEED_LIST; do
     rm -rf "$o"
   fi
   mkdir -p "$o"
-  run() { local name=$1; shift; say "seed $seed: $name"; "$PY" "$@" > "$o/$name.txt" 2>&1 || { tail -20 "$o/$name.txt"; exit 1; }; }
+  run() {  # its output in $o/NAME.txt, its seconds "wall user sys" in $o/NAME.time (runs/study.sh sums them)
+    local name=$1; shift; say "seed $seed: $name"
+    { TIMEFORMAT="%R %U %S"; time "$PY" "$@" > "$o/$name.txt" 2>&1; } 2> "$o/$name.time" || { tail -20 "$o/$name.txt"; exit 1; }
+  }
 
   run base train_sft.py --preset=${P}_base --seed=$seed --out_dir=$o/base $SFT
   teachers=""
