@@ -12,6 +12,7 @@ and writes docs/estimators.md (mean ± sd over seeds) and docs/estimators.png:
     python runs/estimators_report.py --out_dir=out/estimators
     python runs/estimators_report.py --from_docs=true    # the committed per-seed files only
     python runs/estimators_report.py --out_dir=out/estimators_worked --docs=docs/estimators_worked --name=worked
+    python runs/estimators_report.py --out_dir=out/more_arms --docs=docs/estimators_worked --name=worked --merge=true
 """
 
 import glob
@@ -33,6 +34,8 @@ class Config:
     docs: str = "docs/estimators"    # per-seed files: DOCS/seedN.json; the report: DOCS.md, DOCS.png
     from_docs: bool = False          # rebuild the report from DOCS/seed*.json alone
     name: str = "toy"                # the preset studied, for the title: toy (the digit toy) or worked
+    merge: bool = False              # add --out_dir's arms to the per-seed files in --docs: arms trained later
+                                     #   from the same S0 and teachers (their evaluations must be equal)
 
 
 VARIANTS = ["pg", "topk4", "topk16", "reverse_kl", "forward_kl", "jsd", "pg_other"]
@@ -51,6 +54,31 @@ def read_seed(d):
                       "kl_exact": _mean([b["kl_exact"] for b in r["by_domain"].values() if "kl_exact" in b]),
                       **({"eval": r["eval"]} if "eval" in r else {})} for r in rows]
     return {"results": res, "curves": curves}
+
+
+LABELS = {v: f"MOPD {v}" for v in VARIANTS} | {"pg_other": "MOPD pg, other-origin teachers"}
+
+
+def merge_seed(old, new):
+    """old's numbers with new's arms added (or replaced), the arms in VARIANTS order. new must
+    come from the same S0 and teachers: their held-out accuracies, evaluated again in new's run
+    (every sample seeded), must equal old's exactly, else the two cannot share a table."""
+    a, b = old["results"], new["results"]
+    for label, acc in b["accuracy"].items():
+        if label not in LABELS.values() and label in a["accuracy"] and acc != a["accuracy"][label]:
+            raise ValueError(f"--merge: {label} differs from the committed run ({acc} vs {a['accuracy'][label]}): "
+                             "not the same S0 and teachers")
+    if (a["domains"], a["samples"]) != (b["domains"], b["samples"]):
+        raise ValueError(f"--merge: domains/samples {b['domains']}/{b['samples']} vs {a['domains']}/{a['samples']}")
+    keys = list(dict.fromkeys([*a["accuracy"], *b["accuracy"]]))
+    arms = [LABELS[v] for v in VARIANTS if LABELS[v] in keys]
+    first = min(keys.index(k) for k in arms)
+    rest = [k for k in keys if k not in arms]
+    keys = rest[:first] + arms + rest[first:]
+    pick = lambda part, k: b[part][k] if k in b[part] else a[part][k]  # noqa: E731
+    res = dict(a, accuracy={k: pick("accuracy", k) for k in keys}, normalised={k: pick("normalised", k) for k in keys})
+    curves = {**old["curves"], **new["curves"]}
+    return {"results": res, "curves": {v: curves[v] for v in VARIANTS if v in curves}}
 
 
 def _mean(xs):
@@ -147,6 +175,8 @@ def main(argv=None):
             if os.path.exists(os.path.join(d, "results.json")):
                 s = int(os.path.basename(d.rstrip("/"))[4:])
                 seeds[s] = read_seed(d)
+                if cfg.merge:
+                    seeds[s] = merge_seed(json.load(open(f"{cfg.docs}/seed{s}.json")), seeds[s])
                 write_text(f"{cfg.docs}/seed{s}.json", json.dumps(seeds[s]))
     if not seeds:
         raise ValueError(f"no seed*/results.json under {cfg.docs if cfg.from_docs else cfg.out_dir}")

@@ -16,3 +16,33 @@ def test_spend_counts_responses_and_tokens_from_cumulative_samples(tmp_path):
         f.writelines(json.dumps(r) + "\n" for r in steps)
     assert toy_report.spend(str(run)) == (192, 64 * 30 + 64 * 20.5 + 64 * 10)
     assert toy_report.add((1, 2), (3, 4), (5, 6)) == (9, 12)
+
+
+def test_estimator_merge_adds_arms_in_order_and_refuses_other_teachers():
+    """--merge (runs/estimators_report.py): arms trained later join the committed per-seed file
+    in the table's order; a run whose S0 or teachers evaluate differently is refused."""
+    import pytest
+    import estimators_report as er
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    old = json.load(open(os.path.join(root, "docs", "estimators_worked", "seed0.json")))
+    acc = {k: v for k, v in old["results"]["accuracy"].items() if not k.startswith("MOPD")}
+    new_acc = dict(acc, **{"MOPD topk16": {"add": 0.5, "mul": 0.5, "isort": 0.5}, "MOPD jsd": {"add": 0.25}})
+    new = {"results": dict(old["results"], accuracy=new_acc,
+                           normalised={k: {"score": i} for i, k in enumerate(new_acc)}),
+           "curves": {"topk16": [{"step": 1}], "jsd": [{"step": 2}], "pg": [{"step": 3}]}}
+    m = er.merge_seed(old, new)
+    arms = [k for k in m["results"]["accuracy"] if k.startswith("MOPD")]
+    assert arms == ["MOPD pg", "MOPD topk4", "MOPD topk16", "MOPD reverse_kl", "MOPD forward_kl", "MOPD jsd",
+                    "MOPD pg, other-origin teachers"]
+    keys = list(m["results"]["accuracy"])
+    assert keys[:keys.index("MOPD pg")] == list(old["results"]["accuracy"])[:keys.index("MOPD pg")]
+    assert m["results"]["accuracy"]["MOPD topk16"] == {"add": 0.5, "mul": 0.5, "isort": 0.5}
+    assert m["results"]["accuracy"]["MOPD topk4"] == old["results"]["accuracy"]["MOPD topk4"]  # old arms kept
+    assert m["results"]["normalised"]["MOPD jsd"] == new["results"]["normalised"]["MOPD jsd"]
+    assert list(m["curves"]) == ["pg", "topk4", "topk16", "reverse_kl", "forward_kl", "jsd", "pg_other"]
+    assert m["curves"]["pg"] == [{"step": 3}] and m["curves"]["topk4"] == old["curves"]["topk4"]  # new replaces
+    assert list(m["results"]["accuracy"]) == list(m["results"]["normalised"])
+    bad = json.loads(json.dumps(new))
+    bad["results"]["accuracy"]["S0"]["add"] += 0.0025  # one more sample right: another S0
+    with pytest.raises(ValueError, match="S0 differs"):
+        er.merge_seed(old, bad)
