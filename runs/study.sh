@@ -2,6 +2,8 @@
 # Issue 14's whole study in one command, from a clean clone: every table and chart of the
 # README's toy sections regenerated into docs/ from runs of this checkout. Stages, in order,
 # each sharing what it soundly can with the ones before it:
+#   toy               PRESET=toy runs/worked.sh: the digit toy's comparison (the README's first
+#                     table, with MOPD's second round) -> docs/toy*
 #   worked            runs/worked.sh: the worked toy's S0, one RL teacher per domain, MOPD and
 #                     every baseline, learning curves at matched budgets -> docs/worked*
 #   estimators_worked runs/estimators.sh PRESET=worked: every MOPD signal on the worked toy from
@@ -25,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 DOCS=${DOCS:-docs}
-STAGES=${STAGES:-"worked estimators_worked estimators mixture scaling"}
+STAGES=${STAGES:-"toy worked estimators_worked estimators mixture scaling"}
 export SEED_LIST=${SEED_LIST:-"0 1 2"} SMOKE=${SMOKE:-0} PY=${PY:-python} PYTHONUNBUFFERED=1
 PAR=${PARALLEL:-3}
 . runs/seeds.sh  # say
@@ -42,13 +44,14 @@ stage() {  # stage NAME CMD...: run it once (OUT/NAME.done, holding its seconds)
   say "$name: done in $(cat "$OUT/$name.done") s"
 }
 
+stage toy env PRESET=toy OUT="$OUT/toy" DOCS="$DOCS/toy" bash runs/worked.sh
 stage worked env OUT="$OUT/worked" DOCS="$DOCS/worked" bash runs/worked.sh
 stage estimators_worked env PRESET=worked REUSE="$OUT/worked" OUT="$OUT/estimators_worked" \
     DOCS="$DOCS/estimators_worked" PARALLEL="$PAR" bash runs/estimators.sh
 stage estimators env OUT="$OUT/estimators" DOCS="$DOCS/estimators" PARALLEL="$PAR" bash runs/estimators.sh
 stage mixture env EST="$OUT/estimators" OUT="$OUT/mixture" DOCS="$DOCS/mixture" PARALLEL="$PAR" bash runs/mixture.sh
 stage scaling env OUT="$OUT/scaling" DOCS="$DOCS/scaling" PARALLEL="$PAR" bash runs/scaling.sh
-say "done: $DOCS/{worked,estimators_worked,estimators,mixture,scaling}.md"
+say "done: $DOCS/{toy,worked,estimators_worked,estimators,mixture,scaling}.md"
 # what each stage cost: its wall time, and the CPU time of every run it trained (each run's
 # "wall user sys" seconds in its .done / .time file; a run in another stage's directory, e.g. one
 # linked from it, counts there)

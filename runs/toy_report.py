@@ -6,8 +6,9 @@ Budgets, per seed, read from the runs' own logs (metrics.jsonl: cumulative `samp
 step's mean `response_len`): sampled responses and generated tokens of the method itself, and
 the same with what it stands on. MOPD and the merges stand on the teachers' RL; off-policy FT
 stands on the teachers' RL and on the teachers' answers it was trained on (OUT_DIR.log/
-teacher_samples.jsonl, every answer generated, kept or not). Mix-RL and Cascade RL stand on
-nothing but S0, which every method shares (not counted).
+teacher_samples.jsonl, every answer generated, kept or not). MOPD's second round (the digit
+toy's runs/toy.sh) stands on the first round's whole budget and its own new teachers' RL.
+Mix-RL and Cascade RL stand on nothing but S0, which every method shares (not counted).
 
 Learning curves: the normalised score (S0 = 0, teacher = 1, mean over domains) at every
 in-training eval of MOPD and Mix-RL, against the total sampled responses so far (MOPD's
@@ -19,6 +20,7 @@ Writes docs/NAME/seedN.json (the numbers), docs/NAME.md and docs/NAME.png;
 --from_docs=true rebuilds both from the committed seed files alone.
 
     python runs/toy_report.py --out_dir=out/worked --run_preset=worked --name=worked
+    python runs/toy_report.py --out_dir=out/toy_seeds --run_preset=toy --name=toy
 """
 import json
 import os
@@ -79,6 +81,10 @@ def measure_seed(cfg, seed, domains):
         "Task arithmetic": (0, 0) + teachers,
         "RL teacher (own domain)": teachers * 2,
     }
+    if os.path.isdir(os.path.join(o, "mopd2")):  # round 2: the MOPD student's new teachers, then MOPD again
+        teachers2 = add(*[spend(os.path.join(o, f"teacher2_{d}")) for d in domains])
+        budget["MOPD round 2"] = spend(os.path.join(o, "mopd2")) + add(spend(os.path.join(o, "mopd2")),
+                                                                         budget["MOPD"][2:], teachers2)
     # S0 and the teachers, measured as the in-training evals are
     mc = parse_config(train_mopd.Config, [f"--preset={cfg.run_preset}"], train_mopd.PRESETS)
     doms = get_domains(",".join(domains))
