@@ -20,6 +20,7 @@ teacher headroom, from the run's periodic evals.
 """
 
 import json
+import math
 import os
 import statistics
 import time
@@ -187,6 +188,14 @@ def aggregate(paths):
     return aggregate_runs([json.load(open(p)) for p in paths])
 
 
+def seed_sd(xs):
+    """Sample sd over seeds; NaN where a seed's number is NaN (a normalised score whose teacher is
+    no better than S0, as in a smoke run), which statistics.stdev cannot take."""
+    if len(xs) < 2:
+        return 0.0
+    return float("nan") if any(math.isnan(x) for x in xs) else statistics.stdev(xs)
+
+
 def aggregate_runs(runs):
     """aggregate() of results already loaded (dicts as evaluate_all returns them)."""
     samples = {r.get("samples", 4) for r in runs}
@@ -198,9 +207,8 @@ def aggregate_runs(runs):
         for label in runs[0][table]:
             out[table][label] = {k: statistics.mean(r[table][label][k] for r in runs)
                                  for k in runs[0][table][label]}
-            out["sd"].setdefault(table, {})[label] = {
-                k: statistics.stdev(r[table][label][k] for r in runs) if len(runs) > 1 else 0.0
-                for k in runs[0][table][label]}
+            out["sd"].setdefault(table, {})[label] = {k: seed_sd([r[table][label][k] for r in runs])
+                                                      for k in runs[0][table][label]}
     if "samples_to_90pct" in runs[0]:
         out["samples_to_90pct"] = {m: {d: [r["samples_to_90pct"][m][d] for r in runs] for d in v}
                                    for m, v in runs[0]["samples_to_90pct"].items()}

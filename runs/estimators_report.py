@@ -25,7 +25,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from checkpoint import write_text  # noqa: E402
 from config import cli, parse_config  # noqa: E402
-from evaluate import aggregate_runs, markdown, normalised  # noqa: E402
+from evaluate import aggregate_runs, markdown, normalised, seed_sd  # noqa: E402
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _ms(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
         return "n/a"
-    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+    return f"{statistics.mean(xs):.3f}" + (f" ± {seed_sd(xs):.3f}" if len(xs) > 1 else "")
 
 
 def report(seeds, docs, name="toy"):
@@ -148,7 +148,7 @@ def _chart(curves, seeds, names, path):
         if v in curves:
             ts = sorted(curves[v])
             m = [statistics.mean(x[1] for x in curves[v][t]) for t in ts]
-            sd = [statistics.stdev([x[1] for x in curves[v][t]]) if len(curves[v][t]) > 1 else 0 for t in ts]
+            sd = [seed_sd([x[1] for x in curves[v][t]]) for t in ts]
             b.errorbar([curves[v][t][0][0] for t in ts], m, yerr=sd, label=v, capsize=2)
     a.set_yscale("log")
     a.set_xlabel("step")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import cli, parse_config  # noqa: E402
+from evaluate import seed_sd  # noqa: E402
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
@@ -60,7 +61,7 @@ def main(argv=None):
         rows[key] = []
         for k in ks:
             xs = [x[key][str(k)]["score"] for x in seeds]
-            rows[key].append((k, statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, xs))
+            rows[key].append((k, statistics.mean(xs), seed_sd(xs), xs))
     lines = [f"Normalised retention vs number of teachers K ({len(seeds)} seeds, mean ± sd)", "",
              "| method | teachers K | normalised score | per seed |", "|---|---|---|---|"]
     lines += [f"| {label} | {k} | {m:.3f} ± {sd:.3f} | {', '.join(f'{x:.3f}' for x in xs)} |"

@@ -81,6 +81,10 @@ for seed in $SEED_LIST; do
       --curve=MOPD=$o/mopd.log/metrics.jsonl --curve=Mix-RL=$o/mixrl.log/metrics.jsonl --out=$o/results $EVAL
   cat "$o/results.md"
 done
-"$PY" evaluate.py --aggregate $OUT/seed*/results.json --out=$OUT/results > /dev/null
+# the table over every seed present: derived from the seeds' own results.json, so it is rewritten
+# each time (a second seed, a rerun). runs/worked.sh runs seeds side by side and makes its own
+# report: AGGREGATE=0 there, so parallel seeds do not each write it
+[ "${AGGREGATE:-1}" = 1 ] || { say "done: $OUT/seed*/results.md"; exit 0; }
+"$PY" evaluate.py --aggregate $OUT/seed*/results.json --out=$OUT/results --overwrite=true > /dev/null
 say "done: $OUT/results.md, $OUT/results.png"
 cat "$OUT/results.md"

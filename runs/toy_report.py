@@ -101,7 +101,8 @@ def measure_seed(cfg, seed, domains):
 
 
 def mean_sd(xs):
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    from evaluate import seed_sd  # NaN-safe (a smoke run's scores)
+    return statistics.mean(xs), seed_sd(list(xs))
 
 
 def write_md(seeds, domains):

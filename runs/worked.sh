@@ -26,7 +26,7 @@ PY=${PY:-python}
 mkdir -p "$OUT"
 pids=()
 for s in $SEED_LIST; do
-  SEED_LIST=$s PRESET=$P SMOKE=${SMOKE:-0} MULTI_ROUND=$MULTI_ROUND OUT=$OUT PY=$PY OMP_NUM_THREADS=1 bash runs/toy.sh > "$OUT.seed$s.txt" 2>&1 &
+  SEED_LIST=$s PRESET=$P SMOKE=${SMOKE:-0} MULTI_ROUND=$MULTI_ROUND AGGREGATE=0 OUT=$OUT PY=$PY OMP_NUM_THREADS=1 bash runs/toy.sh > "$OUT.seed$s.txt" 2>&1 &
   pids+=($!)
 done
 fail=0

@@ -1,10 +1,11 @@
 """merge.py and evaluate.py: the merging formulas, the normalised score, seeds, sample efficiency."""
 import json
+import math
 
 import pytest
 import torch
 
-from evaluate import aggregate, markdown, normalised, samples_to_reach
+from evaluate import aggregate, aggregate_runs, markdown, normalised, samples_to_reach
 from merge import average, task_arithmetic
 from model import ModelConfig, Transformer
 
@@ -57,6 +58,12 @@ def test_aggregate_seeds_and_markdown(tmp_path):
     assert res["sd"]["normalised"]["MOPD"]["score"] == pytest.approx(0.1414, abs=1e-3)
     text = markdown(res)
     assert "| MOPD | 0.500 ± 0.141 | 0.500 ± 0.141 |" in text and "2 seeds" in text
+    # a seed whose normalised score is NaN (its teacher no better than S0): NaN, not a crash
+    runs = [json.loads(p.read_text()) for p in paths]
+    runs[1]["normalised"]["MOPD"]["score"] = float("nan")
+    res = aggregate_runs(runs)
+    assert math.isnan(res["sd"]["normalised"]["MOPD"]["score"]) and math.isnan(res["normalised"]["MOPD"]["score"])
+    assert res["sd"]["normalised"]["MOPD"]["a"] == pytest.approx(0.1414, abs=1e-3)
 
 
 def test_samples_option_reaches_every_row_and_the_results(toy, tmp_path, monkeypatch):
