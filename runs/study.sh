@@ -21,7 +21,7 @@
 #   STAGES="estimators mixture" bash runs/study.sh      # some stages
 #   SMOKE=1 OUT=/tmp/study DOCS=/tmp/study/docs SEED_LIST=0 bash runs/study.sh   # the plumbing only:
 #                                                       # every step of every stage for two steps
-# How long it takes, stage by stage, on a 2-core CPU: README "The whole study in one command".
+# How long it takes, stage by stage, on a 2-core CPU: README "The whole toy study in one command".
 set -euo pipefail
 . "$(dirname "$0")/args.sh"
 cd "$(dirname "$0")/.."
@@ -44,7 +44,7 @@ stage() {  # stage NAME CMD...: run it once (OUT/NAME.done, holding its seconds)
   say "$name: done in $(cat "$OUT/$name.done") s"
 }
 
-stage toy env PRESET=toy OUT="$OUT/toy" DOCS="$DOCS/toy" bash runs/worked.sh
+stage toy env PRESET=toy OUT="$OUT/toy_seeds" DOCS="$DOCS/toy" bash runs/worked.sh  # not out/toy: runs/toy.sh's own
 stage worked env OUT="$OUT/worked" DOCS="$DOCS/worked" bash runs/worked.sh
 stage estimators_worked env PRESET=worked REUSE="$OUT/worked" OUT="$OUT/estimators_worked" \
     DOCS="$DOCS/estimators_worked" PARALLEL="$PAR" bash runs/estimators.sh
@@ -58,7 +58,8 @@ say "done: $DOCS/{toy,worked,estimators_worked,estimators,mixture,scaling}.md"
 echo "stage | wall (min) | runs | CPU (core-min)"
 for name in $STAGES; do
   [ -f "$OUT/$name.done" ] || continue
-  find "$OUT/$name" -name '*.done' -o -name '*.time' | xargs cat 2>/dev/null \
+  d=$OUT/$name; [ "$name" = toy ] && d=$OUT/toy_seeds
+  find "$d" -name '*.done' -o -name '*.time' | xargs cat 2>/dev/null \
     | awk -v n="$name" -v w="$(cat "$OUT/$name.done")" \
         'NF == 3 { r++; c += $2 + $3 } END { printf "%s | %.1f | %d | %.1f\n", n, w / 60, r, c / 60 }'
 done
