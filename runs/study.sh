@@ -33,33 +33,31 @@ PAR=${PARALLEL:-3}
 . runs/seeds.sh  # say
 mkdir -p "$OUT" "$DOCS"
 
-stage() {  # stage NAME CMD...: run it once (OUT/NAME.done, holding its seconds), its output in OUT/NAME.txt
-  local name=$1 t0; shift
+stage() {  # stage NAME DIR CMD...: run it once, its output in OUT/NAME.txt; OUT/NAME.done marks it
+  # done and holds "wall runs cpu": its seconds, and the runs it trained into DIR with their CPU
+  # seconds (each run's "wall user sys" in its .done / .time file; a run linked from another
+  # stage's directory counts there)
+  local name=$1 dir=$2 t0; shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
-  [ -f "$OUT/$name.done" ] && { say "$name: ended earlier ($(cat "$OUT/$name.done") s), kept"; return 0; }
+  [ -f "$OUT/$name.done" ] && { say "$name: ended earlier, kept"; return 0; }
   say "$name: $*"
   t0=$(date +%s)
   "$@" > "$OUT/$name.txt" 2>&1 || { tail -20 "$OUT/$name.txt"; say "$name failed: $OUT/$name.txt"; exit 1; }
-  echo $(( $(date +%s) - t0 )) > "$OUT/$name.done"
-  say "$name: done in $(cat "$OUT/$name.done") s"
+  echo "$(( $(date +%s) - t0 )) $(find "$dir" -name '*.done' -o -name '*.time' | xargs cat 2>/dev/null \
+      | awk 'NF == 3 { r++; c += $2 + $3 } END { printf "%d %.0f", r, c }')" > "$OUT/$name.done"
+  say "$name: done in $(cut -d' ' -f1 "$OUT/$name.done") s"
 }
 
-stage toy env PRESET=toy OUT="$OUT/toy_seeds" DOCS="$DOCS/toy" bash runs/worked.sh  # not out/toy: runs/toy.sh's own
-stage worked env OUT="$OUT/worked" DOCS="$DOCS/worked" bash runs/worked.sh
-stage estimators_worked env PRESET=worked REUSE="$OUT/worked" OUT="$OUT/estimators_worked" \
+stage toy "$OUT/toy_seeds" env PRESET=toy OUT="$OUT/toy_seeds" DOCS="$DOCS/toy" bash runs/worked.sh  # not out/toy: runs/toy.sh's own
+stage worked "$OUT/worked" env OUT="$OUT/worked" DOCS="$DOCS/worked" bash runs/worked.sh
+stage estimators_worked "$OUT/estimators_worked" env PRESET=worked REUSE="$OUT/worked" OUT="$OUT/estimators_worked" \
     DOCS="$DOCS/estimators_worked" PARALLEL="$PAR" bash runs/estimators.sh
-stage estimators env OUT="$OUT/estimators" DOCS="$DOCS/estimators" PARALLEL="$PAR" bash runs/estimators.sh
-stage mixture env EST="$OUT/estimators" OUT="$OUT/mixture" DOCS="$DOCS/mixture" PARALLEL="$PAR" bash runs/mixture.sh
-stage scaling env OUT="$OUT/scaling" DOCS="$DOCS/scaling" PARALLEL="$PAR" bash runs/scaling.sh
+stage estimators "$OUT/estimators" env OUT="$OUT/estimators" DOCS="$DOCS/estimators" PARALLEL="$PAR" bash runs/estimators.sh
+stage mixture "$OUT/mixture" env EST="$OUT/estimators" OUT="$OUT/mixture" DOCS="$DOCS/mixture" PARALLEL="$PAR" bash runs/mixture.sh
+stage scaling "$OUT/scaling" env OUT="$OUT/scaling" DOCS="$DOCS/scaling" PARALLEL="$PAR" bash runs/scaling.sh
 say "done: $DOCS/{toy,worked,estimators_worked,estimators,mixture,scaling}.md"
-# what each stage cost: its wall time, and the CPU time of every run it trained (each run's
-# "wall user sys" seconds in its .done / .time file; a run in another stage's directory, e.g. one
-# linked from it, counts there)
+# what each stage cost (from its .done: wall seconds, runs trained, their CPU seconds)
 echo "stage | wall (min) | runs | CPU (core-min)"
 for name in $STAGES; do
-  [ -f "$OUT/$name.done" ] || continue
-  d=$OUT/$name; [ "$name" = toy ] && d=$OUT/toy_seeds
-  find "$d" -name '*.done' -o -name '*.time' | xargs cat 2>/dev/null \
-    | awk -v n="$name" -v w="$(cat "$OUT/$name.done")" \
-        'NF == 3 { r++; c += $2 + $3 } END { printf "%s | %.1f | %d | %.1f\n", n, w / 60, r, c / 60 }'
+  awk -v n="$name" '{ printf "%s | %.1f | %d | %.1f\n", n, $1 / 60, $2, $3 / 60 }' "$OUT/$name.done"  # each ended above
 done
