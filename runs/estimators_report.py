@@ -57,15 +57,18 @@ def read_seed(d):
 
 
 LABELS = {v: f"MOPD {v}" for v in VARIANTS} | {"pg_other": "MOPD pg, other-origin teachers"}
+OTHER_TEACHER = "other-origin teacher["  # runs/estimators.sh evaluates them beside the pg_other arm: they belong to it
 
 
 def merge_seed(old, new):
-    """old's numbers with new's arms added (or replaced), the arms in VARIANTS order. new must
+    """old's numbers with new's arms added (or replaced), the arms in VARIANTS order (a new pg_other
+    arm brings its other-origin teachers' rows, which replace old's). new must
     come from the same S0 and teachers: their held-out accuracies, evaluated again in new's run
     (every sample seeded), must equal old's exactly, else the two cannot share a table."""
     a, b = old["results"], new["results"]
+    owned = lambda k: k in LABELS.values() or (k.startswith(OTHER_TEACHER) and "pg_other" in new["curves"])  # noqa: E731
     for label, acc in b["accuracy"].items():
-        if label not in LABELS.values() and label in a["accuracy"] and acc != a["accuracy"][label]:
+        if not owned(label) and label in a["accuracy"] and acc != a["accuracy"][label]:
             raise ValueError(f"--merge: {label} differs from the committed run ({acc} vs {a['accuracy'][label]}): "
                              "not the same S0 and teachers")
     if (a["domains"], a["samples"]) != (b["domains"], b["samples"]):

@@ -9,6 +9,8 @@ Writes docs/mixture/seedN.json (the numbers) and docs/mixture.md (mean +- sd ove
 --from_docs=true rebuilds the table from those committed files alone.
 
     python runs/mixture_report.py --out_dir=out/mixture --est_dir=out/estimators
+    python runs/mixture_report.py --out_dir=out/mixture_worked --est_dir=out/worked --run_preset=worked \
+        --domains=add,mul,isort --docs=docs/mixture_worked
 """
 import json
 import os
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import cli, parse_config  # noqa: E402
+from evaluate import seed_sd  # noqa: E402
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 FRAC = 0.9
@@ -29,6 +32,7 @@ class Config:
     out_dir: str = "out/mixture"     # runs/mixture.sh's OUT (seedN/mopd_{fixed,adaptive})
     est_dir: str = "out/estimators"  # where S0 and the teachers are (seedN/base, seedN/teacher_D)
     domains: str = "rev,sort,inc"
+    run_preset: str = "toy"          # train_mopd.py's preset the runs used (its eval limit and max_new_tokens)
     from_docs: bool = False          # rebuild docs/mixture.md from docs/mixture/seed*.json only
     docs: str = DOCS + "/mixture"    # per-seed files: DOCS/seedN.json; the table: DOCS.md
     eval_limit: int = 0              # the runs' --eval_limit, if not train_mopd's default (a smoke run's)
@@ -57,7 +61,7 @@ def measure_seed(cfg, seed):
     from tasks import get_domains
     e = os.path.join(cfg.est_dir, f"seed{seed}")
     doms = get_domains(cfg.domains)
-    mc = train_mopd.Config()
+    mc = train_mopd.Config(**{k: v for k, v in train_mopd.PRESETS[cfg.run_preset].items() if k != "out_dir"})
     kw = dict(max_new_tokens=mc.max_new_tokens, limit=cfg.eval_limit or mc.eval_limit)  # what the runs' evals use
     tok = load_tokenizer(os.path.join(e, "base"))
     base = evaluate.evaluate(Transformer.from_pretrained(os.path.join(e, "base")), tok, doms, **kw)
@@ -78,13 +82,15 @@ def fmt(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
         return "never"
-    return f"{statistics.mean(xs):,.0f} ± {statistics.stdev(xs):,.0f}" if len(xs) > 1 else f"{xs[0]:,}"
+    return f"{statistics.mean(xs):,.0f} ± {seed_sd(xs):,.0f}" if len(xs) > 1 else f"{xs[0]:,}"
 
 
-def write_md(seeds, domains):
-    lines = ["# Adaptive vs fixed domain mixture (runs/mixture.sh)", "",
+def write_md(seeds, domains, title="the digit toy"):
+    c = seeds[0]["runs"]["fixed"]["curve"]
+    every = f"{c[1][0] - c[0][0]:,} samples" if len(c) > 1 else "one eval"
+    lines = [f"# Adaptive vs fixed domain mixture on {title} (runs/mixture.sh)", "",
              f"Samples (sampled responses) until every domain is at >= {FRAC:.0%} of its headroom at once "
-             f"(S0 + {FRAC} (teacher - S0), held-out evals every 10 steps = 640 samples); mean ± sd over "
+             f"(S0 + {FRAC} (teacher - S0), held-out evals every {every}); mean ± sd over "
              f"{len(seeds)} seeds; 'never' if not within the run.", "",
              "| mixture | samples to 90% (all domains) | per seed | " + " | ".join(f"{d} first" for d in domains)
              + " |", "|---|---|---|" + "---|" * len(domains)]
@@ -122,7 +128,7 @@ def main(argv=None):
                 with open(os.path.join(cfg.docs, f"{name}.json"), "w") as f:
                     json.dump(s, f, indent=1)
                 seeds.append(s)
-    md = write_md(seeds, domains)
+    md = write_md(seeds, domains, {"toy": "the digit toy", "worked": "the worked toy"}.get(cfg.run_preset, cfg.run_preset))
     with open(cfg.docs + ".md", "w") as f:
         f.write(md)
     print(md)

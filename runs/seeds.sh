@@ -20,7 +20,7 @@ all_seeds() {
   local fn=$1 pids=() fail=0 p
   mkdir -p "$OUT"
   for seed in $SEED_LIST; do
-    ( export OMP_NUM_THREADS=1; "$fn" "$seed" ) > "$OUT.seed$seed.txt" 2>&1 &
+    ( export OMP_NUM_THREADS=1; "$fn" "$seed" ) >> "$OUT.seed$seed.txt" 2>&1 &  # appended: a study may make two passes
     pids+=($!)
     while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 5; done
   done
@@ -29,13 +29,14 @@ all_seeds() {
   say "all seeds done"
 }
 
-# s0_and_teachers DIR DOMAIN...: this seed's S0 (train_sft.py's $S0_PRESET, toy_base by default) and
-# one RL teacher per domain in DIR (DIR/base, DIR/teacher_D), each once; $SFT / $RL: extra flags (a smoke run's)
+# s0_and_teachers DIR DOMAIN...: this seed's S0 (train_sft.py's $S0_PRESET, ${P}_base by default) and
+# one RL teacher per domain (train_teacher_rl.py's $P: toy by default) in DIR (DIR/base, DIR/teacher_D),
+# each once; $SFT / $RL: extra flags (a smoke run's)
 s0_and_teachers() {
   local e=$1 d; shift
-  step "$e" base train_sft.py --preset=${S0_PRESET:-toy_base} --seed=$seed --out_dir=$e/base ${SFT:-}
+  step "$e" base train_sft.py --preset=${S0_PRESET:-${P:-toy}_base} --seed=$seed --out_dir=$e/base ${SFT:-}
   for d in "$@"; do
-    step "$e" teacher_$d train_teacher_rl.py --preset=toy --seed=$seed --init=$e/base --domains=$d \
+    step "$e" teacher_$d train_teacher_rl.py --preset=${P:-toy} --seed=$seed --init=$e/base --domains=$d \
         --out_dir=$e/teacher_$d ${RL:-}
   done
 }

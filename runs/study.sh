@@ -2,32 +2,43 @@
 # Issue 14's whole study in one command, from a clean clone: every table and chart of the
 # README's toy sections regenerated into docs/ from runs of this checkout. Stages, in order,
 # each sharing what it soundly can with the ones before it:
-#   toy               PRESET=toy runs/worked.sh: the digit toy's comparison (the README's first
-#                     table, with MOPD's second round) -> docs/toy*
 #   worked            runs/worked.sh: the worked toy's S0, one RL teacher per domain, MOPD and
 #                     every baseline, learning curves at matched budgets -> docs/worked*
 #   estimators_worked runs/estimators.sh PRESET=worked: every MOPD signal on the worked toy from
 #                     the same S0, teachers and pg arm as `worked` (linked, not retrained: the
-#                     same commands), the other-origin chain -> docs/estimators_worked*
-#   estimators        runs/estimators.sh: every signal on the digit toy -> docs/estimators*
-#   mixture           runs/mixture.sh: adaptive vs fixed mixture from `estimators`' S0 and
-#                     teachers (reused) -> docs/mixture*
-#   scaling           runs/scaling.sh: the 2..16 teacher-count curve -> docs/scaling*
+#                     same commands); the other-origin teachers are the next seed's (OTHER=next:
+#                     another S0, nothing more to train) -> docs/estimators_worked*
+#   mixture_worked    runs/mixture.sh PRESET=worked: adaptive vs fixed mixture from `worked`'s S0
+#                     and teachers (found done, not retrained) -> docs/mixture_worked*
+#   scaling           runs/scaling.sh: the 2..16 teacher-count curve (the digit toy's sixteen
+#                     domains) -> docs/scaling*
+# and, on the digit toy (the fast CI toy), run when named (STAGES=all runs every one):
+#   toy               PRESET=toy runs/worked.sh: the comparison with MOPD's second round, the
+#                     README's first table -> docs/toy*
+#   estimators        runs/estimators.sh: every signal -> docs/estimators*
+#   mixture           runs/mixture.sh, from `estimators`' S0 and teachers -> docs/mixture*
 # Seeds run side by side at one thread each (PARALLEL at a time). A stage that ended is marked
 # OUT/STAGE.done and skipped on a rerun; the stages' own steps resume the same way (but
 # runs/toy.sh's seeds, which restart: OVERWRITE=1).
 #
-#   bash runs/study.sh                                  # everything: out/*, docs/*
+#   bash runs/study.sh                                  # the worked toy's study + scaling: out/*, docs/*
+#   STAGES=all bash runs/study.sh                       # every stage, the digit toy's too
 #   STAGES="estimators mixture" bash runs/study.sh      # some stages
-#   SMOKE=1 OUT=/tmp/study DOCS=/tmp/study/docs SEED_LIST=0 bash runs/study.sh   # the plumbing only:
-#                                                       # every step of every stage for two steps
+#   SMOKE=1 OUT=/tmp/study DOCS=/tmp/study/docs SEED_LIST="0 1" STAGES=all bash runs/study.sh
+#                                                       # the plumbing only: every step of every stage for two steps
 # How long it takes, stage by stage, on a 2-core CPU: README "The whole toy study in one command".
 set -euo pipefail
 . "$(dirname "$0")/args.sh"
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 DOCS=${DOCS:-docs}
-STAGES=${STAGES:-"toy worked estimators_worked estimators mixture scaling"}
+STAGES=${STAGES:-"worked estimators_worked mixture_worked scaling"}
+[ "$STAGES" = all ] && STAGES="worked estimators_worked mixture_worked scaling toy estimators mixture"
+for name in $STAGES; do
+  case " worked estimators_worked mixture_worked scaling toy estimators mixture " in *" $name "*) ;;
+    *) echo "error: STAGES: no stage $name (worked estimators_worked mixture_worked scaling toy estimators mixture, or all)" >&2
+       exit 2 ;; esac
+done
 export SEED_LIST=${SEED_LIST:-"0 1 2"} SMOKE=${SMOKE:-0} PY=${PY:-python} PYTHONUNBUFFERED=1
 PAR=${PARALLEL:-3}
 . runs/seeds.sh  # say
@@ -35,27 +46,31 @@ mkdir -p "$OUT" "$DOCS"
 
 stage() {  # stage NAME DIR CMD...: run it once, its output in OUT/NAME.txt; OUT/NAME.done marks it
   # done and holds "wall runs cpu": its seconds, and the runs it trained into DIR with their CPU
-  # seconds (each run's "wall user sys" in its .done / .time file; a run linked from another
-  # stage's directory counts there)
+  # seconds (each run's "wall user sys" in its .done file; a run linked from another stage's
+  # directory counts there)
   local name=$1 dir=$2 t0; shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   [ -f "$OUT/$name.done" ] && { say "$name: ended earlier, kept"; return 0; }
   say "$name: $*"
   t0=$(date +%s)
   "$@" > "$OUT/$name.txt" 2>&1 || { tail -20 "$OUT/$name.txt"; say "$name failed: $OUT/$name.txt"; exit 1; }
-  echo "$(( $(date +%s) - t0 )) $(find "$dir" -name '*.done' -o -name '*.time' | xargs cat 2>/dev/null \
+  echo "$(( $(date +%s) - t0 )) $(find "$dir" -name '*.done' | xargs cat 2>/dev/null \
       | awk 'NF == 3 { r++; c += $2 + $3 } END { printf "%d %.0f", r, c }')" > "$OUT/$name.done"
   say "$name: done in $(cut -d' ' -f1 "$OUT/$name.done") s"
 }
 
-stage toy "$OUT/toy_seeds" env PRESET=toy OUT="$OUT/toy_seeds" DOCS="$DOCS/toy" bash runs/worked.sh  # not out/toy: runs/toy.sh's own
+# the other-origin teachers: the next seed's (OTHER=next) where there are two seeds or more
+other=1; [ "$(echo $SEED_LIST | wc -w)" -ge 2 ] && other=next
 stage worked "$OUT/worked" env OUT="$OUT/worked" DOCS="$DOCS/worked" bash runs/worked.sh
-stage estimators_worked "$OUT/estimators_worked" env PRESET=worked REUSE="$OUT/worked" OUT="$OUT/estimators_worked" \
-    DOCS="$DOCS/estimators_worked" PARALLEL="$PAR" bash runs/estimators.sh
+stage estimators_worked "$OUT/estimators_worked" env PRESET=worked REUSE="$OUT/worked" OTHER=$other \
+    OUT="$OUT/estimators_worked" DOCS="$DOCS/estimators_worked" PARALLEL="$PAR" bash runs/estimators.sh
+stage mixture_worked "$OUT/mixture_worked" env PRESET=worked EST="$OUT/worked" OUT="$OUT/mixture_worked" \
+    DOCS="$DOCS/mixture_worked" PARALLEL="$PAR" bash runs/mixture.sh
+stage scaling "$OUT/scaling" env OUT="$OUT/scaling" DOCS="$DOCS/scaling" PARALLEL="$PAR" bash runs/scaling.sh
+stage toy "$OUT/toy_seeds" env PRESET=toy OUT="$OUT/toy_seeds" DOCS="$DOCS/toy" bash runs/worked.sh  # not out/toy: runs/toy.sh's own
 stage estimators "$OUT/estimators" env OUT="$OUT/estimators" DOCS="$DOCS/estimators" PARALLEL="$PAR" bash runs/estimators.sh
 stage mixture "$OUT/mixture" env EST="$OUT/estimators" OUT="$OUT/mixture" DOCS="$DOCS/mixture" PARALLEL="$PAR" bash runs/mixture.sh
-stage scaling "$OUT/scaling" env OUT="$OUT/scaling" DOCS="$DOCS/scaling" PARALLEL="$PAR" bash runs/scaling.sh
-say "done: $DOCS/{toy,worked,estimators_worked,estimators,mixture,scaling}.md"
+say "done: $(for name in $STAGES; do printf '%s ' "$DOCS/$name.md"; done)"
 # what each stage cost (from its .done: wall seconds, runs trained, their CPU seconds)
 echo "stage | wall (min) | runs | CPU (core-min)"
 for name in $STAGES; do

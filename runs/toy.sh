@@ -44,9 +44,12 @@ for seed in $SEED_LIST; do
     rm -rf "$o"
   fi
   mkdir -p "$o"
-  run() {  # its output in $o/NAME.txt, its seconds "wall user sys" in $o/NAME.time (runs/study.sh sums them)
+  run() {  # its output in $o/NAME.txt; when it ended, $o/NAME.done holds its seconds "wall user sys" (the
+    # marker runs/seeds.sh's step writes: runs/mixture.sh PRESET=worked finds this seed's S0 and teachers
+    # done by it, and runs/study.sh sums the seconds)
     local name=$1; shift; say "seed $seed: $name"
     { TIMEFORMAT="%R %U %S"; time "$PY" "$@" > "$o/$name.txt" 2>&1; } 2> "$o/$name.time" || { tail -20 "$o/$name.txt"; exit 1; }
+    mv "$o/$name.time" "$o/$name.done"
   }
 
   run base train_sft.py --preset=${P}_base --seed=$seed --out_dir=$o/base $SFT

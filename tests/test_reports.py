@@ -46,3 +46,27 @@ def test_estimator_merge_adds_arms_in_order_and_refuses_other_teachers():
     bad["results"]["accuracy"]["S0"]["add"] += 0.0025  # one more sample right: another S0
     with pytest.raises(ValueError, match="S0 differs"):
         er.merge_seed(old, bad)
+
+
+def test_estimator_merge_replaces_other_origin_teachers_only_with_their_arm():
+    """A new pg_other arm (e.g. OTHER=next: other teachers than the committed ones) brings its
+    other-origin teachers' rows, replacing the committed ones; without that arm a changed
+    other-origin teacher is refused like any other teacher."""
+    import pytest
+    import estimators_report as er
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    old = json.load(open(os.path.join(root, "docs", "estimators_worked", "seed0.json")))
+    acc = {k: v for k, v in old["results"]["accuracy"].items() if not k.startswith("MOPD")}
+    other = [k for k in acc if k.startswith(er.OTHER_TEACHER)]
+    assert len(other) == 3
+    acc[other[0]] = {"add": 0.125, "mul": 0.125, "isort": 0.125}
+    new_acc = dict(acc, **{"MOPD pg, other-origin teachers": {"add": 0.75, "mul": 0.75, "isort": 0.75}})
+    new = {"results": dict(old["results"], accuracy=new_acc, normalised={k: {"score": 0} for k in new_acc}),
+           "curves": {"pg_other": [{"step": 1}]}}
+    m = er.merge_seed(old, new)
+    assert m["results"]["accuracy"][other[0]] == {"add": 0.125, "mul": 0.125, "isort": 0.125}
+    assert m["results"]["accuracy"]["MOPD pg, other-origin teachers"]["add"] == 0.75
+    assert m["curves"]["pg_other"] == [{"step": 1}] and m["curves"]["pg"] == old["curves"]["pg"]
+    del new["curves"]["pg_other"], new["results"]["accuracy"]["MOPD pg, other-origin teachers"]
+    with pytest.raises(ValueError, match="other-origin teacher"):
+        er.merge_seed(old, new)
