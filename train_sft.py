@@ -91,6 +91,10 @@ PRESETS = {
     # the worked toy (tasks.WORKED_OPS: 20-50-token answers whose steps compound; runs/toy.sh
     # with PRESET=worked): the same model, a longer context and answer budget
     "worked_base": dict(out_dir="out/worked/base", domains="add,mul,isort", max_positions=128, max_new_tokens=64),
+    # the same with a smaller student (issue 14's capacity pressure: S0 and so every model trained
+    # from it, teachers included, ~4x fewer parameters): S0_PRESET=worked_small_base runs/worked.sh
+    "worked_small_base": dict(out_dir="out/worked_small/base", domains="add,mul,isort", max_positions=128,
+                              max_new_tokens=64, hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=192),
     "worked_offpolicy": dict(out_dir="out/worked/offpolicy", data="teachers", domains="add,mul,isort", steps=150,
                              lr=3e-4, min_lr=3e-5, warmup=10, eval_every=50, max_new_tokens=64),
     "tiny": dict(out_dir="out/tiny/base", steps=20, batch_size=32, hidden_size=32, num_layers=2,

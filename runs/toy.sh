@@ -12,6 +12,9 @@
 #   OVERWRITE=1 bash runs/toy.sh        # replace an earlier run's OUT/seedN (by default a rerun
 #                                       # stops before touching it: the trainers never overwrite)
 #   SMOKE=1 OUT=/tmp/toy bash runs/toy.sh   # every stage for two steps: the plumbing only
+#   S0_PRESET=worked_small_base PRESET=worked OUT=out/worked_small bash runs/toy.sh
+#                                       # S0 from another train_sft.py preset (here a smaller model:
+#                                       # every later model starts from S0, so all are that size)
 #   PRESET=worked bash runs/toy.sh      # the worked toy (tasks.WORKED_OPS: add,mul,isort, answers of
 #                                       # 20-50 tokens whose steps compound) in out/worked: every
 #                                       # script runs its worked* presets instead of toy*
@@ -52,7 +55,7 @@ for seed in $SEED_LIST; do
     mv "$o/$name.time" "$o/$name.done"
   }
 
-  run base train_sft.py --preset=${P}_base --seed=$seed --out_dir=$o/base $SFT
+  run base train_sft.py --preset=${S0_PRESET:-${P}_base} --seed=$seed --out_dir=$o/base $SFT
   teachers=""
   for d in $doms; do
     run teacher_$d train_teacher_rl.py --preset=$P --seed=$seed --init=$o/base --domains=$d --out_dir=$o/teacher_$d $RL

@@ -11,6 +11,8 @@
 #   bash runs/worked.sh                      # seeds 0 1 2 -> out/worked
 #   PRESET=toy bash runs/worked.sh           # the digit toy's table
 #   SEED_LIST="3 4" OUT=out/w2 bash runs/worked.sh
+#   S0_PRESET=worked_small_base OUT=out/worked_small DOCS=docs/worked_small bash runs/worked.sh
+#                                            # a smaller student (and so smaller teachers): capacity pressure
 #   SMOKE=1 OUT=/tmp/w DOCS=/tmp/w-docs bash runs/worked.sh   # every stage for two steps: the plumbing only
 set -euo pipefail
 . "$(dirname "$0")/args.sh"
