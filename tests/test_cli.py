@@ -348,3 +348,23 @@ def test_run_scripts_take_help_and_refuse_arguments(script, tmp_path):
     assert r.stderr.splitlines() == [f"error: {path} takes no arguments, got '--steps=2': its settings are "
                                      f"environment variables (see {path} --help)"]
     assert os.listdir(tmp_path) == [] and not os.path.exists(os.path.join(ROOT, "out", "study.txt"))
+
+
+@pytest.mark.parametrize("script,env,message", [
+    ("study.sh", {"STAGES": "worked bogus"}, "STAGES: no stage bogus"),
+    ("mixture.sh", {"PRESET": "digits"}, "PRESET=digits"),
+    ("worked.sh", {"PRESET": "digits"}, "PRESET=digits"),
+    ("estimators.sh", {"OTHER": "yes"}, "OTHER=yes"),
+    ("estimators.sh", {"OTHER": "next", "SEED_LIST": "0"}, "SEED_LIST needs >= 2 seeds"),
+])
+def test_run_scripts_refuse_bad_settings(script, env, message, tmp_path):
+    """A bad setting of a runs/*.sh stops it in one line, exit 2, before anything is written:
+    a study that would run for hours with a stage misspelt, or with its other-origin teachers
+    the same seed's own (OTHER=next with one seed), never starts."""
+    out = tmp_path / "out"
+    e = dict(os.environ, OUT=str(out), DOCS=str(tmp_path / "docs"), EST=str(tmp_path / "est"), **env)
+    r = subprocess.run(["bash", os.path.join(ROOT, "runs", script)], env=e, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and r.stdout == "", (script, r.stdout, r.stderr)
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == []
