@@ -10,6 +10,9 @@
 #                     another S0, nothing more to train) -> docs/estimators_worked*
 #   mixture_worked    runs/mixture.sh PRESET=worked: adaptive vs fixed mixture from `worked`'s S0
 #                     and teachers (found done, not retrained) -> docs/mixture_worked*
+#   worked_small      S0_PRESET=worked_small_base runs/worked.sh: the same comparison with a 4x
+#                     smaller S0, so a smaller student and smaller teachers (capacity pressure)
+#                     -> docs/worked_small*
 #   scaling           runs/scaling.sh: the 2..16 teacher-count curve (the digit toy's sixteen
 #                     domains) -> docs/scaling*
 # and, on the digit toy (the fast CI toy), run when named (STAGES=all runs every one):
@@ -32,11 +35,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 DOCS=${DOCS:-docs}
-STAGES=${STAGES:-"worked estimators_worked mixture_worked scaling"}
-[ "$STAGES" = all ] && STAGES="worked estimators_worked mixture_worked scaling toy estimators mixture"
+ALL="worked estimators_worked mixture_worked worked_small scaling toy estimators mixture"
+STAGES=${STAGES:-"worked estimators_worked mixture_worked worked_small scaling"}
+[ "$STAGES" = all ] && STAGES=$ALL
 for name in $STAGES; do
-  case " worked estimators_worked mixture_worked scaling toy estimators mixture " in *" $name "*) ;;
-    *) echo "error: STAGES: no stage $name (worked estimators_worked mixture_worked scaling toy estimators mixture, or all)" >&2
+  case " $ALL " in *" $name "*) ;;
+    *) echo "error: STAGES: no stage $name ($ALL, or all)" >&2
        exit 2 ;; esac
 done
 export SEED_LIST=${SEED_LIST:-"0 1 2"} SMOKE=${SMOKE:-0} PY=${PY:-python} PYTHONUNBUFFERED=1
@@ -66,6 +70,8 @@ stage estimators_worked "$OUT/estimators_worked" env PRESET=worked REUSE="$OUT/w
     OUT="$OUT/estimators_worked" DOCS="$DOCS/estimators_worked" PARALLEL="$PAR" bash runs/estimators.sh
 stage mixture_worked "$OUT/mixture_worked" env PRESET=worked EST="$OUT/worked" OUT="$OUT/mixture_worked" \
     DOCS="$DOCS/mixture_worked" PARALLEL="$PAR" bash runs/mixture.sh
+stage worked_small "$OUT/worked_small" env S0_PRESET=worked_small_base OUT="$OUT/worked_small" \
+    DOCS="$DOCS/worked_small" bash runs/worked.sh
 stage scaling "$OUT/scaling" env OUT="$OUT/scaling" DOCS="$DOCS/scaling" PARALLEL="$PAR" bash runs/scaling.sh
 stage toy "$OUT/toy_seeds" env PRESET=toy OUT="$OUT/toy_seeds" DOCS="$DOCS/toy" bash runs/worked.sh  # not out/toy: runs/toy.sh's own
 stage estimators "$OUT/estimators" env OUT="$OUT/estimators" DOCS="$DOCS/estimators" PARALLEL="$PAR" bash runs/estimators.sh
