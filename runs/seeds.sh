@@ -1,4 +1,4 @@
-# What the multi-seed studies share (sourced by runs/estimators.sh, runs/mixture.sh, runs/scaling.sh).
+# What the multi-seed studies share (sourced by runs/toy.sh, estimators.sh, mixture.sh, scaling.sh, study.sh).
 #   step DIR NAME CMD...   run `$PY CMD... --overwrite=true` once: DIR/NAME.done marks it done (a rerun
 #                          of the study skips it) and holds its seconds "wall user sys" (what sizes a
 #                          study: runs/study.sh sums them), its output goes to DIR/NAME.txt; uses $seed

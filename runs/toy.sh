@@ -36,8 +36,7 @@ if [ "${SMOKE:-0}" = 1 ]; then  # every stage for two steps (and tiny evals): th
   RL="--steps=2 --eval_every=1 --eval_limit=4"
   EVAL="--limit=4"; MERGE="--val_n=4 --lambdas=1.0"
 fi
-t_start=$(date +%s)
-say() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
+. runs/seeds.sh  # say, step
 
 SEED_LIST=${SEED_LIST:-$(seq 0 $((SEEDS - 1)))}
 for seed in $SEED_LIST; do
@@ -47,13 +46,11 @@ for seed in $SEED_LIST; do
     rm -rf "$o"
   fi
   mkdir -p "$o"
-  run() {  # its output in $o/NAME.txt; when it ended, $o/NAME.done holds its seconds "wall user sys" (the
-    # marker runs/seeds.sh's step writes: runs/mixture.sh PRESET=worked finds this seed's S0 and teachers
-    # done by it, and runs/study.sh sums the seconds)
-    local name=$1; shift; say "seed $seed: $name"
-    { TIMEFORMAT="%R %U %S"; time "$PY" "$@" > "$o/$name.txt" 2>&1; } 2> "$o/$name.time" || { tail -20 "$o/$name.txt"; exit 1; }
-    mv "$o/$name.time" "$o/$name.done"
-  }
+  # each run's output in $o/NAME.txt, and when it ended $o/NAME.done with its seconds "wall user sys"
+  # (runs/seeds.sh's step: runs/mixture.sh PRESET=worked finds this seed's S0 and teachers done by it,
+  # runs/study.sh sums the seconds). $o was emptied above, so nothing is skipped and --overwrite=true,
+  # which step adds, replaces nothing
+  run() { step "$o" "$@"; }
 
   run base train_sft.py --preset=${S0_PRESET:-${P}_base} --seed=$seed --out_dir=$o/base $SFT
   teachers=""
