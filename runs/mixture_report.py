@@ -55,18 +55,9 @@ def first_each(rows, need):
 
 
 def measure_seed(cfg, seed):
-    import evaluate
-    import train_mopd
-    from model import Transformer, load_tokenizer
-    from tasks import get_domains
-    e = os.path.join(cfg.est_dir, f"seed{seed}")
-    doms = get_domains(cfg.domains)
-    mc = train_mopd.Config(**{k: v for k, v in train_mopd.PRESETS[cfg.run_preset].items() if k != "out_dir"})
-    kw = dict(max_new_tokens=mc.max_new_tokens, limit=cfg.eval_limit or mc.eval_limit)  # what the runs' evals use
-    tok = load_tokenizer(os.path.join(e, "base"))
-    base = evaluate.evaluate(Transformer.from_pretrained(os.path.join(e, "base")), tok, doms, **kw)
-    teacher = {d.name: evaluate.evaluate(Transformer.from_pretrained(os.path.join(e, f"teacher_{d.name}")), tok,
-                                         [d], **kw)[d.name] for d in doms}
+    from toy_report import s0_and_teachers  # runs/: the same measurement as the comparison's report
+    base, teacher = s0_and_teachers(os.path.join(cfg.est_dir, f"seed{seed}"), cfg.domains.split(","), cfg.run_preset,
+                                    cfg.eval_limit)
     need = {d: base[d] + FRAC * (teacher[d] - base[d]) for d in teacher}
     out = {"seed": seed, "S0": base, "teacher": teacher, "need": need, "runs": {}}
     for mix in ("fixed", "adaptive"):

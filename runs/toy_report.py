@@ -61,11 +61,31 @@ def add(*xs):
     return tuple(map(sum, zip(*xs)))
 
 
-def measure_seed(cfg, seed, domains):
-    import evaluate
+def eval_settings(run_preset, limit=0):
+    """What the in-training evals of train_mopd.py --preset=RUN_PRESET use (max_new_tokens and
+    the eval limit; limit > 0 overrides it, as a smoke run's --eval_limit does)."""
     import train_mopd
+    mc = parse_config(train_mopd.Config, [f"--preset={run_preset}"], train_mopd.PRESETS)
+    return dict(max_new_tokens=mc.max_new_tokens, limit=limit or mc.eval_limit)
+
+
+def s0_and_teachers(d, domains, run_preset, limit=0):
+    """S0's accuracy on every domain and each teacher's on its own (d/base, d/teacher_D), measured
+    as the in-training evals are, so that the runs' eval curves normalise against them."""
+    import evaluate
     from model import Transformer, load_tokenizer
     from tasks import get_domains
+    kw, doms = eval_settings(run_preset, limit), get_domains(",".join(domains))
+    tok = load_tokenizer(os.path.join(d, "base"))
+    base = evaluate.evaluate(Transformer.from_pretrained(os.path.join(d, "base")), tok, doms, **kw)
+    teacher = {t.name: evaluate.evaluate(Transformer.from_pretrained(os.path.join(d, f"teacher_{t.name}")), tok,
+                                         [t], **kw)[t.name] for t in doms}
+    return base, teacher
+
+
+def measure_seed(cfg, seed, domains):
+    import evaluate
+    from model import load_tokenizer
     o = os.path.join(cfg.out_dir, f"seed{seed}")
     res = json.load(open(os.path.join(o, "results.json")))
     teachers = add(*[spend(os.path.join(o, f"teacher_{d}")) for d in domains])
@@ -85,13 +105,7 @@ def measure_seed(cfg, seed, domains):
         teachers2 = add(*[spend(os.path.join(o, f"teacher2_{d}")) for d in domains])
         budget["MOPD round 2"] = spend(os.path.join(o, "mopd2")) + add(spend(os.path.join(o, "mopd2")),
                                                                          budget["MOPD"][2:], teachers2)
-    # S0 and the teachers, measured as the in-training evals are
-    mc = parse_config(train_mopd.Config, [f"--preset={cfg.run_preset}"], train_mopd.PRESETS)
-    doms = get_domains(",".join(domains))
-    kw = dict(max_new_tokens=mc.max_new_tokens, limit=mc.eval_limit)
-    base = evaluate.evaluate(Transformer.from_pretrained(os.path.join(o, "base")), tok, doms, **kw)
-    teacher = {d.name: evaluate.evaluate(Transformer.from_pretrained(os.path.join(o, f"teacher_{d.name}")), tok,
-                                         [d], **kw)[d.name] for d in doms}
+    base, teacher = s0_and_teachers(o, domains, cfg.run_preset)
     curves = {}
     for label, log, x0 in (("MOPD", "mopd", teachers[0]), ("Mix-RL", "mixrl", 0)):
         curves[label] = [(x0 + r["samples"], evaluate.normalised(r["eval"], base, teacher)[1])

@@ -70,3 +70,15 @@ def test_estimator_merge_replaces_other_origin_teachers_only_with_their_arm():
     del new["curves"]["pg_other"], new["results"]["accuracy"]["MOPD pg, other-origin teachers"]
     with pytest.raises(ValueError, match="other-origin teacher"):
         er.merge_seed(old, new)
+
+
+def test_reports_measure_s0_and_teachers_as_the_runs_evals_do():
+    """runs/toy_report.py and runs/mixture_report.py normalise the runs' eval curves by S0 and the
+    teachers measured with the runs' own eval settings: the worked toy's 64-token answers (the
+    default preset's 12 would cut every worked answer short), and a smoke run's eval limit."""
+    import train_mopd
+    assert toy_report.eval_settings("worked") == {"max_new_tokens": 64, "limit": train_mopd.Config.eval_limit}
+    assert toy_report.eval_settings("toy") == {"max_new_tokens": train_mopd.Config.max_new_tokens,
+                                               "limit": train_mopd.Config.eval_limit}
+    assert toy_report.eval_settings("worked", 4) == {"max_new_tokens": 64, "limit": 4}
+    assert train_mopd.Config.max_new_tokens != 64
