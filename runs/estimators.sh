@@ -25,7 +25,7 @@
 set -euo pipefail
 . "$(dirname "$0")/args.sh"
 cd "$(dirname "$0")/.."
-P=${PRESET:-toy}  # presets ${P}_base (S0) and $P (teachers, MOPD, evaluation)
+P=${PRESET:-toy}  # presets ${P}_base (S0; or S0_PRESET) and $P (teachers, MOPD, evaluation)
 if [ "$P" = worked ]; then DOMAINS=${DOMAINS:-add,mul,isort}; OUT=${OUT:-out/estimators_worked}; DOCS=${DOCS:-docs/estimators_worked}; fi
 OUT=${OUT:-out/estimators}
 DOCS=${DOCS:-docs/estimators}
@@ -66,8 +66,8 @@ train_seed() {  # S0, the teachers (and with OTHER=1 the other-origin chain), ev
   mkdir -p "$o"
   run() { step "$o" "$@"; }
   reuse base base
-  run base train_sft.py --preset=${P}_base --seed=$seed --out_dir=$o/base $SFT
-  [ "$OTHER" = 1 ] && run base_other train_sft.py --preset=${P}_base --seed=$((seed + 1000)) --out_dir=$o/base_other $SFT
+  run base train_sft.py --preset=${S0_PRESET:-${P}_base} --seed=$seed --out_dir=$o/base $SFT
+  [ "$OTHER" = 1 ] && run base_other train_sft.py --preset=${S0_PRESET:-${P}_base} --seed=$((seed + 1000)) --out_dir=$o/base_other $SFT
   local same=""
   for d in $doms; do
     reuse teacher_$d teacher_$d

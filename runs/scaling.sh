@@ -7,6 +7,9 @@
 # (runs/scaling_report.py: docs/scaling.md/.png, per-seed numbers in docs/scaling/seedN.json).
 #   bash runs/scaling.sh                       # seeds 0 1 2, K = 2 4 8 16, all three side by side at 1 thread
 #   KS="2 3 4 6 8" SEED_LIST=0 bash runs/scaling.sh
+#   STEPS=150 OUT=out/scaling_short DOCS=docs/scaling_short bash runs/scaling.sh
+#                                              # MOPD and Mix-RL for half the steps (the teachers as
+#                                              # before): the two-hour study's curve (runs/study.sh)
 #   SMOKE=1 OUT=/tmp/sc DOCS=/tmp/sc-docs bash runs/scaling.sh   # every stage for two steps: the plumbing only
 #   DOCS=docs/scaling: where the report goes (DOCS.md, DOCS.png, DOCS/seedN.json)
 # A rerun skips every step already done (its .done marker), so an interrupted study resumes.
@@ -16,6 +19,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/scaling}
 DOCS=${DOCS:-docs/scaling}
 KS=${KS:-"2 4 8 16"}
+STEPS=${STEPS:-300}  # MOPD's and Mix-RL's steps at every K (both presets' 300 by default)
 SEED_LIST=${SEED_LIST:-"0 1 2"}
 PARALLEL=${PARALLEL:-3}
 PY=${PY:-python}
@@ -38,10 +42,10 @@ one_seed() {
     doms=$("$PY" -c "from tasks import TOY_DOMAINS; print(','.join(TOY_DOMAINS[:$k]))")
     teachers=$(echo "$doms" | tr ',' '\n' | sed "s|.*|&=$o/teacher_&|" | paste -sd,)
     run "$o" mopd_k$k train_mopd.py --preset=toy --seed=$seed --init=$o/base --domains=$doms --teacher=$teachers \
-        --prompts_per_step=$((22 * k)) --out_dir=$o/mopd_k$k --ckpt_every=1000 $RL
+        --prompts_per_step=$((22 * k)) --steps=$STEPS --out_dir=$o/mopd_k$k --ckpt_every=1000 $RL
     # Mix-RL with the same samples per domain per step as MOPD: 22 K responses = 11 K/4 prompts x 8
     run "$o" mixrl_k$k train_teacher_rl.py --preset=toy_mix --seed=$seed --init=$o/base --domains=$doms \
-        --prompts_per_step=$((11 * k / 4)) --n=8 --out_dir=$o/mixrl_k$k --ckpt_every=1000 $RL
+        --prompts_per_step=$((11 * k / 4)) --n=8 --steps=$STEPS --out_dir=$o/mixrl_k$k --ckpt_every=1000 $RL
     run "$o" eval_both_k$k evaluate.py --domains=$doms --base=$o/base --teacher=$teachers --model=MOPD=$o/mopd_k$k \
         --model=Mix-RL=$o/mixrl_k$k --out=$o/results_k$k $EVAL
   done
