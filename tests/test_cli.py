@@ -368,3 +368,30 @@ def test_run_scripts_refuse_bad_settings(script, env, message, tmp_path):
     assert r.returncode == 2 and r.stdout == "", (script, r.stdout, r.stderr)
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_estimators_other_origin_teachers_are_the_next_seeds(tmp_path):
+    """runs/estimators.sh OTHER=next: seed s's other-origin arm distils from the teachers of the seed
+    after s in SEED_LIST (cyclically: another S0, never s's own), and its evaluation lists those
+    teachers. Every command the script would run is recorded by a stand-in for python (PY), so the
+    plumbing is checked in a second, without training anything."""
+    log, fake = tmp_path / "commands.txt", tmp_path / "fakepy"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    e = dict(os.environ, OUT=str(out), DOCS=str(tmp_path / "docs"), PY=str(fake), OTHER="next", SEED_LIST="3 0 7",
+             PRESET="worked", VARIANTS="pg", PARALLEL="4")
+    r = subprocess.run(["bash", os.path.join(ROOT, "runs", "estimators.sh")], env=e, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    commands = log.read_text().splitlines()
+    for seed, other in (("3", "0"), ("0", "7"), ("7", "3")):
+        teachers = ",".join(f"{d}={out}/seed{other}/teacher_{d}" for d in ("add", "mul", "isort"))
+        arm = [c for c in commands if f"--out_dir={out}/seed{seed}/mopd_pg_other " in c]
+        assert len(arm) == 1 and f"--teacher={teachers} " in arm[0] and f"--seed={seed} " in arm[0], arm
+        ev = [c for c in commands if c.startswith("evaluate.py") and f"--out={out}/seed{seed}/results " in c]
+        assert len(ev) == 1 and all(f"--model=other-origin teacher[{d}]={out}/seed{other}/teacher_{d} " in ev[0]
+                                    for d in ("add", "mul", "isort")), ev
+    # every seed's teachers are trained (first pass) before any other-origin arm reads them (second pass)
+    first_arm = min(i for i, c in enumerate(commands) if "mopd_pg_other" in c)
+    assert max(i for i, c in enumerate(commands) if "/teacher_" in c and c.startswith("train_teacher_rl.py")) < first_arm
