@@ -70,10 +70,13 @@ def measure_seed(cfg, seed):
 
 
 def fmt(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
+    """Mean ± sd of the seeds that got there; where some never did, how many did (a mean over the
+    fast seeds alone would flatter the mixture)."""
+    got = [x for x in xs if x is not None]
+    if not got:
         return "never"
-    return f"{statistics.mean(xs):,.0f} ± {seed_sd(xs):,.0f}" if len(xs) > 1 else f"{xs[0]:,}"
+    s = f"{statistics.mean(got):,.0f} ± {seed_sd(got):,.0f}" if len(got) > 1 else f"{got[0]:,}"
+    return s if len(got) == len(xs) else f"{s} ({len(got)} of {len(xs)} seeds)"
 
 
 def write_md(seeds, domains, title="the digit toy"):

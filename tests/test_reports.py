@@ -82,3 +82,13 @@ def test_reports_measure_s0_and_teachers_as_the_runs_evals_do():
                                                "limit": train_mopd.Config.eval_limit}
     assert toy_report.eval_settings("worked", 4) == {"max_new_tokens": 64, "limit": 4}
     assert train_mopd.Config.max_new_tokens != 64
+
+
+def test_mixture_samples_say_how_many_seeds_got_there():
+    """A seed that never reached 90% is not averaged away: the mean of the seeds that did is
+    marked with how many they were (a mean over the fast seeds alone would flatter the mixture)."""
+    import mixture_report as mr
+    assert mr.fmt([640, 1280, 1920]) == "1,280 ± 640"
+    assert mr.fmt([640, None, 1920]) == "1,280 ± 905 (2 of 3 seeds)"
+    assert mr.fmt([None, 1920, None]) == "1,920 (1 of 3 seeds)"
+    assert mr.fmt([None, None]) == "never"
