@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rl import (BENCH_LIMITS, BenchConfig, IgnoreEOS, Ours, bench_domain, check_lengths,  # noqa: E402
                       instrumented, load_label, make_checkpoint, make_prompts, matmul_params, num_params,
-                      print_results, run_alternating, trl_common_args, _trl_version)
+                      print_results, require_trl, run_alternating, trl_common_args, _trl_version)
 from config import cli, parse_config  # noqa: E402
 
 LOSSES = ("pg", "reverse_kl")
@@ -96,6 +96,7 @@ def main(argv=None):
         assert all(loss in LOSSES and rows >= 0 for loss, rows in variants) and variants
     except (IndexError, ValueError, AssertionError):
         raise SystemExit(f"--variants={args.variants}: expected LOSS:ROWS,... with LOSS in {','.join(LOSSES)}")
+    require_trl(args)
     tokens_per_step = args.prompts * args.new_tokens
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); {load_label()}", flush=True)

@@ -41,6 +41,7 @@ The command line is every script's (config.py): --key=value or --key value, --th
 (torch's threads; 0, the default, leaves torch's own), --help.
 """
 
+import importlib.util
 import os
 import random
 import statistics
@@ -274,6 +275,13 @@ def trl_common_args(out_dir, args, batch):
                 dataloader_num_workers=0, seed=args.seed)
 
 
+def require_trl(args):
+    """TRL is the peer, not a dependency of the project: say how to get it before anything runs."""
+    if not args.skip_trl and importlib.util.find_spec("trl") is None:
+        raise SystemExit("TRL is not installed: pip install -r requirements-bench.txt, "
+                         "or --skip_trl to time ours only")
+
+
 def run_alternating(make_trainer, ours, args):
     """
     A TRL step, then one step of each of ours, then the matmul rate, and again: ours run from
@@ -445,6 +453,7 @@ LIMITS = {**BENCH_LIMITS, "> 0": "n"}
 
 def main(argv=None):
     args = parse_config(Config, argv, limits=LIMITS)
+    require_trl(args)
     R = args.prompts * args.n
     tokens_per_step = R * args.new_tokens
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "

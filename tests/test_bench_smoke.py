@@ -79,3 +79,19 @@ def test_gpu_check_logic_runs_on_a_cpu(capsys):
     status = {name.split(" ")[0]: ok for name, ok, _, _ in rows}
     assert status == {"head_logits": True, "sampler": True, "fsdp": "skipped"}, rows
     assert "| head_logits bf16 + cached GQA decode | ok |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["bench_rl", "bench_mopd"])
+def test_bench_without_trl_says_how_to_install_it(script, monkeypatch, capsys):
+    """TRL is the benches' peer, not a dependency of the project: where it is missing, one line
+    names the requirements file (and --skip_trl), exit 2, before any step is timed."""
+    import importlib
+    import importlib.util
+    mod = importlib.import_module(script)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a))
+    argv = [a for a in TINY if a != "--skip_trl"] + ["--prompts=2"]
+    with pytest.raises(SystemExit) as e:
+        config.cli(lambda: mod.main(argv))
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        "error: TRL is not installed: pip install -r requirements-bench.txt, or --skip_trl to time ours only"]
