@@ -148,14 +148,13 @@ def _logprob_rows_torch(z, y, g):
     z -= m
     p = z.exp_()
     s = p.sum(1, keepdim=True)
-    p /= s
     lp = z_y - (m + s.log()).squeeze(1)
     if g is None:
         return lp, None
     if callable(g):  # the weights depend on the log-probs (token_logprob_loss)
         g = g(lp)
-    # d lp / dz_j = 1[j = y] - p_j
-    dz = p.mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
+    # d lp / dz_j = 1[j = y] - p_j, with p_j = exp(z_j - m) / s: one pass scales by -g / s
+    dz = p.mul_(-g[:, None] / s).scatter_add_(1, y[:, None], g[:, None])
     return lp, dz
 
 
@@ -375,11 +374,12 @@ def _fused_linear(hidden, weight, temperature, rows, chunk_size, g=None,
     w = weight.to(acc)  # a weight-sized copy only for bf16 weights
     grad_h = hidden.new_empty(N, H, dtype=acc) if need_grad_hidden else None
     grad_w = torch.zeros_like(w) if need_grad_weight else None
+    zbuf = chunk_buffer(min(chunk_size, N), w)  # every chunk's logits, in one buffer
     outs = []
     for start in range(0, N, chunk_size):
         c = slice(start, min(start + chunk_size, N))
         h = hidden[c].to(acc) / temperature  # scaling h (C x H) is cheaper than scaling z (C x V)
-        z = h @ w.t()
+        z = torch.mm(h, w.t(), out=zbuf[:c.stop - start])
         gc = None if g is None else (lambda o, c=c: g(c, o)) if callable(g) else g[c]
         out, dz = rows(z, c, gc)
         outs.append(out)
@@ -393,6 +393,16 @@ def _fused_linear(hidden, weight, temperature, rows, chunk_size, g=None,
         grad_h /= temperature
     out = torch.cat(outs) if outs else hidden.new_zeros(0, dtype=acc)  # no tokens at all: empty
     return out, grad_h, grad_w
+
+
+def chunk_buffer(rows, w):
+    """An uninitialised [rows x V] buffer for a chunk's logits (w: the [V, H] weight), made once
+    per call and reused by every chunk. A fresh [chunk x V] tensor per chunk is a fresh mmap
+    (glibc serves blocks above 32 MiB so), whose every page the kernel must fault in and zero
+    before the matmul writes it: at V = 151,936 and 331-row chunks that was a third of the time
+    of the logits' matmul on a CPU (0.47 -> 0.30 s for 1,024 tokens; README "Benchmarks: RL and
+    MOPD steps"). On CUDA the caching allocator already reuses blocks; the buffer costs nothing."""
+    return torch.empty(rows, w.shape[0], dtype=w.dtype, device=w.device)
 
 
 def _is_uniform(g):
@@ -504,12 +514,45 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, mask=None, chunk_si
     y = _per_token(targets, lead, idx).long()
     V = weight.shape[0]
     chunk = chunk_size or auto_chunk_size(V, 1, mem_budget_bytes)  # the logits
-    row_fn = _logprob_rows_triton if _use_triton(backend, hidden) else _logprob_rows_torch
+    triton_rows = _use_triton(backend, hidden)
+    if not triton_rows and not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return _unflatten(_logprobs_by_vocab_block(h, weight, y, temperature, mem_budget_bytes), lead, idx)
+    row_fn = _logprob_rows_triton if triton_rows else _logprob_rows_torch
 
     def rows(z, c, g):
         return row_fn(z, y[c], g)
 
     return _unflatten(_run(h, weight, temperature, rows, chunk, precompute_grads), lead, idx)
+
+
+def _logprobs_by_vocab_block(h, weight, y, temperature, mem_budget_bytes, block=2048, max_rows=1024):
+    """
+    token_logprobs' values when no gradient is wanted (a teacher's scoring, the PG signal), on
+    the PyTorch path: log p(y) = z_y - log sum_v exp(z_v), with the normaliser accumulated over
+    vocabulary blocks, logsumexp_v z_v = logsumexp_b (logsumexp_{v in b} z_v), as flash
+    attention does over keys. Each block's [rows x 2,048] logits (16 MiB at most) stay in the
+    CPU's cache between the matmul that writes them and the logsumexp that reads them, where a
+    chunk of whole rows ([331 x 151,936] at the default budget: 201 MB) went to memory and back
+    for each of its passes: 1,024 tokens at V = 151,936 took 0.33 s against 0.48-0.52 s (README
+    "Benchmarks: RL and MOPD steps"). z_y is its own dot product, h . w_y. Without the whole row
+    at hand there is no gradient here: training takes _fused_linear's path.
+    """
+    acc = _acc_dtype(h)
+    V = weight.shape[0]
+    rows = max(1, min(max_rows, auto_chunk_size(min(block, V), 1, mem_budget_bytes), h.shape[0]))
+    nb = -(-V // block)
+    buf = h.new_empty(rows, min(block, V), dtype=acc)  # one block's logits
+    lse = h.new_empty(rows, nb, dtype=acc)  # each block's logsumexp, per token
+    out = []
+    for start in range(0, h.shape[0], rows):
+        hc = h[start:start + rows].to(acc) / temperature
+        n = hc.shape[0]
+        for b in range(nb):
+            wb = weight[b * block:(b + 1) * block].to(acc)
+            lse[:n, b] = torch.logsumexp(torch.mm(hc, wb.t(), out=buf[:n, :wb.shape[0]]), dim=1)
+        z_y = (hc * weight[y[start:start + n]].to(acc)).sum(1)
+        out.append(z_y - torch.logsumexp(lse[:n], dim=1))
+    return torch.cat(out) if out else h.new_zeros(0, dtype=acc)
 
 
 def token_logprob_loss(hidden, weight, targets, loss_fn, temperature=1.0, mask=None, chunk_size=None,
@@ -597,8 +640,10 @@ def kl(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind="
     chunk = chunk_size or auto_chunk_size(V, {"reverse": 2, "forward": 3, "jsd": 4}[kind], mem_budget_bytes)
     row_fn = _kl_rows_triton if _use_triton(backend, student_hidden) else _kl_rows_torch
 
-    def rows(z, c, g):
-        return row_fn(z, (th[c].to(acc) / temperature) @ tw.t(), kind, beta, g)  # the teacher's logits
+    tbuf = chunk_buffer(min(chunk, th.shape[0]), tw)  # the teacher's logits, one buffer (chunk_buffer)
+
+    def rows(z, c, g):  # the teacher's logits next to the student's
+        return row_fn(z, torch.mm(th[c].to(acc) / temperature, tw.t(), out=tbuf[:c.stop - c.start]), kind, beta, g)
 
     return _unflatten(_run(h, student_weight, temperature, rows, chunk, precompute_grads), lead, idx)
 
@@ -620,8 +665,10 @@ def teacher_topk(hidden, weight, k=64, temperature=1.0, mask=None, chunk_size=No
     w = weight.detach().to(acc)
     chunk = chunk_size or auto_chunk_size(V, 1, mem_budget_bytes)  # the logits
     ids, lps = [h.new_zeros(0, k, dtype=torch.long)], [h.new_zeros(0, k, dtype=acc)]
+    zbuf = chunk_buffer(min(chunk, h.shape[0]), w)
     for start in range(0, h.shape[0], chunk):
-        z = (h[start:start + chunk].to(acc) / temperature) @ w.t()
+        hc = h[start:start + chunk]
+        z = torch.mm(hc.to(acc) / temperature, w.t(), out=zbuf[:hc.shape[0]])
         vals, top = z.topk(k, dim=1)
         lps.append(vals - _logsumexp(z))
         ids.append(top)

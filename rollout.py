@@ -339,7 +339,7 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
     # Weights from a snapshot laid out for batched inference (model.py); one row decodes
     # with matrix-vector products, about as fast on the modules' own layout, so it skips
     # the copy (which costs as much as several such steps)
-    with torch.no_grad() if model.is_sharded() else torch.inference_mode(), model.inference_weights() if R > 1 else contextlib.nullcontext():
+    with torch.no_grad() if model.is_sharded() else torch.inference_mode(), model.inference_weights(rows=R) if R > 1 else contextlib.nullcontext():
         # a prefix every prompt shares (a chat template's system prompt) is prefilled once, in
         # one row, and copied: its keys/values are the same in every row. Each prompt keeps
         # at least its last token for the second prefill, which gives the first logits.
@@ -459,6 +459,9 @@ def head_logits(model, h, out=None):
     two bf16 numbers are exact in fp32, so it is the same fp32 GEMM up to summation order).
     """
     W = model.lm_head.weight
+    packed = getattr(model, "head_packed", None)  # decoding on a CPU (model.prepack)
+    if packed is not None and h.dtype == torch.float32 and h.shape[0] == packed[1]:
+        return torch.ops.mkl._mkl_linear(h, packed[0], W.detach(), None, packed[1])
     if h.dtype == torch.float32 and W.dtype == torch.float32:
         # (detach: mm's out= refuses a tensor that requires grad; sampling takes no gradient)
         return model.lm_head(h) if out is None else torch.mm(h, W.detach().t(), out=out)

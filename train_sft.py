@@ -37,7 +37,7 @@ from mopd import policy_logprobs
 from rollout import decode, encode_prompt, generate, sample_examples, show_progress, step_seed, stop_ids
 from tasks import TOY_OPS, WORKED_OPS, get_domains, save_toy_tokenizer, toy_tokenizer, worked_solution, worked_steps
 from teachers import parse_registry, validate
-from train_utils import check_start, clip_and_step, due, prompt_fits, set_lr, set_seed
+from train_utils import adamw, check_start, clip_and_step, due, prompt_fits, set_lr, set_seed
 
 
 @dataclass
@@ -261,7 +261,7 @@ def main(argv=None):
                                       os.path.join(cfg.out_dir + ".log", "teacher_samples.jsonl"))
         elif cfg.data != "demos":
             samples = load_samples(cfg.data, {d.name for d in domains})
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
         start = checkpoint.resume_optimizer(run.state, cfg.out_dir, model, opt)
         run.begin(start)
         for step in range(start, cfg.steps):

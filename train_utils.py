@@ -177,9 +177,18 @@ def load_for_training(cfg, state=None):
                                         shard_fn=shard_fn if sharded else None).train()
     if not sharded and cfg.activation_checkpointing:
         shard_fn(model)  # one process: nothing to shard, activation checkpointing only
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
     start = checkpoint.resume_optimizer(state, cfg.out_dir, model, opt)
     return tok, model, opt, start, src
+
+
+def adamw(model, lr, weight_decay, betas):
+    """Every trainer's AdamW. fused=True (one kernel over all parameters) where the model is one
+    process's: on a CPU it took 0.03 s a step against foreach's 0.15 s for a 43M-parameter model
+    (README "Benchmarks: RL and MOPD steps"). FSDP2's sharded DTensor parameters keep torch's
+    default (foreach), the path tested under torchrun. The same update up to fp32 rounding."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas,
+                             fused=None if model.is_sharded() else True)
 
 
 def make_engine(cfg, model):

@@ -119,6 +119,25 @@ def test_token_logprobs_vs_fp64(V, dtype, gkind):
         assert (lp[~mask] == 0).all() and (gh[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_values_by_vocabulary_block(dtype):
+    """Values only (no_grad: a teacher's scoring) take _logprobs_by_vocab_block: the normaliser
+    over vocabulary blocks of 2,048 (here two and a ragged third), tokens in row chunks (a small
+    budget: chunks of 3, the last one ragged), at a temperature, under a mask; against float64."""
+    V = 2 * 2048 + 5
+    h, w, mask = lm_inputs(2, 9, 32, V, dtype, seed=4)
+    y = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(5))
+    y[0, 1], y[1, 2] = V - 1, 2048  # the ragged block's last id, the second block's first
+    mask[0, 1] = mask[1, 2] = True
+    y[~mask] = -100
+    ref = reference(lambda a, b: K.token_logprobs_ref(a, b, y, 0.7, mask), (h, w))
+    for budget in (K.DEFAULT_MEM_BUDGET, 3 * 2048 * 4):
+        with torch.no_grad():
+            lp = K.token_logprobs(h, w, y, 0.7, mask, mem_budget_bytes=budget)
+        check([lp], ref, V, budget)
+        assert lp.dtype == torch.float32 and (lp[~mask] == 0).all()
+
+
 def _pg_terms(lp_t, old, w, clip=5.0):
     """MOPD's PG loss per token, weighted: A_t = clip(sg[lp_T - lp]), PPO's clip of pi/mu,
     times w_t (the aggregation weight). Elementwise in lp, as token_logprob_loss requires."""

@@ -394,6 +394,67 @@ def test_inference_weights_are_a_fresh_snapshot_per_call(tiny_model):
     assert all(l.self_attn.wt is None and l.mlp.wt is None for l in model.layers)
 
 
+@pytest.mark.parametrize("bias,rows", [(False, 16), (True, 5)])
+def test_prepacked_linears_compute_x_times_w_transposed(bias, rows):
+    """model.prepack: the decode step's matmuls from MKL's prepacked weights are x @ W^T (+ b) of
+    the right matrices: q/k/v and gate/up stacked in order, the bias added (a Llama with
+    attention_bias), to fp32 rounding against float64; other row counts take the plain path."""
+    from model import ModelConfig, Transformer, linear_t, prepack
+    if prepack([torch.ones(2, 2)], 2) is None:
+        pytest.skip("no MKL in this torch: prepack is off and generate() takes the plain path")
+    cfg = ModelConfig(arch="llama", vocab_size=300, hidden_size=64, intermediate_size=1024, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=bias)
+    m = Transformer(cfg).init_weights(seed=0)
+    attn, mlp = m.layers[0].self_attn, m.layers[0].mlp
+    if bias:
+        with torch.no_grad():
+            for l in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                l.bias.normal_()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad(), m.inference_weights(rows=rows):
+        wt = {**attn.wt, **mlp.wt}
+        assert all(wt[k][2] is not None and wt[k][2][1] == rows for k in ("qkv", "o", "gate_up", "down"))
+        cases = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
+                 "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
+        for k, linears in cases.items():
+            W = torch.cat([l.weight for l in linears]).double()
+            b = torch.cat([l.bias for l in linears]).double() if linears[0].bias is not None else 0
+            for n in (rows, rows + 3, 1):  # packed, then the plain path
+                x = torch.randn(n, 1, W.shape[1], generator=g)
+                want = x.double() @ W.t() + b
+                got = linear_t(x, wt[k])
+                assert got.shape == want.shape
+                torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * W.shape[1] ** 0.5)
+        h = torch.randn(rows, 64, generator=g)
+        import rollout
+        torch.testing.assert_close(rollout.head_logits(m, h).double(), h.double() @ m.lm_head.weight.double().t(),
+                                   rtol=0, atol=1e-4)
+    assert m.head_packed is None and attn.wt is None and mlp.wt is None
+
+
+def test_prepacked_decoding_samples_what_the_plain_path_does(tiny_model, monkeypatch):
+    """generate() decodes from prepacked weights (every linear layer and the lm_head) and draws
+    the same tokens as without them, log-probs to fp32 rounding; stops and dropped rows (fewer
+    rows than packed for) included."""
+    import model as model_mod
+    import rollout
+    prompts = _prompts([5, 8, 3, 11])
+    used = []
+    sample = rollout.sample_next
+    monkeypatch.setattr(rollout, "sample_next", lambda *a, **k: used.append(
+        tiny_model.head_packed is not None and tiny_model.layers[0].mlp.wt["down"][2] is not None) or sample(*a, **k))
+    kw = dict(max_new_tokens=24, n=3, seed=9, stop_token_ids=[7, 11, 13])
+    packed = generate(tiny_model, prompts, **kw)
+    if model_mod.prepack([torch.ones(2, 2)], 2) is not None:
+        assert all(used)
+    monkeypatch.setattr(model_mod, "prepack", lambda weights, rows: None)
+    plain = generate(tiny_model, prompts, **kw)
+    assert packed.response_ids == plain.response_ids and torch.equal(packed.tokens, plain.tokens)
+    assert len(set(plain.response_lens.tolist())) >= 3  # rows stopped at different steps
+    torch.testing.assert_close(packed.logprobs, plain.logprobs, rtol=0, atol=1e-5)
+    assert tiny_model.head_packed is None
+
+
 def test_rollout_tensors_are_ordinary_tensors(tiny_model):
     """generate() samples under inference_mode but returns tensors that training can use."""
     res = generate(tiny_model, _prompts([5, 3]), max_new_tokens=4, seed=0, stop_token_ids=[7])
