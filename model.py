@@ -15,7 +15,8 @@ What is in this file, top to bottom:
   from_pretrained() / load_hf_weights() / save_pretrained() read and write HF safetensors
   directories through checkpoint.py (_hf_layout() is the name mapping they use);
   inference_weights(): what generate() runs under on a CPU, a per-call snapshot of the
-  blocks' weights with q/k/v and gate/up fused and transposed (faster small GEMMs).
+  blocks' weights with q/k/v and gate/up fused and transposed (faster small GEMMs), each
+  matrix and the lm_head also prepacked for the decode batch (prepack: MKL's own layout).
   Sharded (FSDP2) models: from_pretrained(shard_fn=...) has each rank read only its own
   slices of the files; save_pretrained() is then a collective that gathers one file at a time.
 
@@ -292,7 +293,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-        # {"qkv": (W^T, b, packed), "o": (...), "qk_norm": [nh + nkv, d]} inside inference_weights()
+        # {"qkv": transposed(...), "o": transposed(...), "qk_norm": [nh + nkv, d]} inside inference_weights()
         self.wt = None
 
     def forward(self, x, cos, sin, cache=None, layer=0, positions=None, mask=None):
@@ -353,42 +354,49 @@ def cached_attention(q, k, v, mask):
 
 
 def transposed(*linears, rows=0):
-    """(W^T, b, packed) of nn.Linear layers stacked along the output: W^T one [in, out] contiguous
-    matrix; packed: the same matrix prepacked for calls with exactly `rows` rows (prepack)."""
-    w = torch.cat([l.weight.t() for l in linears], dim=1)  # one copy, contiguous
+    """nn.Linear layers stacked along the output, for inference: (W^T, b, None), W^T one [in, out]
+    contiguous matrix; or, where prepack can pack them for a decode batch of `rows` rows,
+    (W, b, packed) with W the [out, in] stack (what a call with other row counts uses: a prefill,
+    or fewer rows left) and packed MKL's layout of it. No [in, out] copy then: its strided
+    transposing copy was most of the snapshot's cost (SmolLM2-135M: ~0.2 s per generate call)."""
     b = None if linears[0].bias is None else torch.cat([l.bias for l in linears])
-    return w, b, prepack([l.weight for l in linears], rows)
+    packed = prepack([l.weight for l in linears], rows)
+    if packed is not None:
+        return packed[2], b, packed[:2]
+    return torch.cat([l.weight.t() for l in linears], dim=1), b, None  # one copy, contiguous
 
 
 def prepack(weights, rows):
     """
     Linear layers' weights [out, in], stacked along the output (as transposed() stacks them), in
-    MKL's own blocked layout for an sgemm with exactly `rows` rows (a decode
-    step's batch), or None. An sgemm with a few rows copies ("packs") the whole weight into that
-    layout on every call before it multiplies; at 16 rows that is most of the call, since the
-    weight streams from memory twice over (SmolLM2-135M at 16 rows: the 30 layers' matmuls 46 ->
-    31 ms a decode step, its [576 x 49,152] head 10.6 -> 7.2 ms; README "Benchmarks: sampling").
-    Packing once per generate() call removes it. The arithmetic is the same sgemm's (fp32
-    products summed in MKL's order): on the shapes tested it gives the very bits of x @ W^T
-    (tests/test_rollout.py) except where the inner dimension is long (>= ~1,024), where the
-    order of the partial sums can differ: fp32 rounding, like a change of thread count.
-    CPU fp32 with MKL only (torch.ops.mkl is what inductor uses for the same thing).
+    MKL's own blocked layout for an sgemm with exactly `rows` rows (a decode step's batch):
+    (packed, rows, the stacked [out, in] weight), or None. An sgemm with a few rows copies
+    ("packs") the whole weight into that layout on every call before it multiplies; at 16 rows
+    that is most of the call, since the weight streams from memory twice over (SmolLM2-135M at
+    16 rows: the 30 layers' matmuls 46 -> 31 ms a decode step, its [576 x 49,152] head 10.6 ->
+    7.2 ms; README "Benchmarks: sampling"). Packing once per generate() call removes it. The
+    arithmetic is the same sgemm's (fp32 products summed in MKL's order): on the shapes tested
+    it gives the very bits of x @ W^T except where the inner dimension is long (>= ~1,024),
+    where the order of the partial sums can differ: fp32 rounding, like a change of thread
+    count. CPU fp32 with MKL only (torch.ops.mkl is what inductor uses for the same thing).
     """
     w = weights[0]
     if rows < 2 or w.device.type != "cpu" or w.dtype != torch.float32 or not torch._C.has_mkl:
         return None
-    # from the [out, in] layout, contiguous (a plain cat; given W^T, the packing copies it back first)
     w = torch.cat(weights) if len(weights) > 1 else w.contiguous()
-    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows, w
 
 
 def linear_t(x, wt_b):
-    """x @ W^T + b from a (W^T, b, packed) triple made by transposed(): the prepacked weight when x
-    has the rows it was packed for (a decode step), else W^T (a prefill, or fewer rows left)."""
+    """x @ W^T + b from a triple made by transposed(): from the prepacked weight when x has the
+    rows it was packed for (a decode step), else from W [out, in] (F.linear), or from W^T where
+    nothing was packed."""
     w, b, packed = wt_b
-    if packed is not None and x.numel() == packed[1] * x.shape[-1]:
-        return torch.ops.mkl._mkl_linear(x, packed[0], w.t(), b, packed[1])
-    return x @ w if b is None else torch.addmm(b, x.flatten(0, -2), w).view(*x.shape[:-1], -1)
+    if packed is None:
+        return x @ w if b is None else torch.addmm(b, x.flatten(0, -2), w).view(*x.shape[:-1], -1)
+    if x.numel() == packed[1] * x.shape[-1]:
+        return torch.ops.mkl._mkl_linear(x, packed[0], w, b, packed[1])
+    return F.linear(x, w, b)
 
 
 class MLP(nn.Module):
@@ -398,7 +406,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.wt = None  # {"gate_up": (W^T, None, packed), "down": (...)} inside inference_weights()
+        self.wt = None  # {"gate_up": transposed(...), "down": transposed(...)} inside inference_weights()
 
     def forward(self, x):
         if self.wt is not None:  # one matmul for gate and up (see Transformer.inference_weights)
@@ -628,12 +636,13 @@ class Transformer(nn.Module):
           (decoding has one row per sequence) runs faster than nn.Linear's [out, in].
         Together a decode step measured 3-16% faster here (4 to 64 rows); the lm_head is
         left alone (no faster transposed).
-        rows (the decode batch, >= 2): every matrix, the lm_head's included (head_packed), is
-        also prepacked for calls of exactly that many rows (see prepack): one more copy of the
-        weights, and decode steps ~1.3x faster at 16 rows.
+        rows (the decode batch, >= 2; with MKL, fp32): every matrix, the lm_head's included
+        (head_packed), is instead prepacked for calls of exactly that many rows (see prepack),
+        and kept [out, in] for calls of any other size (stacked copies for q/k/v and gate/up,
+        the modules' own weights otherwise): decode steps ~1.2-1.3x faster at 16 rows.
         The snapshot is made on entry and dropped on exit, so it can never go stale when an
         optimizer updates the model between two generate() calls; meanwhile it costs one
-        more copy of the weights (two with rows). Parameters, names and the HF mapping are untouched. No
+        more copy of the weights (packed: the lm_head's too, plus the q/k/v and gate/up stacks). Parameters, names and the HF mapping are untouched. No
         gradient reaches the snapshot: inference only. On a GPU this is a no-op (cuBLAS is as
         fast on nn.Linear's layout, and GPU memory is the scarcer resource). Also a no-op on
         a sharded model: outside forward each rank holds only its shards of the weights.
@@ -653,7 +662,8 @@ class Transformer(nn.Module):
                     if isinstance(mlp, MLP):  # MoE experts keep their own loop
                         mlp.wt = {"gate_up": transposed(mlp.gate_proj, mlp.up_proj, rows=rows),
                                   "down": transposed(mlp.down_proj, rows=rows)}
-                self.head_packed = prepack([self.lm_head.weight], rows)
+                head = prepack([self.lm_head.weight], rows)
+                self.head_packed = None if head is None else head[:2]
             yield self
         finally:
             self.head_packed = None
