@@ -373,8 +373,8 @@ def prepack(weights, rows):
     (packed, rows, the stacked [out, in] weight), or None. An sgemm with a few rows copies
     ("packs") the whole weight into that layout on every call before it multiplies; at 16 rows
     that is most of the call, since the weight streams from memory twice over (SmolLM2-135M at
-    16 rows: the 30 layers' matmuls 46 -> 31 ms a decode step, its [576 x 49,152] head 10.6 ->
-    7.2 ms; README "Benchmarks: sampling"). Packing once per generate() call removes it. The
+    16 rows: the 30 layers' matmuls 45 -> 30 ms a decode step, its [576 x 49,152] head 10.3 ->
+    7.7 ms; README "Benchmarks: sampling"). Packing once per generate() call removes it. The
     arithmetic is the same sgemm's (fp32 products summed in MKL's order): on the shapes tested
     it gives the very bits of x @ W^T except where the inner dimension is long (>= ~1,024),
     where the order of the partial sums can differ: fp32 rounding, like a change of thread

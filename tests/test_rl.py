@@ -363,3 +363,28 @@ def test_reference_log_probs_run_in_micro_batches(tiny_base, monkeypatch):
         whole = real(ref, b["tokens"], b["mask"], cfg.temperature)
     torch.testing.assert_close(b["ref_logp"], whole, rtol=0, atol=1e-5)  # fp32 rounding of a smaller matmul
     assert (b["ref_logp"] != 0).sum() == b["mask"].sum()
+
+
+def test_trainers_adamw_is_fused_and_the_same_update(hf_dirs):
+    """train_utils.adamw, every trainer's optimizer: fused on one process's CPU model, and its
+    steps are torch's default AdamW's to fp32 rounding (weight decay, both betas, several steps)."""
+    import copy
+    from model import Transformer
+    from train_utils import adamw
+    a = Transformer.from_pretrained(hf_dirs["qwen3"])
+    b = copy.deepcopy(a)
+    opt_a = adamw(a, 1e-2, 0.1, betas=(0.9, 0.99))
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99), foreach=True)
+    assert opt_a.defaults["fused"] is True
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.grad = torch.randn(pa.shape, generator=g)
+            pb.grad = pa.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    moved = 0.0
+    for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), Transformer.from_pretrained(hf_dirs["qwen3"]).parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+        moved = max(moved, (pa - p0).abs().max().item())
+    assert moved > 1e-2  # the steps did move the weights (lr 1e-2, 3 steps)
