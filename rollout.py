@@ -338,8 +338,9 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
     # KV cache, was recorded for autograd).
     # Weights from a snapshot laid out for batched inference (model.py); one row decodes
     # with matrix-vector products, about as fast on the modules' own layout, so it skips
-    # the copy (which costs as much as several such steps)
-    with torch.no_grad() if model.is_sharded() else torch.inference_mode(), model.inference_weights(rows=R) if R > 1 else contextlib.nullcontext():
+    # the copy (which costs as much as several such steps). Not prepacked for a compiled step:
+    # inductor cannot lower MKL's packed linear at a fixed row count (an AssertionError)
+    with torch.no_grad() if model.is_sharded() else torch.inference_mode(), model.inference_weights(rows=0 if compile else R) if R > 1 else contextlib.nullcontext():
         # a prefix every prompt shares (a chat template's system prompt) is prefilled once, in
         # one row, and copied: its keys/values are the same in every row. Each prompt keeps
         # at least its last token for the second prefill, which gives the first logits.

@@ -455,6 +455,23 @@ def test_prepacked_decoding_samples_what_the_plain_path_does(tiny_model, monkeyp
     assert tiny_model.head_packed is None
 
 
+def test_compiled_decode_step_gets_no_prepacked_weights(tiny_model, monkeypatch):
+    """generate(compile=True) decodes from the unpacked snapshot: inductor cannot lower MKL's
+    packed linear (it failed with an AssertionError when it got one). The compiled step is
+    stood in for by the plain one here (tests never wait for torch.compile)."""
+    import rollout
+    seen = []
+
+    def step(model, tok, pos, cache):
+        seen.append((model.head_packed, model.layers[0].mlp.wt["down"][2]))
+        return rollout.decode_step(model, tok, pos, cache)
+    monkeypatch.setattr(rollout, "compiled_decode_step", lambda: step)
+    res = generate(tiny_model, _prompts([5, 3]), max_new_tokens=6, n=2, seed=2, compile=True)
+    assert len(seen) == 5 and all(h is None and p is None for h, p in seen)
+    ref = generate(tiny_model, _prompts([5, 3]), max_new_tokens=6, n=2, seed=2, static=True)
+    assert torch.equal(res.tokens, ref.tokens)
+
+
 def test_rollout_tensors_are_ordinary_tensors(tiny_model):
     """generate() samples under inference_mode but returns tensors that training can use."""
     res = generate(tiny_model, _prompts([5, 3]), max_new_tokens=4, seed=0, stop_token_ids=[7])
