@@ -642,8 +642,9 @@ class Transformer(nn.Module):
         the modules' own weights otherwise): decode steps ~1.2-1.3x faster at 16 rows.
         The snapshot is made on entry and dropped on exit, so it can never go stale when an
         optimizer updates the model between two generate() calls; meanwhile it costs one
-        more copy of the weights (packed: the lm_head's too, plus the q/k/v and gate/up stacks). Parameters, names and the HF mapping are untouched. No
-        gradient reaches the snapshot: inference only. On a GPU this is a no-op (cuBLAS is as
+        more copy of the weights (packed: the lm_head's too, plus the q/k/v and gate/up
+        stacks). Parameters, names and the HF mapping are untouched. No gradient reaches
+        the snapshot: inference only. On a GPU this is a no-op (cuBLAS is as
         fast on nn.Linear's layout, and GPU memory is the scarcer resource). Also a no-op on
         a sharded model: outside forward each rank holds only its shards of the weights.
         """
