@@ -387,6 +387,14 @@ def prepack(weights, rows):
     return torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows, w
 
 
+def packed_linear(x, packed, w, b=None):
+    """x @ w^T + b from prepack's (packed, rows) when x has exactly those rows, else None.
+    w: the [out, in] weight it was packed from (the op reads its shape)."""
+    if packed is None or x.numel() != packed[1] * x.shape[-1]:
+        return None
+    return torch.ops.mkl._mkl_linear(x, packed[0], w, b, packed[1])
+
+
 def linear_t(x, wt_b):
     """x @ W^T + b from a triple made by transposed(): from the prepacked weight when x has the
     rows it was packed for (a decode step), else from W [out, in] (F.linear), or from W^T where
@@ -394,9 +402,8 @@ def linear_t(x, wt_b):
     w, b, packed = wt_b
     if packed is None:
         return x @ w if b is None else torch.addmm(b, x.flatten(0, -2), w).view(*x.shape[:-1], -1)
-    if x.numel() == packed[1] * x.shape[-1]:
-        return torch.ops.mkl._mkl_linear(x, packed[0], w, b, packed[1])
-    return F.linear(x, w, b)
+    y = packed_linear(x, packed, w, b)
+    return F.linear(x, w, b) if y is None else y
 
 
 class MLP(nn.Module):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 import distributed
 from config import cli, parse_config
-from model import KVCache, Transformer, load_tokenizer
+from model import KVCache, Transformer, load_tokenizer, packed_linear
 
 
 @dataclass
@@ -460,9 +460,10 @@ def head_logits(model, h, out=None):
     two bf16 numbers are exact in fp32, so it is the same fp32 GEMM up to summation order).
     """
     W = model.lm_head.weight
-    packed = getattr(model, "head_packed", None)  # decoding on a CPU (model.prepack)
-    if packed is not None and h.dtype == torch.float32 and h.shape[0] == packed[1]:
-        return torch.ops.mkl._mkl_linear(h, packed[0], W.detach(), None, packed[1])
+    if h.dtype == torch.float32:  # decoding on a CPU from the prepacked head (model.prepack)
+        y = packed_linear(h, getattr(model, "head_packed", None), W.detach())
+        if y is not None:
+            return y
     if h.dtype == torch.float32 and W.dtype == torch.float32:
         # (detach: mm's out= refuses a tensor that requires grad; sampling takes no gradient)
         return model.lm_head(h) if out is None else torch.mm(h, W.detach().t(), out=out)

@@ -394,13 +394,20 @@ def test_inference_weights_are_a_fresh_snapshot_per_call(tiny_model):
     assert all(l.self_attn.wt is None and l.mlp.wt is None for l in model.layers)
 
 
+def _mkl_packing():
+    """Whether this torch can prepack (MKL, CPU fp32); without it generate() takes the plain path."""
+    from model import prepack
+    return prepack([torch.ones(2, 2)], 2) is not None
+
+
 @pytest.mark.parametrize("bias,rows", [(False, 16), (True, 5)])
 def test_prepacked_linears_compute_x_times_w_transposed(bias, rows):
     """model.prepack: the decode step's matmuls from MKL's prepacked weights are x @ W^T (+ b) of
     the right matrices: q/k/v and gate/up stacked in order, the bias added (a Llama with
-    attention_bias), to fp32 rounding against float64; other row counts take the plain path."""
-    from model import ModelConfig, Transformer, linear_t, prepack
-    if prepack([torch.ones(2, 2)], 2) is None:
+    attention_bias), to fp32 rounding against float64; other row counts take the plain path
+    (and only they: packing that is never used would be correct and merely slow)."""
+    from model import ModelConfig, Transformer, linear_t, packed_linear
+    if not _mkl_packing():
         pytest.skip("no MKL in this torch: prepack is off and generate() takes the plain path")
     cfg = ModelConfig(arch="llama", vocab_size=300, hidden_size=64, intermediate_size=1024, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=bias)
@@ -424,6 +431,8 @@ def test_prepacked_linears_compute_x_times_w_transposed(bias, rows):
                 want = x.double() @ W.t() + b
                 got = linear_t(x, wt[k])
                 assert got.shape == want.shape
+                # the packed path is taken at exactly the packed row count, and only there
+                assert (packed_linear(x, wt[k][2], wt[k][0], wt[k][1]) is not None) == (n == rows)
                 torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * W.shape[1] ** 0.5)
         h = torch.randn(rows, 64, generator=g)
         import rollout
@@ -445,7 +454,7 @@ def test_prepacked_decoding_samples_what_the_plain_path_does(tiny_model, monkeyp
         tiny_model.head_packed is not None and tiny_model.layers[0].mlp.wt["down"][2] is not None) or sample(*a, **k))
     kw = dict(max_new_tokens=24, n=3, seed=9, stop_token_ids=[7, 11, 13])
     packed = generate(tiny_model, prompts, **kw)
-    if model_mod.prepack([torch.ones(2, 2)], 2) is not None:
+    if _mkl_packing():
         assert all(used)
     monkeypatch.setattr(model_mod, "prepack", lambda weights, rows: None)
     plain = generate(tiny_model, prompts, **kw)
