@@ -392,7 +392,24 @@ def packed_linear(x, packed, w, b=None):
     w: the [out, in] weight it was packed from (the op reads its shape)."""
     if packed is None or x.numel() != packed[1] * x.shape[-1]:
         return None
+    if torch.compiler.is_compiling():  # an opaque op to inductor (below)
+        return mkl_linear(x, packed[0], w, b, packed[1])
     return torch.ops.mkl._mkl_linear(x, packed[0], w, b, packed[1])
+
+
+@torch.library.custom_op("mopd::mkl_linear", mutates_args=())
+def mkl_linear(x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+               rows: int) -> torch.Tensor:
+    """MKL's packed linear as a custom op, for a decode step under torch.compile
+    (rollout.generate(compile=True)): inductor has a lowering of its own for
+    torch.ops.mkl._mkl_linear, for weights it packed itself, and it fails (an AssertionError)
+    on ours; as an op it cannot look into, it calls it as it is."""
+    return torch.ops.mkl._mkl_linear(x, packed, w, b, rows)
+
+
+@mkl_linear.register_fake
+def _(x, packed, w, b, rows):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 def linear_t(x, wt_b):
@@ -508,24 +525,24 @@ class Block(nn.Module):
 
 class KVCache:
     """
-    Preallocated keys/values, [layers, rows, max_len, kv_heads, head_dim], plus `lengths`:
-    how many slots of each row are filled. Row b's token at position p lives in slot p, so
-    positions are per row and right padding in a prompt batch is harmless (a padded slot is
-    overwritten by that row's next real token before anything attends to it). Slot-major:
-    one (row, position) write is one contiguous block, and attention reads the keys in
-    place as a [B, H, S, d] view.
+    Preallocated keys/values, one [rows, max_len, kv_heads, head_dim] tensor per layer, plus
+    `lengths`: how many slots of each row are filled. Row b's token at position p lives in slot
+    p, so positions are per row and right padding in a prompt batch is harmless (a padded slot
+    is overwritten by that row's next real token before anything attends to it). Slot-major:
+    one (row, position) write is one contiguous block, and attention reads the keys in place
+    as a [B, H, S, d] view. A tensor per layer, not one for all: under torch.compile a write
+    into a view of one big tensor made inductor copy the whole cache out and back at every
+    decode step (a compiled generate call on bench_sampling's tiny Qwen3: 4.8 s instead of 1.0 s).
     """
-    def __init__(self, cfg, batch, max_len, dtype, device, static=False):
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_len = max_len
-        # slots 0..used-1 may be filled in some row; attention reads only those. static: every
-        # decode step reads all max_len slots (the unfilled ones masked out), so its shapes never
-        # change and it can be compiled once (rollout.generate(compile=True))
-        self.static = static
-        self.used = max_len if static else 0
+        # slots 0..used-1 may be filled in some row; attention reads only those (forward sets
+        # it from the positions, or rollout.decode_step as a plain int under torch.compile)
+        self.used = 0
 
     @staticmethod
     def bytes_per_token(cfg, dtype):
@@ -537,20 +554,20 @@ class KVCache:
         """k, v [B, T, H, d] go to slots `positions` [B, T] of their rows; returns the filled
         prefix as [B, H, used, d] views."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer, rows, positions] = k
-        self.v[layer, rows, positions] = v
-        return (self.k[layer, :, :self.used].transpose(1, 2),
-                self.v[layer, :, :self.used].transpose(1, 2))
+        self.k[layer][rows, positions] = k
+        self.v[layer][rows, positions] = v
+        return self.k[layer][:, :self.used].transpose(1, 2), self.v[layer][:, :self.used].transpose(1, 2)
 
     def repeat_rows(self, n):
         """n copies of each row, adjacent (prefill a prompt once, sample n continuations)."""
-        self.k = self.k.repeat_interleave(n, dim=1)
-        self.v = self.v.repeat_interleave(n, dim=1)
+        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
+        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
         self.lengths = self.lengths.repeat_interleave(n)
 
     def keep_rows(self, keep):
         """Only the rows where `keep` [B] is True, in order (generate drops finished rows)."""
-        self.k, self.v, self.lengths = self.k[:, keep], self.v[:, keep], self.lengths[keep]
+        self.k, self.v = [k[keep] for k in self.k], [v[keep] for v in self.v]
+        self.lengths = self.lengths[keep]
 
 # -----------------------------------------------------------------------------
 # The model
@@ -615,8 +632,8 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(inv, positions, x.dtype, self._rope_scale)
         kw = {}
         if cache is not None:
-            if not cache.static:
-                cache.used = int(positions.max()) + 1  # attention reads only the filled prefix
+            if not torch.compiler.is_compiling():  # (rollout.decode_step sets it when compiled:
+                cache.used = int(positions.max()) + 1  # .item() would break the graph)
             # a query at position p sees the cache slots 0..p of its own row; as an additive
             # float mask made once per step (SDPA would convert a boolean one in every layer)
             mask = None

@@ -248,16 +248,16 @@ def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, n):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
              stop_token_ids=(), n=1, seed=None, pad_id=0, progress=False, first_prompt=0,
-             compile=False, static=None, max_cache_bytes=None):
+             compile=False, max_cache_bytes=None):
     """
     Sample n continuations of each prompt (a list of token-id lists of any lengths).
     Returns a Rollout, rows prompt-major: prompt 0's n samples, then prompt 1's, ...
     seed (any int; None: drawn from torch's global generator) and first_prompt (the global index
     of prompts[0], when this is one slice of a larger batch) choose the random streams: sample j
     of prompts[i] uses row_uniforms' stream (seed, first_prompt + i, j).
-    compile: run each decode step through torch.compile (decode_step, gpt-fast's lever), on a
-    static cache. static (default: = compile): the decode step with fixed shapes, the logic
-    compile runs, uncompiled (what the tests check).
+    compile: run each decode step through torch.compile (compiled_decode_step, gpt-fast's
+    lever): the first call compiles twice (the cache length becomes symbolic at its second
+    value), later calls with the same batch size reuse it. Finished rows then keep stepping.
     max_cache_bytes: the most the KV cache may take; more prompts than fit are sampled in
     consecutive chunks of whole prompts (cache_chunks). A row's tokens depend only on its own
     stream, so the result is the one-batch result (up to fp32 rounding of a smaller matmul).
@@ -267,7 +267,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         seed = int(torch.randint(0, 2**63 - 1, ()).item())
     chunks = cache_chunks(model, prompts, max_new_tokens, n, max_cache_bytes)
     kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids, n=n, seed=seed,
-              pad_id=pad_id, progress=progress, compile=compile, static=static)
+              pad_id=pad_id, progress=progress, compile=compile)
     if len(chunks) == 1:
         return _generate(model, prompts, max_new_tokens, first_prompt=first_prompt, **kw)
     parts = []
@@ -312,7 +312,7 @@ def _concat(parts, pad_id):
 
 def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
               stop_token_ids=(), n=1, seed=None, pad_id=0, progress=False, first_prompt=0,
-              compile=False, static=None):
+              compile=False):
     """generate() for prompts whose KV cache is allocated at once."""
     # a sharded model computes where and in what dtype distributed.shard says (its fp32 master
     # shards may sit in host memory, and bf16 mixed precision makes bf16 keys and values)
@@ -338,19 +338,14 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
     # KV cache, was recorded for autograd).
     # Weights from a snapshot laid out for batched inference (model.py); one row decodes
     # with matrix-vector products, about as fast on the modules' own layout, so it skips
-    # the copy (which costs as much as several such steps). Not prepacked for a compiled step:
-    # inductor cannot lower MKL's packed linear at a fixed row count (an AssertionError)
-    with torch.no_grad() if model.is_sharded() else torch.inference_mode(), model.inference_weights(rows=0 if compile else R) if R > 1 else contextlib.nullcontext():
+    # the copy (which costs as much as several such steps)
+    with torch.no_grad() if model.is_sharded() else torch.inference_mode(), model.inference_weights(rows=R) if R > 1 else contextlib.nullcontext():
         # a prefix every prompt shares (a chat template's system prompt) is prefilled once, in
         # one row, and copied: its keys/values are the same in every row. Each prompt keeps
         # at least its last token for the second prefill, which gives the first logits.
         # (the same on every rank: under torchrun each forward is a collective)
         shared = distributed.global_max(_shared_prefix_len(prompts) if P > 1 else 0, op="min")
-        static = compile if static is None else static
-        slots = pmax + max_new_tokens
-        if static:  # rounded up, so that prompts of other lengths reuse the compiled step
-            slots = min(-(-slots // STATIC_SLOTS) * STATIC_SLOTS, cfg.max_position_embeddings)
-        cache = KVCache(cfg, 1 if shared else P, slots, dtype, device, static=static)
+        cache = KVCache(cfg, 1 if shared else P, pmax + max_new_tokens, dtype, device)
         if shared:
             model(ids[:1, :shared], cache=cache, return_hidden=True)
             cache.repeat_rows(P)
@@ -376,6 +371,9 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
         logits_buf = buf[1] if fp32_head else None
         logits = head_logits(model, last, out=logits_buf)
         rows = torch.arange(R, device=device)  # the rows still decoded: logits, pos, cache hold these
+        if compile:  # the cache's length is symbolic from the first graph (prompts of other lengths)
+            for kv in cache.k + cache.v:
+                torch._dynamo.maybe_mark_dynamic(kv, 1)
         steps = range(max_new_tokens)
         if progress:
             from tqdm import tqdm
@@ -397,15 +395,16 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
             # costs about one step, so not at every row): a row's tokens depend only on its own
             # logits and uniforms, so dropping the others changes nothing it samples, and the
             # steps left cost in proportion to the rows left (answers of 2..48 tokens in one
-            # batch: ~half the work). Until then, and on a static cache whose shapes are
-            # compiled, finished rows keep stepping (what they sample is never read). Every rank still makes the
-            # same number of calls (a rank keeps its rows when all of them have finished).
+            # batch: ~half the work). Until then, and in a compiled step (compiled for one
+            # batch size, and packed for it), finished rows keep stepping (what they sample is
+            # never read). Every rank still makes the same number of calls (a rank keeps its
+            # rows when all of them have finished).
             keep = ~done[rows]
-            if not cache.static and 0 < int(keep.sum()) <= COMPACT_AT * len(rows):
+            if not compile and 0 < int(keep.sum()) <= COMPACT_AT * len(rows):
                 rows, tok, pos = rows[keep], tok[keep], pos[keep]
                 cache.keep_rows(keep)
-            if compile:
-                logits = compiled_decode_step()(model, tok, pos, cache)
+            if compile:  # the cache length as an int argument: symbolic, so one graph serves all
+                logits = compiled_decode_step()(model, tok, pos, cache, used=int(pos.max()) + 1)
             else:
                 logits = decode_step(model, tok, pos, cache, out=None if logits_buf is None else logits_buf[:len(rows)])
             pos += 1
@@ -438,14 +437,16 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
                    [i for i in range(P) for _ in range(n)], stopped)
 
 
-STATIC_SLOTS = 64  # a static cache's length is a multiple of this
 COMPACT_AT = 0.75  # drop finished rows once at most this fraction of the batch is still running
 
 
-def decode_step(model, tok, pos, cache, out=None):
+def decode_step(model, tok, pos, cache, out=None, used=None):
     """One token per row (tok [R] at positions pos [R]) through the model and its cache: the
-    next logits [R, V] (in `out` where given and fp32). On a static cache every shape is fixed,
-    so torch.compile makes it once."""
+    next logits [R, V] (in `out` where given and fp32). used: the cache slots attention reads
+    (max(pos) + 1), given when compiled: forward would take it from pos with .item(), a break
+    in the graph."""
+    if used is not None:
+        cache.used = used
     hidden = model(tok[:, None], positions=pos[:, None], cache=cache, return_hidden=True)
     return head_logits(model, hidden[:, 0], out)
 
@@ -476,10 +477,18 @@ def head_logits(model, h, out=None):
 
 
 @functools.cache
-def compiled_decode_step():
-    """decode_step under torch.compile (made on first use, shared by every call after it; a new
-    batch size or cache length compiles once more)."""
-    return torch.compile(decode_step, dynamic=False)
+def compiled_decode_step(backend="inductor", fullgraph=False):
+    """
+    decode_step under torch.compile (made on first use, shared by every call after it). What it
+    fuses is the ~150 small ops between the matmuls of a step (norms, RoPE, residuals, SiLU,
+    the cache writes and mask); the matmuls stay MKL's prepacked ones (model.mkl_linear) and
+    attention reads the filled prefix of the cache only. The first call compiles twice: for
+    its first cache length, then, at the second, for any length (dynamo's automatic dynamic
+    shapes); a new batch size compiles once more. Weights are graph inputs, not constants, so
+    an optimizer step between two calls needs no recompile. (backend, fullgraph: for the tests,
+    which trace it with dynamo alone and insist on one graph.)
+    """
+    return torch.compile(decode_step, dynamic=None, backend=backend, fullgraph=fullgraph)
 
 
 def _shared_prefix_len(prompts):

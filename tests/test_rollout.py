@@ -32,38 +32,6 @@ def _assert_each_prompt_alone(model, prompts, batch, max_new_tokens, seed):
                                   torch.tensor(alone.response_logprobs[j]), atol=1e-5)
 
 
-@pytest.mark.parametrize("shared", [0, 6])
-def test_static_cache_samples_what_the_dynamic_one_does(tiny_model, shared):
-    """generate(static=True) is the fixed-shape decode step that compile=True compiles (run
-    uncompiled here: the tests never depend on torch.compile): every step attends over the
-    whole cache, rounded up to STATIC_SLOTS, its unfilled slots masked out. Same tokens and
-    log-probs (both kinds) as the default path, on a ragged batch with and without a shared
-    prefix; prompts of other lengths reuse its shapes (the cache length is rounded)."""
-    import rollout
-    head = _prompts([shared], seed=9)[0] if shared else []
-    prompts = [head + p for p in _prompts([3, 17, 8, 1])]
-    for kw in (dict(seed=11), dict(seed=12, top_p=0.8, temperature=0.9)):
-        a = generate(tiny_model, prompts, max_new_tokens=20, n=2, **kw)
-        b = generate(tiny_model, prompts, max_new_tokens=20, n=2, static=True, **kw)
-        assert a.response_ids == b.response_ids
-        torch.testing.assert_close(b.logprobs, a.logprobs, rtol=0, atol=1e-5)
-        torch.testing.assert_close(b.policy_logprobs, a.policy_logprobs, rtol=0, atol=1e-5)
-    seen = []
-    real = rollout.KVCache
-
-    def spy(*a, **k):
-        seen.append(real(*a, **k))
-        return seen[-1]
-    rollout.KVCache = spy
-    try:
-        for extra in (0, 5):
-            generate(tiny_model, [p + [3] * extra for p in prompts], max_new_tokens=20, n=2, seed=1, static=True)
-    finally:
-        rollout.KVCache = real
-    assert seen[0].max_len == seen[1].max_len and seen[0].max_len % rollout.STATIC_SLOTS == 0
-    assert all(c.static and c.used == c.max_len for c in seen)  # every step read the whole cache: one shape
-
-
 def test_seed_reproducible_and_n_samples_differ(tiny_model):
     prompts = _prompts([5, 9])
     a = generate(tiny_model, prompts, max_new_tokens=16, seed=7, n=4)
@@ -300,7 +268,7 @@ def test_dropping_finished_rows_changes_nothing(tiny_model, monkeypatch, kw):
         monkeypatch.setattr(rollout, "COMPACT_AT", at)
         sizes[at] = []
         monkeypatch.setattr(rollout.KVCache, "keep_rows",
-                            lambda self, keep: (real(self, keep), sizes[at].append(self.k.shape[1])))
+                            lambda self, keep: (real(self, keep), sizes[at].append(self.k[0].shape[0])))
         runs[at] = generate(tiny_model, prompts, max_new_tokens=24, n=3, stop_token_ids=stops, **kw)
     ref = runs[0.0]
     assert sizes[0.0] == [] and len(sizes[1.0]) > len(sizes[0.75]) >= 1  # it did drop rows
@@ -464,21 +432,67 @@ def test_prepacked_decoding_samples_what_the_plain_path_does(tiny_model, monkeyp
     assert tiny_model.head_packed is None
 
 
-def test_compiled_decode_step_gets_no_prepacked_weights(tiny_model, monkeypatch):
-    """generate(compile=True) decodes from the unpacked snapshot: inductor cannot lower MKL's
-    packed linear (it failed with an AssertionError when it got one). The compiled step is
-    stood in for by the plain one here (tests never wait for torch.compile)."""
+def test_compiled_decode_step_is_one_graph_that_samples_what_eager_does(tiny_model, monkeypatch):
+    """generate(compile=True) as dynamo traces it (backend="eager": dynamo's graph capture without
+    inductor's code generation, so no C++ compile; tests never wait for one): the decode step
+    is one graph (fullgraph: nothing breaks it, e.g. an .item() for the cache length), the
+    matmuls in it are MKL's prepacked ones (model.mkl_linear), and two graphs serve every step
+    of two calls with other prompt lengths (the cache length becomes symbolic, no recompile per
+    step). Same tokens and log-probs (both kinds) as the eager path, on a ragged batch with a
+    shared prefix and top-p, and again after an optimizer step: the weights are the graph's
+    inputs, never stale constants."""
     import rollout
-    seen = []
+    graphs = []
 
-    def step(model, tok, pos, cache):
-        seen.append((model.head_packed, model.layers[0].mlp.wt["down"][2]))
-        return rollout.decode_step(model, tok, pos, cache)
-    monkeypatch.setattr(rollout, "compiled_decode_step", lambda: step)
-    res = generate(tiny_model, _prompts([5, 3]), max_new_tokens=6, n=2, seed=2, compile=True)
-    assert len(seen) == 5 and all(h is None and p is None for h, p in seen)
-    ref = generate(tiny_model, _prompts([5, 3]), max_new_tokens=6, n=2, seed=2, static=True)
-    assert torch.equal(res.tokens, ref.tokens)
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    real = rollout.compiled_decode_step
+    monkeypatch.setattr(rollout, "compiled_decode_step", lambda: real(backend=backend, fullgraph=True))
+    torch._dynamo.reset()
+    head = _prompts([6], seed=9)[0]
+    prompts = [head + p for p in _prompts([3, 17, 8, 1])]
+    kw = dict(max_new_tokens=12, n=2, seed=12, top_p=0.8, temperature=0.9)
+    try:
+        for ps in (prompts, [p + [3] * 5 for p in prompts], "after a step"):
+            if ps == "after a step":
+                with torch.no_grad():
+                    for p in tiny_model.parameters():
+                        p.add_(0.05 * torch.randn_like(p))
+                ps = prompts
+            a = generate(tiny_model, ps, **kw)
+            b = generate(tiny_model, ps, compile=True, **kw)
+            assert a.response_ids == b.response_ids
+            torch.testing.assert_close(b.logprobs, a.logprobs, rtol=0, atol=1e-5)
+            torch.testing.assert_close(b.policy_logprobs, a.policy_logprobs, rtol=0, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+        real.cache_clear()
+    assert len(graphs) == 2
+    if _mkl_packing():
+        ops = [n.target for n in graphs[-1].graph.nodes if n.op == "call_function"]
+        assert ops.count(torch.ops.mopd.mkl_linear.default) == 4 * tiny_model.config.num_layers + 1
+
+
+def test_mkl_linear_custom_op_matches_mkl_and_its_fake():
+    """model.mkl_linear, the packed linear that inductor calls as an opaque op: the same values as
+    MKL's own op and x @ W^T + b, and a fake implementation of the right shape."""
+    import model as model_mod
+    if not _mkl_packing():
+        pytest.skip("no MKL in this torch: prepack is off and generate() takes the plain path")
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(5, 32, generator=g), torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    packed, rows, w = model_mod.prepack([w], 5)
+    y = model_mod.mkl_linear(x, packed, w, b, rows)
+    assert y.shape == (5, 48) and torch.equal(y, torch.ops.mkl._mkl_linear(x, packed, w, b, rows))
+    torch.testing.assert_close(y.double(), x.double() @ w.double().t() + b.double(), rtol=0, atol=1e-5)
+    # its fake (what tracing sees): the output's shape and dtype, with and without a bias (not
+    # torch.library.opcheck: it reads every input's storage, and MKL's packed weight has none)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        for bias in (torch.empty(48), None):
+            out = model_mod.mkl_linear(torch.empty(3, 1, 32), torch.empty(1), torch.empty(48, 32), bias, 3)
+            assert out.shape == (3, 1, 48) and out.dtype == torch.float32
 
 
 def test_rollout_tensors_are_ordinary_tensors(tiny_model):
@@ -531,7 +545,7 @@ def test_rollouts_in_cache_sized_chunks_equal_one_batch(tiny_model, monkeypatch)
     class Recorded(KVCache):
         def repeat_rows(self, n):
             super().repeat_rows(n)
-            sizes.append((self.k.numel() + self.v.numel()) * self.k.element_size())
+            sizes.append(sum(t.numel() * t.element_size() for t in self.k + self.v))
     monkeypatch.setattr(rollout, "KVCache", Recorded)
     budget = 2 * per_prompt + 100  # two prompts (4 rows) per chunk: 3 chunks
     assert rollout.cache_chunks(tiny_model, prompts, 12, 2, budget) == [(0, 2), (2, 4), (4, 5)]
