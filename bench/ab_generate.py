@@ -40,7 +40,9 @@ CASES = ((4096, 64, 128), (151_936, 16, 64), (49_152, 16, 64))  # vocabulary, ro
 
 def load_rollout(checkout, name):
     """That checkout's rollout.py as module `name` (its own imports resolve to this checkout's
-    model.py etc.: the A/B is of the sampler, on one model implementation)."""
+    model.py etc.: the A/B is of the sampler, on one model implementation). A rollout.py from
+    before 62df54b builds KVCache(static=...), which this model.py no longer takes: an A/B
+    across that commit needs the old side's model.py too."""
     path = os.path.join(checkout, "rollout.py")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--old/--new: no rollout.py in {checkout}")
