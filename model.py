@@ -30,6 +30,7 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -398,7 +399,7 @@ def packed_linear(x, packed, w, b=None):
 
 
 @torch.library.custom_op("mopd::mkl_linear", mutates_args=())
-def mkl_linear(x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+def mkl_linear(x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
                rows: int) -> torch.Tensor:
     """MKL's packed linear as a custom op, for a decode step under torch.compile
     (rollout.generate(compile=True)): inductor has a lowering of its own for
