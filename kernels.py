@@ -14,6 +14,8 @@ What is in this file, top to bottom:
   KL(teacher || student) ("forward") or the generalised JSD, gradients to the student only.
 - teacher_topk() / topk_kl(): the paper's Eq. 5 (teacher top-k ids and log-probs, then the
   truncated KL with its "- p_s + p_t" term).
+- logits(): the one GEMM behind all of them (and the sampler's head): fp32 logits from fp32
+  or bf16 inputs, on CUDA a bf16 GEMM with fp32 output (no fp32 copy of the weight).
 - The one chunked loop they all share (_fused_linear) and the autograd.Function around it.
 - Triton kernels for the per-row math of token_logprobs and kl (online max/sum over vocab
   blocks, then the gradient), used automatically on CUDA; plain PyTorch elsewhere.
@@ -70,6 +72,49 @@ KL_KINDS = ("reverse", "forward", "jsd")
 def _acc_dtype(x):
     # fp32 accumulation for fp32/bf16/fp16 inputs; fp64 stays fp64 so gradcheck is meaningful
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _mm_takes_out_dtype():
+    try:  # mm's out_dtype (torch >= 2.8); a meta-device probe allocates nothing
+        a = torch.empty(1, 1, dtype=torch.bfloat16, device="meta")
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+_MM_OUT_DTYPE = _mm_takes_out_dtype()
+
+
+def _half_gemm(h, w):
+    """Whether the logits' GEMM runs in h's and w's own half precision with an fp32 output
+    (see logits): on CUDA, both bf16 (or both fp16), with a torch whose mm takes out_dtype."""
+    return (_MM_OUT_DTYPE and h.is_cuda and h.dtype == w.dtype
+            and h.dtype in (torch.bfloat16, torch.float16))
+
+
+def gemm_weight(weight, h, acc):
+    """The lm_head weight as logits() multiplies it by h: as stored where the half-precision
+    GEMM applies, else a copy in the accumulation dtype acc (none if it is already), made once
+    per call and shared by every chunk."""
+    return weight if _half_gemm(h, weight) else weight.to(acc)
+
+
+def logits(h, w, temperature=1.0, out=None):
+    """z = h @ w^T / T, [C, H] x [V, H] -> [C, V] in fp32 (fp64 for fp64 inputs): the one GEMM
+    behind every function here and the sampler's head (rollout.head_logits); w from gemm_weight.
+    - bf16 (fp16) h and w on CUDA: one GEMM in their own precision with an fp32 output (mm's
+      out_dtype). The product of two bf16 numbers is exact in fp32 and cuBLAS accumulates in
+      fp32, so z is the fp32 GEMM of the same numbers up to summation order, on tensor cores
+      (an fp32 SGEMM is ~15x slower on an H100) and with no fp32 copy of w (Qwen3-30B-A3B's
+      head: 151,936 x 2,048 x 4 bytes = 1.2 GB per call). T divides z afterwards: h / T in
+      bf16 would round.
+    - Elsewhere (w then fp32/fp64): h converted to w's dtype and scaled, then the GEMM; scaling
+      h (C x H) is cheaper than scaling z (C x V)."""
+    if _half_gemm(h, w):
+        z = torch.mm(h, w.t(), out_dtype=torch.float32, out=out)
+        return z if temperature == 1.0 else z.div_(temperature)
+    h = h.to(w.dtype)
+    return torch.mm(h if temperature == 1.0 else h / temperature, w.t(), out=out)
 
 
 def auto_chunk_size(vocab_size, n_buffers, mem_budget_bytes=DEFAULT_MEM_BUDGET, itemsize=4):
@@ -371,23 +416,26 @@ def _fused_linear(hidden, weight, temperature, rows, chunk_size, g=None,
     function g(c, out_c) -> weights of chunk c, for weights that depend on the output."""
     N, H = hidden.shape
     acc = _acc_dtype(hidden)
-    w = weight.to(acc)  # a weight-sized copy only for bf16 weights
+    w = gemm_weight(weight, hidden, acc)  # a weight-sized copy only for bf16 weights off CUDA
+    # the gradients' two GEMMs stay in fp32 (dz is fp32): on CUDA in bf16 this is the one
+    # place an fp32 copy of the weight is still made, and only when a gradient is wanted
+    w_grad = w.to(acc) if need_grad_hidden or need_grad_weight else None
     grad_h = hidden.new_empty(N, H, dtype=acc) if need_grad_hidden else None
-    grad_w = torch.zeros_like(w) if need_grad_weight else None
+    grad_w = torch.zeros_like(w_grad) if need_grad_weight else None
     zbuf = chunk_buffer(min(chunk_size, N), w)  # every chunk's logits, in one buffer
     outs = []
     for start in range(0, N, chunk_size):
         c = slice(start, min(start + chunk_size, N))
-        h = hidden[c].to(acc) / temperature  # scaling h (C x H) is cheaper than scaling z (C x V)
-        z = torch.mm(h, w.t(), out=zbuf[:c.stop - start])
+        z = logits(hidden[c], w, temperature, out=zbuf[:c.stop - start])
         gc = None if g is None else (lambda o, c=c: g(c, o)) if callable(g) else g[c]
         out, dz = rows(z, c, gc)
         outs.append(out)
         if dz is not None:
             if need_grad_hidden:
-                grad_h[c] = dz @ w
+                grad_h[c] = dz @ w_grad
             if need_grad_weight:
-                grad_w.addmm_(dz.t(), h)
+                h = hidden[c].to(acc)
+                grad_w.addmm_(dz.t(), h if temperature == 1.0 else h / temperature)
         del z, dz  # free this chunk's logits before the next chunk's are made
     if grad_h is not None:
         grad_h /= temperature
@@ -402,7 +450,7 @@ def chunk_buffer(rows, w):
     before the matmul writes it: at V = 151,936 and 331-row chunks that was a third of the time
     of the logits' matmul on a CPU (0.47 -> 0.30 s for 1,024 tokens; README "Benchmarks: RL and
     MOPD steps"). On CUDA the caching allocator already reuses blocks; the buffer costs nothing."""
-    return torch.empty(rows, w.shape[0], dtype=w.dtype, device=w.device)
+    return torch.empty(rows, w.shape[0], dtype=_acc_dtype(w), device=w.device)
 
 
 def _is_uniform(g):
@@ -545,12 +593,12 @@ def _logprobs_by_vocab_block(h, weight, y, temperature, mem_budget_bytes, block=
     lse = h.new_empty(rows, nb, dtype=acc)  # each block's logsumexp, per token
     out = []
     for start in range(0, h.shape[0], rows):
-        hc = h[start:start + rows].to(acc) / temperature
+        hc = h[start:start + rows]
         n = hc.shape[0]
         for b in range(nb):
-            wb = weight[b * block:(b + 1) * block].to(acc)
-            lse[:n, b] = torch.logsumexp(torch.mm(hc, wb.t(), out=buf[:n, :wb.shape[0]]), dim=1)
-        z_y = (hc * weight[y[start:start + n]].to(acc)).sum(1)
+            wb = gemm_weight(weight[b * block:(b + 1) * block], hc, acc)
+            lse[:n, b] = torch.logsumexp(logits(hc, wb, temperature, out=buf[:n, :wb.shape[0]]), dim=1)
+        z_y = (hc.to(acc) / temperature * weight[y[start:start + n]].to(acc)).sum(1)
         out.append(z_y - torch.logsumexp(lse[:n], dim=1))
     return torch.cat(out) if out else h.new_zeros(0, dtype=acc)
 
@@ -635,7 +683,7 @@ def kl(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind="
                          "(teacher and student must share the tokenizer)")
     acc = _acc_dtype(student_hidden)
     th = _per_token(teacher_hidden.detach(), lead, idx)
-    tw = teacher_weight.detach().to(acc)
+    tw = gemm_weight(teacher_weight.detach(), th, acc)
     # live [chunk x V] buffers: both logits, plus p_t (forward), plus log m (jsd)
     chunk = chunk_size or auto_chunk_size(V, {"reverse": 2, "forward": 3, "jsd": 4}[kind], mem_budget_bytes)
     row_fn = _kl_rows_triton if _use_triton(backend, student_hidden) else _kl_rows_torch
@@ -643,7 +691,7 @@ def kl(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind="
     tbuf = chunk_buffer(min(chunk, th.shape[0]), tw)  # the teacher's logits, one buffer (chunk_buffer)
 
     def rows(z, c, g):  # the teacher's logits next to the student's
-        return row_fn(z, torch.mm(th[c].to(acc) / temperature, tw.t(), out=tbuf[:c.stop - c.start]), kind, beta, g)
+        return row_fn(z, logits(th[c], tw, temperature, out=tbuf[:c.stop - c.start]), kind, beta, g)
 
     return _unflatten(_run(h, student_weight, temperature, rows, chunk, precompute_grads), lead, idx)
 
@@ -662,13 +710,13 @@ def teacher_topk(hidden, weight, k=64, temperature=1.0, mask=None, chunk_size=No
         raise ValueError(f"k must be in [1, {V}], got {k}")
     lead, h, idx = _flatten(hidden.detach(), mask)
     acc = _acc_dtype(hidden)
-    w = weight.detach().to(acc)
+    w = gemm_weight(weight.detach(), h, acc)
     chunk = chunk_size or auto_chunk_size(V, 1, mem_budget_bytes)  # the logits
     ids, lps = [h.new_zeros(0, k, dtype=torch.long)], [h.new_zeros(0, k, dtype=acc)]
     zbuf = chunk_buffer(min(chunk, h.shape[0]), w)
     for start in range(0, h.shape[0], chunk):
         hc = h[start:start + chunk]
-        z = torch.mm(hc.to(acc) / temperature, w.t(), out=zbuf[:hc.shape[0]])
+        z = logits(hc, w, temperature, out=zbuf[:hc.shape[0]])
         vals, top = z.topk(k, dim=1)
         lps.append(vals - _logsumexp(z))
         ids.append(top)

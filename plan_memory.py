@@ -435,6 +435,16 @@ def nemo_rl_setup(cfg):
                                rollout_engine="vllm", engine_tp=ref["generation_tp"])
 
 
+def at_reference_lengths(cfg):
+    """cfg's own path (GPUs, engines, offload, teachers) at NeMo-RL's sequence lengths, with the
+    same tokens per training micro-batch: the projection that compares like with like, since a
+    token's decode cost grows with the context it attends to (the preset's assumed mean, 9.2k
+    tokens, is 2.9x theirs)."""
+    ref = NEMO_RL
+    return dataclasses.replace(cfg, seq_len=ref["seq_len"], prompt_mean=256, response_mean=ref["mean_len"] - 256,
+                               micro_batch=max(1, cfg.micro_batch * cfg.seq_len // ref["seq_len"]))
+
+
 def print_throughput(cfg, mc, s):
     pc = param_counts(mc)
     tp = throughput(cfg, mc, s["decode_rows"])
@@ -477,6 +487,14 @@ def print_throughput(cfg, mc, s):
           f"({ref['step_s']} s/step): {eff:.0%} of the model.")
     print(f"  calibrated MOPD preset: ~{tp['tokens_per_s_gpu'] * eff:.0f} tokens/s/GPU, "
           f"~{tp['step_s'] / eff / 60:.0f} min per step of {cfg.prompts_per_step * cfg.rollouts} rollouts")
+    short = at_reference_lengths(cfg)
+    s2 = summarize(short, plan(short, mc), mc)
+    tp2 = throughput(short, mc, s2["decode_rows"])
+    print(f"  the same path at NeMo-RL's lengths (prompt 256 + response {short.response_mean}, max {short.seq_len}; "
+          f"{short.micro_batch} x {short.seq_len} tokens per micro-batch;\n  {tp2['rows']} rows in flight): "
+          f"{tp2['tokens_per_s_gpu']:.0f} tokens/s/GPU (model), calibrated ~{tp2['tokens_per_s_gpu'] * eff:.0f} "
+          f"against their measured {ref['tokens_per_s_gpu']}"
+          + ("" if s2["fits"] else " (does not fit)"))
     return tp, eff
 
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import distributed
+import kernels
 from config import cli, parse_config
 from model import KVCache, Transformer, load_tokenizer, packed_linear
 
@@ -454,11 +455,10 @@ def decode_step(model, tok, pos, cache, out=None, used=None):
 def head_logits(model, h, out=None):
     """
     The logits [R, V] of final hidden states h [R, H], in fp32 whatever the model computes in:
-    what training computes (kernels.py multiplies fp32 copies of h and W), so that mu, the
-    sampler's log-prob, is the trainer's pi up to the hidden states' own rounding. bf16 logits
-    would round a logit of 20 to a multiple of 0.125, biasing log mu by up to ~0.06 nats.
-    On CUDA a bf16 x bf16 GEMM with fp32 output does it without an fp32 copy of W (products of
-    two bf16 numbers are exact in fp32, so it is the same fp32 GEMM up to summation order).
+    by the GEMM training computes them with (kernels.logits), so that mu, the sampler's log-prob,
+    is the trainer's pi up to the hidden states' own rounding. bf16 logits would round a logit
+    of 20 to a multiple of 0.125, biasing log mu by up to ~0.06 nats. (On CUDA in bf16 that GEMM
+    is a bf16 one with fp32 output, without an fp32 copy of W.)
     """
     W = model.lm_head.weight
     if h.dtype == torch.float32:  # decoding on a CPU from the prepacked head (model.prepack)
@@ -468,12 +468,7 @@ def head_logits(model, h, out=None):
     if h.dtype == torch.float32 and W.dtype == torch.float32:
         # (detach: mm's out= refuses a tensor that requires grad; sampling takes no gradient)
         return model.lm_head(h) if out is None else torch.mm(h, W.detach().t(), out=out)
-    if h.is_cuda and h.dtype == W.dtype:
-        try:
-            return torch.mm(h, W.t(), out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm's out_dtype
-            pass
-    return F.linear(h.float(), W.float())
+    return kernels.logits(h, kernels.gemm_weight(W.detach(), h, torch.float32))
 
 
 @functools.cache

@@ -9,6 +9,8 @@ records its table, or says it has not run).
 Rows (each independent: a failure is a row, not the end of the run):
 - triton logprobs / triton kl: kernels.py's Triton kernels compiled, values and gradients
   against the plain fp32 implementation (materialised logits), time and peak memory vs it.
+- lm-head bf16 GEMM: kernels.logits' bf16 GEMM with fp32 output against the fp32 GEMM of fp32
+  copies (a teacher's scoring at V = 151,936): error vs float64, time and peak memory.
 - head_logits bf16: the sampler's fp32 logits from bf16 weights (CUDA's mm with out_dtype) vs
   an fp32 copy of the weights; generate on a bf16 model with GQA (the cached attention's SDPA
   output, non-contiguous on CUDA, is reshaped).
@@ -99,6 +101,34 @@ def check_triton(cfg, dev):
                     f"peak {ma / 2**20:.0f} vs {mb / 2**20:.0f} MiB", time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 (a row, not the end of the run)
                 row(f"triton {name} {str(dtype)[6:]}", False, repr(e)[:200], time.perf_counter() - t0)
+
+
+def check_head_gemm(cfg, dev):
+    """kernels.logits' bf16 GEMM with fp32 output (CUDA) against the fp32 GEMM of fp32 copies
+    it replaced: a teacher's scoring (token_logprobs without a gradient, the default backend: the
+    Triton rows on CUDA) at Qwen3's vocabulary."""
+    import kernels as K
+    if dev != "cuda" or not K._MM_OUT_DTYPE:
+        return row("lm-head bf16 GEMM, fp32 out", "skipped", "no CUDA" if dev != "cuda" else "no mm out_dtype", 0.0)
+    t0 = time.perf_counter()
+    N, V, H = (64, 1000, 32) if cfg.small else (4096, 151936, 2048)
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = (torch.randn(N, H, device=dev, generator=g) / H ** 0.5).bfloat16()
+    w = torch.randn(V, H, device=dev, generator=g).bfloat16()
+    y = torch.randint(0, V, (N,), device=dev, generator=g)
+    with torch.no_grad():
+        a, ta, ma = timed(lambda: K.token_logprobs(h, w, y), dev)
+        half, K._half_gemm = K._half_gemm, (lambda *_: False)  # the fp32 path, as before
+        try:
+            b, tb, mb = timed(lambda: K.token_logprobs(h, w, y), dev)
+        finally:
+            K._half_gemm = half
+        truth = K.token_logprobs_ref(h.double(), w.double(), y)
+    err_a, err_b = ((x.double() - truth).abs().max().item() for x in (a, b))
+    # both multiply the same bf16 numbers exactly and sum in fp32: only the order differs
+    row(f"lm-head bf16 GEMM, fp32 out (N={N} V={V})", err_a <= 2 * err_b + 1e-5,
+        f"max err vs fp64 {err_a:.1e} (fp32 GEMM {err_b:.1e}); {ta * 1e3:.1f} vs fp32 {tb * 1e3:.1f} ms, "
+        f"peak {ma / 2**20:.0f} vs {mb / 2**20:.0f} MiB", time.perf_counter() - t0)
 
 
 def tiny_model(dev, dtype, arch="qwen3", **kw):
@@ -242,7 +272,7 @@ def check_vllm(cfg, dev):
         e.close()
 
 
-CHECKS = [("triton", check_triton), ("head", check_head_and_cache), ("flash", check_flash),
+CHECKS = [("triton", check_triton), ("gemm", check_head_gemm), ("head", check_head_and_cache), ("flash", check_flash),
           ("grouped", check_grouped_mm), ("sampler", check_sampler), ("fsdp", check_fsdp), ("vllm", check_vllm)]
 
 

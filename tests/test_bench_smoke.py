@@ -75,9 +75,10 @@ def test_gpu_check_logic_runs_on_a_cpu(capsys):
     import gpu_check
     rows = gpu_check.main(["--device=cpu", "--small=true", "--only=head"]) + \
         gpu_check.main(["--device=cpu", "--small=true", "--only=sampler"]) + \
-        gpu_check.main(["--device=cpu", "--small=true", "--only=fsdp"])
+        gpu_check.main(["--device=cpu", "--small=true", "--only=fsdp"]) + \
+        gpu_check.main(["--device=cpu", "--small=true", "--only=gemm"])
     status = {name.split(" ")[0]: ok for name, ok, _, _ in rows}
-    assert status == {"head_logits": True, "sampler": True, "fsdp": "skipped"}, rows
+    assert status == {"head_logits": True, "sampler": True, "fsdp": "skipped", "lm-head": "skipped"}, rows
     assert "| head_logits bf16 + cached GQA decode | ok |" in capsys.readouterr().out
 
 

@@ -342,6 +342,41 @@ def test_topk_kl_is_zero_at_the_teacher():
     assert (K.topk_kl(hs, ws, ids, lps) > 0).all()  # each term p log(p/q) - p + q >= 0
 
 # -----------------------------------------------------------------------------
+# The logits' GEMM in bf16 with an fp32 output (the CUDA path)
+
+
+def test_half_precision_gemm_path(monkeypatch):
+    """On CUDA, bf16 hidden states and weights get their logits from one bf16 GEMM with an fp32
+    output (kernels.logits: mm's out_dtype), with no fp32 copy of the weight, the temperature
+    applied to z instead of h, and the gradients' GEMMs in fp32. A CPU's mm has no out_dtype, so
+    here the path is forced and its GEMM emulated by what cuBLAS computes up to summation order
+    (the bf16 numbers' exact products, summed in fp32); what is tested is everything around it,
+    in every function of kernels.py, by the bf16 tests above run again on this path."""
+    real_mm, calls = torch.mm, []
+
+    def mm(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
+        assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32  # no fp32 copy
+        calls.append(a.shape[0])
+        z = real_mm(a.float(), b.float())
+        return z if out is None else out.copy_(z)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(K, "_half_gemm", lambda h, w: h.dtype == w.dtype == torch.bfloat16)
+    for test, args in [(test_token_logprobs_vs_fp64, (4097, torch.bfloat16, "random")),
+                       (test_token_logprobs_vs_fp64, (1000, torch.bfloat16, "sum")),
+                       (test_token_logprobs_values_by_vocabulary_block, (torch.bfloat16,)),
+                       (test_token_logprob_loss_vs_fp64, (4097, torch.bfloat16, 4)),
+                       (test_kl_vs_fp64, ("forward", 0.5, 4097, torch.bfloat16)),
+                       (test_kl_vs_fp64, ("jsd", 0.3, 1000, torch.bfloat16)),
+                       (test_teacher_topk_and_topk_kl_vs_fp64, (torch.bfloat16,))]:
+        n = len(calls)
+        test(*args)
+        assert len(calls) > n, f"{test.__name__}{args} did not take the half-precision GEMM"
+
+
+# -----------------------------------------------------------------------------
 # The Qwen3 vocabulary, at a few tokens
 
 

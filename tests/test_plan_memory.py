@@ -75,6 +75,26 @@ def test_the_vllm_rollout_path_in_the_plan():
     assert "weight sync" in t_v["phases"] and "weight sync" not in t_n["phases"]
 
 
+def test_projection_at_the_reference_lengths_changes_only_the_lengths():
+    """The like-for-like projection (plan_memory.at_reference_lengths): the preset's own path
+    (GPUs, engines, offload, teachers, batch) at NeMo-RL's sequence lengths, the same tokens per
+    micro-batch; its KV cache then holds rows of the shorter length, and each token is cheaper."""
+    import dataclasses
+    cfg = plan_memory.Config()
+    mc = plan_memory.model_config(cfg)
+    short = plan_memory.at_reference_lengths(cfg)
+    changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(short, f.name)}
+    assert changed == {"seq_len", "prompt_mean", "response_mean", "micro_batch"}
+    assert short.micro_batch * short.seq_len == cfg.micro_batch * cfg.seq_len
+    assert short.prompt_mean + short.response_mean == plan_memory.NEMO_RL["mean_len"]
+    s_long = plan_memory.summarize(cfg, plan_memory.plan(cfg, mc), mc)
+    s_short = plan_memory.summarize(short, plan_memory.plan(short, mc), mc)
+    assert s_short["fits"] and s_short["decode_rows"] == int(s_short["kv"] // (48 * 2 * 4 * 128 * 2 / 4 * 3154))
+    t_long = plan_memory.throughput(cfg, mc, s_long["decode_rows"])
+    t_short = plan_memory.throughput(short, mc, s_short["decode_rows"])
+    assert t_short["tokens_per_s_gpu"] > 1.5 * t_long["tokens_per_s_gpu"]
+
+
 def test_without_offload_the_preset_cannot_fit():
     # student fp32 params + grads + AdamW (16 B/param) + 3 bf16 teachers over 8 ranks: 78 GiB of
     # state before any activation, which is why the preset offloads the student's optimizer
