@@ -374,7 +374,7 @@ def _generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=
         rows = torch.arange(R, device=device)  # the rows still decoded: logits, pos, cache hold these
         if compile:  # the cache's length is symbolic from the first graph (prompts of other lengths)
             for kv in cache.k + cache.v:
-                torch._dynamo.maybe_mark_dynamic(kv, 1)
+                torch._dynamo.maybe_mark_dynamic(kv, 2)
         steps = range(max_new_tokens)
         if progress:
             from tqdm import tqdm
