@@ -50,6 +50,7 @@ gradcheck works). Outputs are fp32 (fp64 for fp64 inputs). Masked tokens are dro
 the matmul: they cost nothing, give 0 and receive 0 gradient.
 """
 
+import functools
 import math
 
 import torch
@@ -74,29 +75,30 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _mm_takes_out_dtype():
-    try:  # mm's out_dtype (torch >= 2.8); a meta-device probe allocates nothing
-        a = torch.empty(1, 1, dtype=torch.bfloat16, device="meta")
+@functools.cache
+def _mm_out_dtype_works(device, dtype):
+    """Whether this device runs mm(dtype x dtype -> fp32) at all, tried once: torch < 2.8 has no
+    out_dtype, CUDA refuses it below compute capability 8.0 (V100, T4), ROCm's backend may not
+    have it. Where it fails, the fp32 path below serves."""
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError, NotImplementedError):
         return False
 
 
-_MM_OUT_DTYPE = _mm_takes_out_dtype()
-
-
 def _half_gemm(h, w):
     """Whether the logits' GEMM runs in h's and w's own half precision with an fp32 output
-    (see logits): on CUDA, both bf16 (or both fp16), with a torch whose mm takes out_dtype."""
-    return (_MM_OUT_DTYPE and h.is_cuda and h.dtype == w.dtype
-            and h.dtype in (torch.bfloat16, torch.float16))
+    (see logits): on CUDA, both bf16 (or both fp16), where the device runs it."""
+    return (h.is_cuda and h.dtype == w.dtype and h.dtype in (torch.bfloat16, torch.float16)
+            and _mm_out_dtype_works(h.device, h.dtype))
 
 
 def gemm_weight(weight, h, acc):
     """The lm_head weight as logits() multiplies it by h: as stored where the half-precision
-    GEMM applies, else a copy in the accumulation dtype acc (none if it is already), made once
-    per call and shared by every chunk."""
-    return weight if _half_gemm(h, weight) else weight.to(acc)
+    GEMM applies (fp32 accumulation: not for fp64 callers such as gradcheck), else a copy in
+    the accumulation dtype acc (none if it is already), made once per call for every chunk."""
+    return weight if acc == torch.float32 and _half_gemm(h, weight) else weight.to(acc)
 
 
 def logits(h, w, temperature=1.0, out=None):

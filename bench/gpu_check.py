@@ -108,8 +108,9 @@ def check_head_gemm(cfg, dev):
     it replaced: a teacher's scoring (token_logprobs without a gradient, the default backend: the
     Triton rows on CUDA) at Qwen3's vocabulary."""
     import kernels as K
-    if dev != "cuda" or not K._MM_OUT_DTYPE:
-        return row("lm-head bf16 GEMM, fp32 out", "skipped", "no CUDA" if dev != "cuda" else "no mm out_dtype", 0.0)
+    if dev != "cuda" or not K._mm_out_dtype_works(torch.device(dev, torch.cuda.current_device()), torch.bfloat16):
+        return row("lm-head bf16 GEMM, fp32 out", "skipped",
+                   "no CUDA" if dev != "cuda" else "this GPU or torch has no bf16 mm with fp32 output", 0.0)
     t0 = time.perf_counter()
     N, V, H = (64, 1000, 32) if cfg.small else (4096, 151936, 2048)
     g = torch.Generator(device=dev).manual_seed(0)

@@ -352,6 +352,8 @@ def test_half_precision_gemm_path(monkeypatch):
     here the path is forced and its GEMM emulated by what cuBLAS computes up to summation order
     (the bf16 numbers' exact products, summed in fp32); what is tested is everything around it,
     in every function of kernels.py, by the bf16 tests above run again on this path."""
+    # where a device cannot run it (a CPU; CUDA below compute capability 8.0), the probe says so
+    assert not K._mm_out_dtype_works(torch.device("cpu"), torch.bfloat16)
     real_mm, calls = torch.mm, []
 
     def mm(a, b, *, out_dtype=None, out=None):
@@ -374,6 +376,15 @@ def test_half_precision_gemm_path(monkeypatch):
         n = len(calls)
         test(*args)
         assert len(calls) > n, f"{test.__name__}{args} did not take the half-precision GEMM"
+    # an fp64 caller (gradcheck's precision) beside a bf16 teacher keeps fp64 logits: the
+    # half-precision GEMM accumulates in fp32, so it serves fp32 accumulation only
+    hs, ws, mask = lm_inputs(2, 5, 16, 300, torch.float64, seed=40)
+    ht, wt, _ = lm_inputs(2, 5, 24, 300, torch.bfloat16, seed=41)
+    n, hl = len(calls), hs.clone().requires_grad_()
+    out = K.kl(hl, ws, ht, wt, mask=mask)
+    out.sum().backward()
+    assert len(calls) == n and out.dtype == hl.grad.dtype == torch.float64
+    torch.testing.assert_close(out, K.kl_ref(hs, ws, ht.double(), wt.double(), mask=mask), rtol=1e-12, atol=1e-12)
 
 
 # -----------------------------------------------------------------------------
