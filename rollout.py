@@ -465,10 +465,8 @@ def head_logits(model, h, out=None):
         y = packed_linear(h, getattr(model, "head_packed", None), W.detach())
         if y is not None:
             return y
-    if h.dtype == torch.float32 and W.dtype == torch.float32:
-        # (detach: mm's out= refuses a tensor that requires grad; sampling takes no gradient)
-        return model.lm_head(h) if out is None else torch.mm(h, W.detach().t(), out=out)
-    return kernels.logits(h, kernels.gemm_weight(W.detach(), h, torch.float32))
+    # (detach: mm's out= refuses a tensor that requires grad; sampling takes no gradient)
+    return kernels.logits(h, kernels.gemm_weight(W.detach(), h, torch.float32), out=out)
 
 
 @functools.cache
