@@ -16,7 +16,8 @@ What is in this file, top to bottom:
   directories through checkpoint.py (_hf_layout() is the name mapping they use);
   inference_weights(): what generate() runs under on a CPU, a per-call snapshot of the
   blocks' weights with q/k/v and gate/up fused and transposed (faster small GEMMs), each
-  matrix and the lm_head also prepacked for the decode batch (prepack: MKL's own layout).
+  matrix and the lm_head also prepacked for the decode batch (prepack: MKL's own layout), or
+  multiplied as W @ x^T where that is faster on this CPU and gives the same bits (decode_gemm).
   Sharded (FSDP2) models: from_pretrained(shard_fn=...) has each rank read only its own
   slices of the files; save_pretrained() is then a collective that gathers one file at a time.
 
@@ -25,9 +26,11 @@ fp32, q/k norm before RoPE, router softmax in fp32 before top-k) so our logits m
 theirs to float rounding; tests/test_model.py checks that for all three families.
 """
 
+import functools
 import json
 import math
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -361,13 +364,13 @@ def transposed(*linears, rows=0):
     or fewer rows left) and packed MKL's layout of it. No [in, out] copy then: its strided
     transposing copy was most of the snapshot's cost (SmolLM2-135M: ~0.2 s per generate call)."""
     b = None if linears[0].bias is None else torch.cat([l.bias for l in linears])
-    packed = prepack([l.weight for l in linears], rows)
+    packed = prepack([l.weight for l in linears], rows, bias=b is not None)
     if packed is not None:
         return packed[2], b, packed[:2]
     return torch.cat([l.weight.t() for l in linears], dim=1), b, None  # one copy, contiguous
 
 
-def prepack(weights, rows):
+def prepack(weights, rows, bias=False):
     """
     Linear layers' weights [out, in], stacked along the output (as transposed() stacks them), in
     MKL's own blocked layout for an sgemm with exactly `rows` rows (a decode step's batch):
@@ -380,22 +383,73 @@ def prepack(weights, rows):
     it gives the very bits of x @ W^T except where the inner dimension is long (>= ~1,024),
     where the order of the partial sums can differ: fp32 rounding, like a change of thread
     count. CPU fp32 with MKL only (torch.ops.mkl is what inductor uses for the same thing).
+    Where decode_gemm measured W @ x^T faster and bit-equal for this shape, nothing is packed:
+    (None, rows, W), and packed_linear computes w_xt. bias: whether a bias will be added (the
+    measurement includes it).
     """
     w = weights[0]
     if rows < 2 or w.device.type != "cpu" or w.dtype != torch.float32 or not torch._C.has_mkl:
         return None
     w = torch.cat(weights) if len(weights) > 1 else w.contiguous()
+    form = DECODE_GEMM if DECODE_GEMM != "auto" else decode_gemm(rows, *w.shape, bias, torch.get_num_threads())
+    if form == "w_xt":  # nothing to pack: W @ x^T reads W as it is
+        return None, rows, w
     return torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows, w
 
 
 def packed_linear(x, packed, w, b=None):
     """x @ w^T + b from prepack's (packed, rows) when x has exactly those rows, else None.
-    w: the [out, in] weight it was packed from (the op reads its shape)."""
+    w: the [out, in] weight it was packed from (the op reads its shape). packed (None, rows):
+    decode_gemm chose W @ x^T for this shape."""
     if packed is None or x.numel() != packed[1] * x.shape[-1]:
         return None
+    if packed[0] is None:
+        return w_xt(x, w, b)
     if torch.compiler.is_compiling():  # an opaque op to inductor (below)
         return mkl_linear(x, packed[0], w, b, packed[1])
     return torch.ops.mkl._mkl_linear(x, packed[0], w, b, packed[1])
+
+
+def w_xt(x, w, b=None):
+    """x @ w^T + b computed as (W @ x^T)^T: the GEMM with the weight as its tall left operand
+    and the few rows as its narrow right one, transposed back into a contiguous [.., out]."""
+    xt = x.reshape(-1, x.shape[-1]).t()
+    y = torch.mm(w, xt) if b is None else torch.addmm(b[:, None], w, xt)
+    return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
+
+
+DECODE_GEMM = "auto"  # "auto": decode_gemm decides per shape; "packed" / "w_xt" force one (tests)
+
+
+@functools.cache
+def decode_gemm(rows, out_features, in_features, bias=False, threads=None):
+    """
+    Which fp32 GEMM a decode step runs for x [rows, in] @ W^T, W [out, in]: "packed" (MKL's
+    sgemm from the prepacked weight) or "w_xt" (W @ x^T, transposed back: w_xt). Which is
+    faster depends on the CPU: on an AMD EPYC W @ x^T ran 1.3-2.5x faster at 16 and 64 rows
+    (SmolLM2's and the tiny model's shapes, heads of 4k-152k rows included), while on an Intel
+    Xeon the packed sgemm was the fastest. So it is measured, once per shape and thread count
+    in a process, on random inputs of that shape, and "w_xt" is chosen only where the two give
+    the very same bits there (the same products summed in the same order: a GEMM's order
+    depends on the shapes, the layout and the threads, not on the numbers), so that the choice,
+    which timing makes, can never change a token. Where they differ (on the EPYC: 1-7 rows)
+    the packed sgemm stays.
+    """
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=g)
+    x = torch.randn(rows, in_features, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+    forms = {"packed": lambda: torch.ops.mkl._mkl_linear(x, packed, w, b, rows), "w_xt": lambda: w_xt(x, w, b)}
+    if not torch.equal(forms["packed"](), forms["w_xt"]()):
+        return "packed"
+    times = {k: [] for k in forms}
+    for _ in range(5):  # alternating, so a drifting load hits both alike; medians
+        for k, f in forms.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return min(forms, key=lambda k: sorted(times[k])[2])
 
 
 @torch.library.custom_op("mopd::mkl_linear", mutates_args=())
@@ -666,7 +720,8 @@ class Transformer(nn.Module):
         rows (the decode batch, >= 2; with MKL, fp32): every matrix, the lm_head's included
         (head_packed), is instead prepacked for calls of exactly that many rows (see prepack),
         and kept [out, in] for calls of any other size (stacked copies for q/k/v and gate/up,
-        the modules' own weights otherwise): decode steps ~1.2-1.3x faster at 16 rows.
+        the modules' own weights otherwise): decode steps ~1.2-1.3x faster at 16 rows. Or, per
+        shape where decode_gemm finds it faster and bit-equal, multiplied as W @ x^T.
         The snapshot is made on entry and dropped on exit, so it can never go stale when an
         optimizer updates the model between two generate() calls; meanwhile it costs one
         more copy of the weights (packed: the lm_head's too, plus the q/k/v and gate/up

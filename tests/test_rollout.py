@@ -368,15 +368,19 @@ def _mkl_packing():
     return prepack([torch.ones(2, 2)], 2) is not None
 
 
+@pytest.mark.parametrize("form", ["packed", "w_xt"])
 @pytest.mark.parametrize("bias,rows", [(False, 16), (True, 5)])
-def test_prepacked_linears_compute_x_times_w_transposed(bias, rows):
-    """model.prepack: the decode step's matmuls from MKL's prepacked weights are x @ W^T (+ b) of
-    the right matrices: q/k/v and gate/up stacked in order, the bias added (a Llama with
-    attention_bias), to fp32 rounding against float64; other row counts take the plain path
-    (and only they: packing that is never used would be correct and merely slow)."""
+def test_prepacked_linears_compute_x_times_w_transposed(bias, rows, form, monkeypatch):
+    """model.prepack: the decode step's matmuls, from MKL's prepacked weights or as W @ x^T (the
+    two forms decode_gemm chooses between), are x @ W^T (+ b) of the right matrices: q/k/v and
+    gate/up stacked in order, the bias added (a Llama with attention_bias), to fp32 rounding
+    against float64; other row counts take the plain path (and only they: packing that is
+    never used would be correct and merely slow)."""
+    import model as model_mod
     from model import ModelConfig, Transformer, linear_t, packed_linear
     if not _mkl_packing():
         pytest.skip("no MKL in this torch: prepack is off and generate() takes the plain path")
+    monkeypatch.setattr(model_mod, "DECODE_GEMM", form)
     cfg = ModelConfig(arch="llama", vocab_size=300, hidden_size=64, intermediate_size=1024, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=bias)
     m = Transformer(cfg).init_weights(seed=0)
@@ -389,6 +393,8 @@ def test_prepacked_linears_compute_x_times_w_transposed(bias, rows):
     with torch.no_grad(), m.inference_weights(rows=rows):
         wt = {**attn.wt, **mlp.wt}
         assert all(wt[k][2] is not None and wt[k][2][1] == rows for k in ("qkv", "o", "gate_up", "down"))
+        assert all((wt[k][2][0] is None) == (form == "w_xt") for k in wt if k != "qk_norm")
+        assert (m.head_packed[0] is None) == (form == "w_xt")
         cases = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
                  "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
         for k, linears in cases.items():
@@ -409,12 +415,57 @@ def test_prepacked_linears_compute_x_times_w_transposed(bias, rows):
     assert m.head_packed is None and attn.wt is None and mlp.wt is None
 
 
-def test_prepacked_decoding_samples_what_the_plain_path_does(tiny_model, monkeypatch):
-    """generate() decodes from prepacked weights (every linear layer and the lm_head) and draws
-    the same tokens as without them, log-probs to fp32 rounding; stops and dropped rows (fewer
-    rows than packed for) included."""
+def test_decode_gemm_takes_w_xt_only_where_it_gives_the_same_bits(monkeypatch):
+    """model.decode_gemm, which picks a decode matmul's form by timing: W @ x^T only where it
+    gives the packed sgemm's very bits (so the timing never moves a token), and then on any
+    inputs of that shape, not only its probe's; the slower form never."""
+    import time as time_mod
+
+    import model as model_mod
+    if not _mkl_packing():
+        pytest.skip("no MKL in this torch: prepack is off and generate() takes the plain path")
+    shape = (16, 2048, 256)  # the tiny model's gate/up at 16 rows
+    real = model_mod.w_xt
+    try:
+        model_mod.decode_gemm.cache_clear()
+        # one ulp off in one entry: "packed", however fast W @ x^T is
+        monkeypatch.setattr(model_mod, "w_xt", lambda x, w, b=None: _ulp_off(real(x, w, b)))
+        assert model_mod.decode_gemm(*shape) == "packed"
+        # the same bits but slower: "packed"
+        monkeypatch.setattr(model_mod, "w_xt", lambda x, w, b=None: time_mod.sleep(0.02) or real(x, w, b))
+        model_mod.decode_gemm.cache_clear()
+        assert model_mod.decode_gemm(*shape) == "packed"
+        monkeypatch.setattr(model_mod, "w_xt", real)
+        model_mod.decode_gemm.cache_clear()
+        for rows, out, inner, bias in [(16, 2048, 256, False), (64, 4096, 256, False), (5, 48, 32, True),
+                                       (2, 1024, 1536, False)]:
+            form = model_mod.decode_gemm(rows, out, inner, bias)
+            assert form in ("packed", "w_xt")
+            if form == "w_xt":  # the same bits on other inputs of the shape: real-sized weights, an outlier
+                g = torch.Generator().manual_seed(rows)
+                x, w = torch.randn(rows, 1, inner, generator=g) * 3, torch.randn(out, inner, generator=g) * 0.02
+                x[0, 0, 0] = 1e4
+                b = torch.randn(out, generator=g) if bias else None
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+                assert torch.equal(model_mod.w_xt(x, w, b), torch.ops.mkl._mkl_linear(x, packed, w, b, rows))
+    finally:
+        model_mod.decode_gemm.cache_clear()  # the monkeypatched choices must not outlive the test
+
+
+def _ulp_off(y):
+    y = y.clone()
+    y.view(-1)[7] = y.view(-1)[7].nextafter(torch.tensor(float("inf")))
+    return y
+
+
+@pytest.mark.parametrize("form", ["packed", "w_xt", "auto"])
+def test_prepacked_decoding_samples_what_the_plain_path_does(tiny_model, monkeypatch, form):
+    """generate() decodes from prepacked weights (every linear layer and the lm_head), or by
+    W @ x^T, or by what decode_gemm chose per shape, and draws the same tokens as without them,
+    log-probs to fp32 rounding; stops and dropped rows (fewer rows than packed for) included."""
     import model as model_mod
     import rollout
+    monkeypatch.setattr(model_mod, "DECODE_GEMM", form)
     prompts = _prompts([5, 8, 3, 11])
     used = []
     sample = rollout.sample_next
@@ -424,7 +475,7 @@ def test_prepacked_decoding_samples_what_the_plain_path_does(tiny_model, monkeyp
     packed = generate(tiny_model, prompts, **kw)
     if _mkl_packing():
         assert all(used)
-    monkeypatch.setattr(model_mod, "prepack", lambda weights, rows: None)
+    monkeypatch.setattr(model_mod, "prepack", lambda *a, **k: None)
     plain = generate(tiny_model, prompts, **kw)
     assert packed.response_ids == plain.response_ids and torch.equal(packed.tokens, plain.tokens)
     assert len(set(plain.response_lens.tolist())) >= 3  # rows stopped at different steps
@@ -432,16 +483,20 @@ def test_prepacked_decoding_samples_what_the_plain_path_does(tiny_model, monkeyp
     assert tiny_model.head_packed is None
 
 
-def test_compiled_decode_step_is_one_graph_that_samples_what_eager_does(tiny_model, monkeypatch):
+@pytest.mark.parametrize("form", ["packed", "w_xt"])
+def test_compiled_decode_step_is_one_graph_that_samples_what_eager_does(tiny_model, monkeypatch, form):
     """generate(compile=True) as dynamo traces it (backend="eager": dynamo's graph capture without
     inductor's code generation, so no C++ compile; tests never wait for one): the decode step
     is one graph (fullgraph: nothing breaks it, e.g. an .item() for the cache length), the
-    matmuls in it are MKL's prepacked ones (model.mkl_linear), and two graphs serve every step
+    matmuls in it are MKL's prepacked ones (model.mkl_linear) or W @ x^T (decode_gemm's two
+    forms), and two graphs serve every step
     of two calls with other prompt lengths (the cache length becomes symbolic, no recompile per
     step). Same tokens and log-probs (both kinds) as the eager path, on a ragged batch with a
     shared prefix and top-p, and again after an optimizer step: the weights are the graph's
     inputs, never stale constants."""
+    import model as model_mod
     import rollout
+    monkeypatch.setattr(model_mod, "DECODE_GEMM", form)  # each of decode_gemm's two forms
     graphs = []
 
     def backend(gm, example_inputs):
@@ -471,7 +526,9 @@ def test_compiled_decode_step_is_one_graph_that_samples_what_eager_does(tiny_mod
     assert len(graphs) == 2
     if _mkl_packing():
         ops = [n.target for n in graphs[-1].graph.nodes if n.op == "call_function"]
-        assert ops.count(torch.ops.mopd.mkl_linear.default) == 4 * tiny_model.config.num_layers + 1
+        n = 4 * tiny_model.config.num_layers + 1
+        assert ops.count(torch.ops.mopd.mkl_linear.default) == (n if form == "packed" else 0)
+        assert ops.count(torch.mm) + ops.count(torch.addmm) >= (0 if form == "packed" else n)
 
 
 def test_mkl_linear_custom_op_matches_mkl_and_its_fake():
