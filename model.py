@@ -410,12 +410,18 @@ def packed_linear(x, packed, w, b=None):
     return torch.ops.mkl._mkl_linear(x, packed[0], w, b, packed[1])
 
 
-def w_xt(x, w, b=None):
+def w_xt(x, w, b=None, block=4096):
     """x @ w^T + b computed as (W @ x^T)^T: the GEMM with the weight as its tall left operand
-    and the few rows as its narrow right one, transposed back into a contiguous [.., out]."""
+    and the few rows as its narrow right one, transposed back into a contiguous [.., out], by
+    blocks of `block` output features, so that each block's [block, rows] result is still in
+    cache when it is transposed (a whole lm_head's [151,936 x 16] transposed at once cost ~7
+    ms, a third of the GEMM's time, on the EPYC)."""
     xt = x.reshape(-1, x.shape[-1]).t()
-    y = torch.mm(w, xt) if b is None else torch.addmm(b[:, None], w, xt)
-    return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
+    y = x.new_empty(xt.shape[1], w.shape[0])
+    for a in range(0, w.shape[0], block):
+        wb = w[a:a + block]
+        y[:, a:a + block] = (torch.mm(wb, xt) if b is None else torch.addmm(b[a:a + block, None], wb, xt)).t()
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 DECODE_GEMM = "auto"  # "auto": decode_gemm decides per shape; "packed" / "w_xt" force one (tests)
@@ -426,14 +432,15 @@ def decode_gemm(rows, out_features, in_features, bias=False, threads=None):
     """
     Which fp32 GEMM a decode step runs for x [rows, in] @ W^T, W [out, in]: "packed" (MKL's
     sgemm from the prepacked weight) or "w_xt" (W @ x^T, transposed back: w_xt). Which is
-    faster depends on the CPU: on an AMD EPYC W @ x^T ran 1.3-2.5x faster at 16 and 64 rows
-    (SmolLM2's and the tiny model's shapes, heads of 4k-152k rows included), while on an Intel
-    Xeon the packed sgemm was the fastest. So it is measured, once per shape and thread count
-    in a process, on random inputs of that shape, and "w_xt" is chosen only where the two give
-    the very same bits there (the same products summed in the same order: a GEMM's order
-    depends on the shapes, the layout and the threads, not on the numbers), so that the choice,
-    which timing makes, can never change a token. Where they differ (on the EPYC: 1-7 rows)
-    the packed sgemm stays.
+    faster depends on the CPU and the shape: on an AMD EPYC VM W @ x^T ran up to 1.5x faster
+    for lm_heads at 16 rows (SmolLM2's [576 x 49,152]: 15.5 vs 20.6 ms) and within ~10% either
+    way on the tiny model's layers, while on an Intel VM the packed sgemm was the faster head.
+    So it is measured, once per shape and thread count in a process, on random inputs of that
+    shape, and "w_xt" is chosen only where the two give the very same bits there (the same
+    products summed in the same order: a GEMM's order depends on the shapes, the layout and
+    the threads, not on the numbers), so that the choice, which timing makes, can never change
+    a token. Where they differ (on the EPYC: 1-7 rows)
+    the packed sgemm stays. (A few tenths of a second per shape, once: 14 calls of each.)
     """
     g = torch.Generator().manual_seed(0)
     w = torch.randn(out_features, in_features, generator=g)
@@ -443,13 +450,13 @@ def decode_gemm(rows, out_features, in_features, bias=False, threads=None):
     forms = {"packed": lambda: torch.ops.mkl._mkl_linear(x, packed, w, b, rows), "w_xt": lambda: w_xt(x, w, b)}
     if not torch.equal(forms["packed"](), forms["w_xt"]()):
         return "packed"
-    times = {k: [] for k in forms}
-    for _ in range(5):  # alternating, so a drifting load hits both alike; medians
+    best = dict.fromkeys(forms, float("inf"))
+    for _ in range(7):  # alternating, and the best of each: a drifting load or a spike hits both alike
         for k, f in forms.items():
             t = time.perf_counter()
             f()
-            times[k].append(time.perf_counter() - t)
-    return min(forms, key=lambda k: sorted(times[k])[2])
+            best[k] = min(best[k], time.perf_counter() - t)
+    return min(forms, key=best.get)
 
 
 @torch.library.custom_op("mopd::mkl_linear", mutates_args=())

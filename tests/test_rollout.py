@@ -408,6 +408,9 @@ def test_prepacked_linears_compute_x_times_w_transposed(bias, rows, form, monkey
                 # the packed path is taken at exactly the packed row count, and only there
                 assert (packed_linear(x, wt[k][2], wt[k][0], wt[k][1]) is not None) == (n == rows)
                 torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * W.shape[1] ** 0.5)
+                if form == "w_xt":  # by blocks of output features, the last one partial
+                    got = model_mod.w_xt(x, W.float(), b.float() if torch.is_tensor(b) else None, block=7)
+                    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * W.shape[1] ** 0.5)
         h = torch.randn(rows, 64, generator=g)
         import rollout
         torch.testing.assert_close(rollout.head_logits(m, h).double(), h.double() @ m.lm_head.weight.double().t(),
