@@ -439,8 +439,9 @@ def decode_gemm(rows, out_features, in_features, bias=False, threads=None):
     shape, and "w_xt" is chosen only where the two give the very same bits there (the same
     products summed in the same order: a GEMM's order depends on the shapes, the layout and
     the threads, not on the numbers), so that the choice, which timing makes, can never change
-    a token. Where they differ (on the EPYC: 1-7 rows)
-    the packed sgemm stays. (A few tenths of a second per shape, once: 14 calls of each.)
+    a token. Where they differ (on the EPYC: 1-7 rows) the packed sgemm stays. It costs 14
+    calls of each form per shape, once (a few tenths of a second for a 152k-token lm_head).
+    threads: only a key of the cache (MKL splits the work by torch's thread count).
     """
     g = torch.Generator().manual_seed(0)
     w = torch.randn(out_features, in_features, generator=g)

@@ -123,6 +123,16 @@ def smollm2_dir(cache_dir):
     return out
 
 
+def poem_prompts(hf_dir):
+    """The SmolLM2 cases' 16 prompts: chat-templated requests for a short poem, token ids."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    topics = ["the sea", "a city at night", "autumn", "a cat", "the moon", "rain", "a train", "mountains",
+              "coffee", "a library", "winter", "the desert", "a river", "spring", "a lighthouse", "the stars"]
+    return [tok.apply_chat_template([{"role": "user", "content": f"Write a short poem about {t}."}],
+                                    add_generation_prompt=True, tokenize=True, return_dict=False) for t in topics]
+
+
 def hf_generate(model, prompts, n_new, pad_id=0):
     """transformers' generate on a left-padded batch, sampling at T=1 for exactly n_new tokens."""
     L = max(len(p) for p in prompts)
@@ -217,15 +227,8 @@ def main(argv=None):
         rows += r
         notes.append(n)
     if not args.skip_smollm:
-        from transformers import AutoTokenizer
         d = smollm2_dir(args.cache_dir)
-        tok = AutoTokenizer.from_pretrained(d)
-        topics = ["the sea", "a city at night", "autumn", "a cat", "the moon", "rain", "a train",
-                  "mountains", "coffee", "a library", "winter", "the desert", "a river", "spring",
-                  "a lighthouse", "the stars"]
-        chat = [tok.apply_chat_template([{"role": "user", "content": f"Write a short poem about {t}."}],
-                                        add_generation_prompt=True, tokenize=True, return_dict=False)
-                for t in topics]
+        chat = poem_prompts(d)
         n_new = 16 if args.quick else 64
         for B in (1, 16):
             r, n = bench_case(f"SmolLM2-135M fp32, B={B}", d, chat[:B], n_new, limits, repeats, args.compile)

@@ -35,6 +35,10 @@ def test_bench_mopd_ours_runs(capsys):
     ("bench_rl", ["--n=0"], "--n=0: must be > 0"),
     ("bench_rl", ["--skip_trl=maybe"], "--skip_trl=maybe: expected a value of type bool (true or false)"),
     ("bench_kl", ["--tokens", "0"], "--tokens=0: must be >= 1"),
+    ("ab_generate", ["--decode_gemm=packed,fast"], "--decode_gemm=packed,fast: expected A,B with each one of "
+                                                   "packed, w_xt, auto"),
+    ("ab_generate", ["--decode_gemm=packed,auto", "--cases=300:5"], "--cases=300:5: expected "
+                                                                   "VOCAB:ROWS:NEW_TOKENS,... of positive integers"),
     ("bench_sampling", ["--repeat=2"], "--repeat: unknown config key (did you mean --repeats?); "
                                        "python bench/bench_sampling.py --help lists the keys"),
 ])
@@ -44,6 +48,17 @@ def test_bad_bench_options_are_one_line_exit_2(script, argv, line, capsys):
     with pytest.raises(SystemExit) as e:
         config.cli(lambda: mod.main(argv))
     assert e.value.code == 2 and capsys.readouterr().err.splitlines() == ["error: " + line]
+
+
+def test_ab_generate_of_decode_gemm_choices_draws_the_same_tokens(capsys):
+    """bench/ab_generate.py --decode_gemm: this checkout's generate with the packed sgemm against
+    decode_gemm's per-shape choice, which is bit-equal by construction: the same tokens and
+    log-probs exactly, whatever the timing chose."""
+    import ab_generate
+    out = ab_generate.main(["--decode_gemm=packed,auto", "--cases=300:5:6,500:16:4", "--repeats=1", "--threads=1"])
+    assert [o[0] for o in out] == ["V=300 rows=5 new tokens=6", "V=500 rows=16 new tokens=4"]
+    assert all(same and dlp == 0 for _, _, _, same, dlp in out)
+    assert "A (packed)" in capsys.readouterr().out
 
 
 def test_even_reward_reads_token_parity():
