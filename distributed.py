@@ -265,7 +265,7 @@ def shard(model, mesh=None, mp_policy=BF16_MIXED, reshard_after_forward=True, of
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     # The root (embed_tokens, norm, lm_head; tied or not, one group) keeps torch's default: it
     # stays gathered after forward, because our callers use lm_head *after* model(...) returns
-    # (kernels.py on the hidden states, rollout.py's model.lm_head). After a no_grad forward
+    # (vocab_kernels.py on the hidden states, rollout.py's model.lm_head). After a no_grad forward
     # nothing reshards it: call model.reshard() when done (e.g. a teacher after scoring).
     fully_shard(model, **kw)
     # what rollout.py allocates its KV cache with: the device the layers compute on (not that

@@ -10,7 +10,7 @@ What is in this file, top to bottom:
 - KVCache: a preallocated per-layer cache with one write position per row (used by
   rollout.py; prompts are right-padded, so every row's positions start at 0 and the
   "one shared position counter" bug of left-padded decoding cannot happen).
-- Transformer: forward() returns logits or the final hidden states (kernels.py wants the
+- Transformer: forward() returns logits or the final hidden states (vocab_kernels.py wants the
   hidden states plus `lm_head_weight`, never [tokens x vocab] logits);
   from_pretrained() / load_hf_weights() / save_pretrained() read and write HF safetensors
   directories through checkpoint.py (_hf_layout() is the name mapping they use);
@@ -680,7 +680,7 @@ class Transformer(nn.Module):
         """
         input_ids [B, T]; positions [B, T] (default 0..T-1 per row, or each row's cache
         length onwards when a cache is given). Returns logits [B, T, V], or the final
-        normed hidden states [B, T, H] when return_hidden (for kernels.py, which never
+        normed hidden states [B, T, H] when return_hidden (for vocab_kernels.py, which never
         materialises the logits).
         """
         B, T = input_ids.shape

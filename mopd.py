@@ -13,7 +13,7 @@ and everything per token is aligned with the *predicted* token, i.e. with tokens
 import torch
 
 import distributed
-import kernels
+import vocab_kernels as kernels
 from teachers import each_domain
 
 # -----------------------------------------------------------------------------
@@ -24,7 +24,7 @@ def policy_logprobs(model, tokens, mask, temperature=1.0):
     log pi_theta(y_t | x, y_<t) for every t, [R, L-1], in fp32, from the final hidden states
     and the lm_head weight (kernels.token_logprobs never materialises [tokens x vocab]).
     Use the sampler's temperature so that, on-policy, pi_theta == the sampling policy mu.
-    For a loss that weighs every token alike (SFT's mean): kernels.py computes the gradient
+    For a loss that weighs every token alike (SFT's mean): vocab_kernels.py computes the gradient
     during the forward pass.
     """
     hidden = model(tokens[:, :-1], return_hidden=True)

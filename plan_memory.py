@@ -338,7 +338,7 @@ assumptions:
 - N from the config; W = world_size; P_layer / P_root = largest decoder layer / root (embed + norm + lm_head).
 - FSDP2 (distributed.shard): sharded params stay fp32 = the master weights (no separate bf16 shard);
   bf16 exists only in the all-gathered layer (this one + the prefetched next), and the root stays gathered
-  from the start of forward to the end of backward (kernels.py applies lm_head after forward).
+  from the start of forward to the end of backward (vocab_kernels.py applies lm_head after forward).
   Gradients are reduce-scattered in fp32 (a bf16 unsharded grad + its fp32 copy per layer).
 - optimizer_offload = FSDP2 CPUOffloadPolicy on the student: params, grads and AdamW states live in
   pinned host memory, each layer's shard is copied in for its all-gather, the AdamW step runs on CPU.
@@ -346,7 +346,7 @@ assumptions:
 - activations (bf16, per micro-batch of T_mb = micro_batch*seq_len tokens, one sequence never split):
   a = {a} bytes/token/layer (layer_activation_bytes, flash-attn); with checkpointing each layer keeps its
   bf16 input (2H) and one layer at a time is recomputed, its backward working set taken as 0.5*a (assumed).
-- fused head (kernels.py): fp32 copy of the bf16 lm_head (4VH), fp32 grad_W (4VH) and its bf16 cast (2VH),
+- fused head (vocab_kernels.py): fp32 copy of the bf16 lm_head (4VH), fp32 grad_W (4VH) and its bf16 cast (2VH),
   grad_hidden fp32 (4H*T_mb), the 256 MiB [chunk x V] logits budget; never [T_mb x V] logits.
 - teacher scoring: no_grad prefill of one micro-batch; one layer's transients bounded by a*T_mb.
 - rollouts ({cfg.rollout_engine}): {ROLLOUT_NOTES[cfg.rollout_engine]}.

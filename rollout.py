@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import distributed
-import kernels
+import vocab_kernels as kernels
 from config import cli, parse_config
 from model import KVCache, Transformer, load_tokenizer, packed_linear
 

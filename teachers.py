@@ -18,7 +18,7 @@ The teachers of MOPD: one frozen checkpoint per domain, and how they score the s
 - score(): prefill only (teachers never generate), batched per teacher, keeping only what
   the chosen loss needs: per-token log-probs of the student's tokens (PG form), or the
   teacher's top-k ids and log-probs (Eq. 5), or its final hidden states (exact KL). Never
-  [tokens x vocab] logits: kernels.py computes all three from hidden states.
+  [tokens x vocab] logits: vocab_kernels.py computes all three from hidden states.
   Teachers.seconds counts the time spent in it (wherever it is called from: before the
   update for the PG form, inside mopd.distill_update for the others), so that a step can
   report its teacher time apart from its update time.
@@ -32,7 +32,7 @@ import time
 import torch
 
 import distributed
-import kernels
+import vocab_kernels as kernels
 from model import Transformer
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 
 import checkpoint
 import distributed
-import kernels
+import vocab_kernels as kernels
 import mopd
 from config import cli, merge_limits, parse_config, print_config
 from evaluate import evaluate

@@ -1,5 +1,5 @@
 """
-Benchmark: naive (materialise both logit matrices, log_softmax, KL, backward) vs kernels.py,
+Benchmark: naive (materialise both logit matrices, log_softmax, KL, backward) vs vocab_kernels.py,
 for reverse KL + backward and for token log-probs + backward. Prints a markdown table.
 
 Every forward+backward run happens in a fresh child process, so its peak RSS is its own: the
@@ -13,9 +13,9 @@ time spent waiting for a core, the CPU time does not.
     python bench/bench_kl.py --tokens 256 --rounds 1    # a quick smoke run
     python bench/bench_kl.py --threads=2 --only="PG"    # the policy-gradient cases only
 
-Cases: "mean" losses (one grad_output for every token: kernels.py's fast path) and the
+Cases: "mean" losses (one grad_output for every token: vocab_kernels.py's fast path) and the
 per-token-weight losses MOPD actually uses (PG: -A_t * log p; per-sequence means), which take
-kernels.py's recompute path for the weight gradient (see kernels.py's docstring), and the PG
+vocab_kernels.py's recompute path for the weight gradient (see vocab_kernels.py's docstring), and the PG
 loss fused into the kernel (token_logprob_loss: the weights formed inside each chunk), which
 is what mopd.pg_update runs for RL and for MOPD's PG form.
 The command line is every script's (config.py): --key=value or --key value, --threads=N
@@ -34,7 +34,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import kernels as K  # noqa: E402
+import vocab_kernels as K  # noqa: E402
 from config import cli, parse_config  # noqa: E402
 
 
@@ -51,7 +51,7 @@ class Config:
 
 LIMITS = {">= 1": "tokens vocab hidden rounds seq_len"}
 
-CASES = {  # name -> (function family, loss reduction, kernels.py's precompute_grads or "fused")
+CASES = {  # name -> (function family, loss reduction, vocab_kernels.py's precompute_grads or "fused")
     "reverse KL, mean loss": ("kl", "mean", True),
     "token log-probs, mean loss": ("lp", "mean", True),
     "reverse KL, per-sequence means": ("kl", "per_seq", True),
@@ -138,7 +138,7 @@ def main(argv=None):
     print(f"N={N} tokens, V={V}, H={H}, fp32, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"medians of {args.rounds} forward+backward runs, each in a fresh process, naive and ours alternating; "
           f"load average at start: {os.getloadavg()[0]:.1f}")
-    print(f"kernels.py chunk sizes from the default {K.DEFAULT_MEM_BUDGET / 2**20:.0f} MiB budget: "
+    print(f"vocab_kernels.py chunk sizes from the default {K.DEFAULT_MEM_BUDGET / 2**20:.0f} MiB budget: "
           f"reverse kl {K.auto_chunk_size(V, 2)} tokens, token_logprobs {K.auto_chunk_size(V, 1)} tokens\n")
     cases = {k: v for k, v in CASES.items() if args.only in k}
     if not cases:

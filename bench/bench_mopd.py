@@ -23,7 +23,7 @@ three variants (--variants=LOSS:EXACT_KL_ROWS,...), each with its own model and 
   this 16-row batch (an eighth of the toy preset's 64), so it is also timed without:
 - pg:0, the same with exact_kl_rows=0.
 - reverse_kl:0, loss=reverse_kl: TRL's objective at beta=1, the exact full-vocab reverse
-  KL (mopd.distill_update, kernels.kl), without the (redundant) KL metric.
+  KL (mopd.distill_update, vocab_kernels.kl), without the (redundant) KL metric.
 A TRL step, then one of each variant, alternate in one process (from a TrainerCallback); the
 first step of each is a warm-up; the table reports the median of the timed steps.
 

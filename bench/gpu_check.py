@@ -7,9 +7,9 @@ records its table, or says it has not run).
     python bench/gpu_check.py --device=cpu --small=true   # the logic, on a CPU (tests/test_bench_smoke.py)
 
 Rows (each independent: a failure is a row, not the end of the run):
-- triton logprobs / triton kl: kernels.py's Triton kernels compiled, values and gradients
+- triton logprobs / triton kl: vocab_kernels.py's Triton kernels compiled, values and gradients
   against the plain fp32 implementation (materialised logits), time and peak memory vs it.
-- lm-head bf16 GEMM: kernels.logits' bf16 GEMM with fp32 output against the fp32 GEMM of fp32
+- lm-head bf16 GEMM: vocab_kernels.logits' bf16 GEMM with fp32 output against the fp32 GEMM of fp32
   copies (a teacher's scoring at V = 151,936): error vs float64, time and peak memory.
 - head_logits bf16: the sampler's fp32 logits from bf16 weights (CUDA's mm with out_dtype) vs
   an fp32 copy of the weights; generate on a bf16 model with GQA (the cached attention's SDPA
@@ -70,7 +70,7 @@ def timed(fn, dev, repeats=3):
 
 
 def check_triton(cfg, dev):
-    import kernels as K
+    import vocab_kernels as K
     N, V, H = (64, 1000, 32) if cfg.small else (2048, 151936, 2048)
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator(device=dev).manual_seed(0)
@@ -104,10 +104,10 @@ def check_triton(cfg, dev):
 
 
 def check_head_gemm(cfg, dev):
-    """kernels.logits' bf16 GEMM with fp32 output (CUDA) against the fp32 GEMM of fp32 copies
+    """vocab_kernels.logits' bf16 GEMM with fp32 output (CUDA) against the fp32 GEMM of fp32 copies
     it replaced: a teacher's scoring (token_logprobs without a gradient, the default backend: the
     Triton rows on CUDA) at Qwen3's vocabulary."""
-    import kernels as K
+    import vocab_kernels as K
     if dev != "cuda" or not K._mm_out_dtype_works(torch.device(dev, torch.cuda.current_device()), torch.bfloat16):
         return row("lm-head bf16 GEMM, fp32 out", "skipped",
                    "no CUDA" if dev != "cuda" else "this GPU or torch has no bf16 mm with fp32 output", 0.0)

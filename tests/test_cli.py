@@ -370,6 +370,20 @@ def test_run_scripts_refuse_bad_settings(script, env, message, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_no_module_of_ours_shadows_an_installed_package():
+    """Every script runs with this directory first on sys.path, so a top-level module of ours
+    named like an installed package hides that package from every library that imports it:
+    kernels.py did so to Hugging Face's `kernels` (transformers >= 5.25 requires and imports
+    it), and from here every `from transformers import ...ForCausalLM` failed. No module at the
+    top of this repository may share its name with an installed distribution's package."""
+    from importlib.metadata import packages_distributions
+    ours = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    installed = packages_distributions()
+    assert {m: installed[m] for m in sorted(ours) if m in installed} == {}
+    # and the import that failed works (transformers' own model classes, from this directory)
+    from transformers import LlamaForCausalLM, Qwen3ForCausalLM  # noqa: F401
+
+
 def test_estimators_other_origin_teachers_are_the_next_seeds(tmp_path):
     """runs/estimators.sh OTHER=next: seed s's other-origin arm distils from the teachers of the seed
     after s in SEED_LIST (cyclically: another S0, never s's own), and its evaluation lists those

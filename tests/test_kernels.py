@@ -1,10 +1,10 @@
 """
-kernels.py against plain float64 references: values and gradients of every function, the KL
+vocab_kernels.py against plain float64 references: values and gradients of every function, the KL
 direction, the JSD ends, gradcheck, the sampled-token estimator, and the Triton kernels run on
 CPU under TRITON_INTERPRET=1 (in a child process, since the variable must be set before triton
 is imported and other test modules may have imported it already).
 
-Every value and gradient is checked against the plain *_ref code (kernels.py) on the same
+Every value and gradient is checked against the plain *_ref code (vocab_kernels.py) on the same
 inputs, evaluated in float64 as the truth. The error is norm-wise, |ours - truth| / |truth| over
 the whole tensor, and its bound is not a fixed number but follows from what plain code achieves:
 the same *_ref code run in the inputs' own precision (fp32; for bf16 inputs, fp32 math on the
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels as K  # noqa: E402
+import vocab_kernels as K  # noqa: E402
 
 U32 = 2**-24  # fp32 unit roundoff
 
@@ -347,11 +347,11 @@ def test_topk_kl_is_zero_at_the_teacher():
 
 def test_half_precision_gemm_path(monkeypatch):
     """On CUDA, bf16 hidden states and weights get their logits from one bf16 GEMM with an fp32
-    output (kernels.logits: mm's out_dtype), with no fp32 copy of the weight, the temperature
+    output (vocab_kernels.logits: mm's out_dtype), with no fp32 copy of the weight, the temperature
     applied to z instead of h, and the gradients' GEMMs in fp32. A CPU's mm has no out_dtype, so
     here the path is forced and its GEMM emulated by what cuBLAS computes up to summation order
     (the bf16 numbers' exact products, summed in fp32); what is tested is everything around it,
-    in every function of kernels.py, by the bf16 tests above run again on this path."""
+    in every function of vocab_kernels.py, by the bf16 tests above run again on this path."""
     # where a device cannot run it (a CPU; CUDA below compute capability 8.0), the probe says so
     assert not K._mm_out_dtype_works(torch.device("cpu"), torch.bfloat16)
     real_mm, calls = torch.mm, []

@@ -16,7 +16,7 @@ import statistics
 import pytest
 import torch
 
-import kernels
+import vocab_kernels as kernels
 from model import Transformer
 
 # ---- fixtures: an S0 with headroom on easy domains, and two teachers that disagree ---------

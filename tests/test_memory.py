@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import kernels
+import vocab_kernels as kernels
 import mopd
 from model import ModelConfig, Transformer
 from mopd import pg_update
@@ -53,7 +53,7 @@ def _largest_in_update(model, batch):
 
 
 def test_pg_update_never_makes_token_by_vocab_logits(monkeypatch):
-    """The policy's log-probs go through kernels.py a chunk of tokens at a time: no tensor of
+    """The policy's log-probs go through vocab_kernels.py a chunk of tokens at a time: no tensor of
     the update (forward, loss or backward) is larger than one chunk's logits or one weight-sized
     gradient, while the micro-batch's logits would be 8x that (128 response tokens x V)."""
     monkeypatch.setattr(kernels, "auto_chunk_size", lambda *a, **k: CHUNK)

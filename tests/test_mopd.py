@@ -43,7 +43,7 @@ def test_pg_expected_gradient_is_reverse_kl_gradient():
 
 def test_distill_forms_hand_case():
     """Eq. 5 and the exact reverse KL on a 3-token vocabulary, computed by hand."""
-    import kernels
+    import vocab_kernels as kernels
     ps = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     pt = torch.tensor([0.2, 0.7, 0.1], dtype=torch.float64)
     # hidden = log p, weight = identity: logits = log p, so softmax(logits) = p exactly
@@ -100,7 +100,7 @@ def test_routing_sends_each_prompt_to_its_own_teacher(toy, monkeypatch):
 
 
 def test_teacher_score_matches_its_own_model(toy):
-    import kernels
+    import vocab_kernels as kernels
     from model import Transformer
     from teachers import Teachers
     T = Teachers({"rev": toy["rev"]}, offload=True)

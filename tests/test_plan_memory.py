@@ -17,7 +17,7 @@ import torch.distributed as dist
 from conftest import free_port, join_ranks
 
 import distributed
-import kernels
+import vocab_kernels as kernels
 import plan_memory
 from model import ModelConfig, Transformer, rope_cos_sin
 from test_model import assert_as_accurate  # ours within 2x a plain fp32 run's error of the fp64 truth

@@ -258,7 +258,7 @@ def test_pg_update_is_the_gradient_of_the_batch_loss(ratio_mode, eps_low, eps_hi
     from types import SimpleNamespace
 
     from test_kernels import check
-    import kernels
+    import vocab_kernels as kernels
     from model import ModelConfig, Transformer
     from mopd import mopd_advantage, pg_update
     mcfg = ModelConfig(arch="qwen3", vocab_size=256, hidden_size=16, intermediate_size=32, num_layers=2,

@@ -567,7 +567,7 @@ def test_rollout_tensors_are_ordinary_tensors(tiny_model):
 
 def test_bf16_sampler_logits_are_fp32_ones(tiny_model, monkeypatch):
     """Under bf16 the sampler draws from fp32 logits of the bf16 hidden states, as the trainer
-    computes them (kernels.py), not from bf16 logits, which round a logit of 20 to a multiple of
+    computes them (vocab_kernels.py), not from bf16 logits, which round a logit of 20 to a multiple of
     0.125 (log mu biased by up to ~0.06 nats). A one-token rollout's hidden state is the plain
     forward's, bit for bit (a prefill into an empty cache is the causal forward), so the logits
     it samples from must be the fp32 product of those hidden states and W, to fp32 rounding."""

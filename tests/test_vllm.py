@@ -204,7 +204,7 @@ def _log(out):
 def _heldout_kl(student, teachers):
     """Mean exact KL(student || own teacher) per response token on S0's samples of 16 held-out
     prompts per domain (fixed seed): the same tokens for every student measured."""
-    import kernels
+    import vocab_kernels as kernels
     from transformers import AutoTokenizer
 
     from rollout import encode_prompt

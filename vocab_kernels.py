@@ -6,6 +6,10 @@ and a MOPD step needs the student's and the teacher's. Everything here takes the
 states [..., H] and the lm_head weight [V, H] (logits = hidden @ weight.T / temperature) and
 walks over the tokens one chunk at a time, so at most [chunk x V] logits exist at once.
 
+(Named vocab_kernels, not kernels: a top-level kernels.py shadows Hugging Face's `kernels`
+package, which transformers >= 5.25 requires and imports, so that from this directory every
+`from transformers import ...ForCausalLM` failed; tests/test_cli.py guards the names.)
+
 What is in this file, top to bottom:
 - token_logprobs(): log p(target) per token.
 - token_logprob_loss(): a loss summed over tokens from each token's log-prob (the policy-
