@@ -60,16 +60,17 @@ def load_rollout(checkout, name):
 
 
 def decode_gemm_side(form):
-    """This checkout's generate with model.DECODE_GEMM set to `form` for the call."""
+    """This checkout's generate with model.DECODE_GEMM set to `form` for the call (and the
+    caller's setting back after it)."""
     import model
     import rollout
 
     def generate(*a, **k):
-        model.DECODE_GEMM = form
+        before, model.DECODE_GEMM = model.DECODE_GEMM, form
         try:
             return rollout.generate(*a, **k)
         finally:
-            model.DECODE_GEMM = "auto"
+            model.DECODE_GEMM = before
     return generate
 
 

@@ -50,12 +50,15 @@ def test_bad_bench_options_are_one_line_exit_2(script, argv, line, capsys):
     assert e.value.code == 2 and capsys.readouterr().err.splitlines() == ["error: " + line]
 
 
-def test_ab_generate_of_decode_gemm_choices_draws_the_same_tokens(capsys):
+def test_ab_generate_of_decode_gemm_choices_draws_the_same_tokens(capsys, monkeypatch):
     """bench/ab_generate.py --decode_gemm: this checkout's generate with the packed sgemm against
     decode_gemm's per-shape choice, which is bit-equal by construction: the same tokens and
-    log-probs exactly, whatever the timing chose."""
+    log-probs exactly, whatever the timing chose; the caller's DECODE_GEMM is left as it was."""
     import ab_generate
+    import model
+    monkeypatch.setattr(model, "DECODE_GEMM", "w_xt")
     out = ab_generate.main(["--decode_gemm=packed,auto", "--cases=300:5:6,500:16:4", "--repeats=1", "--threads=1"])
+    assert model.DECODE_GEMM == "w_xt"
     assert [o[0] for o in out] == ["V=300 rows=5 new tokens=6", "V=500 rows=16 new tokens=4"]
     assert all(same and dlp == 0 for _, _, _, same, dlp in out)
     assert "A (packed)" in capsys.readouterr().out
