@@ -410,12 +410,16 @@ def packed_linear(x, packed, w, b=None):
     return torch.ops.mkl._mkl_linear(x, packed[0], w, b, packed[1])
 
 
-def w_xt(x, w, b=None, block=4096):
+W_XT_BLOCK = 4096  # w_xt's output features per GEMM call
+
+
+def w_xt(x, w, b=None, block=None):
     """x @ w^T + b computed as (W @ x^T)^T: the GEMM with the weight as its tall left operand
     and the few rows as its narrow right one, transposed back into a contiguous [.., out], by
     blocks of `block` output features, so that each block's [block, rows] result is still in
     cache when it is transposed (a whole lm_head's [151,936 x 16] transposed at once cost ~7
     ms, a third of the GEMM's time, on the EPYC)."""
+    block = block or W_XT_BLOCK
     xt = x.reshape(-1, x.shape[-1]).t()
     y = x.new_empty(xt.shape[1], w.shape[0])
     for a in range(0, w.shape[0], block):

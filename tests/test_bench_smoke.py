@@ -114,3 +114,69 @@ def test_bench_without_trl_says_how_to_install_it(script, monkeypatch, capsys):
         config.cli(lambda: mod.main(argv))
     assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [
         "error: TRL is not installed: pip install -r requirements-bench.txt, or --skip_trl to time ours only"]
+
+
+class _Kernels(__import__("torch").utils._python_dispatch.TorchDispatchMode):
+    """Records the GEMM and attention ops that run under it, with their input shapes."""
+    NAMES = ("aten.mm", "aten.addmm", "aten.matmul", "aten.linear", "mkl._mkl_linear", "aten.scaled_dot_product_attention")
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import torch
+        name = str(func.overloadpacket)
+        if name.startswith(self.NAMES):
+            self.calls.append((name, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("form,rows", [("packed", 5), ("w_xt", 5), ("auto", 1)])
+def test_kernels_alone_replays_a_decode_steps_gemms_and_attention(form, rows, monkeypatch):
+    """bench_sampling's floor (kernels_alone) times step_kernels: the same GEMMs (ops, shapes)
+    and attention calls as a real decode step, each GEMM form (w_xt's blocks, a partial last
+    one here) and one row (nothing packed, rollout.head_logits); its time covers every step."""
+    import torch
+    import bench_sampling
+    import model as model_mod
+    from model import KVCache, ModelConfig, Transformer
+    from rollout import decode_step
+    monkeypatch.setattr(model_mod, "DECODE_GEMM", form)
+    monkeypatch.setattr(model_mod, "W_XT_BLOCK", 48)  # the lm_head (V = 100) in 3 blocks, the last partial
+    cfg = ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=40, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    m = Transformer(cfg)
+    m.init_weights(seed=0)
+    used, slots = 7, 12
+    with torch.inference_mode(), m.inference_weights(rows=rows):
+        cache = KVCache(cfg, rows, slots, torch.float32, "cpu")
+        cache.lengths = torch.full((rows,), used - 1)
+        with _Kernels() as real:
+            decode_step(m, torch.randint(0, 100, (rows,)), torch.full((rows,), used - 1), cache)
+        gemms, attention = bench_sampling.step_kernels(m, rows, used, slots)
+        with _Kernels() as replay:
+            for f in gemms + attention:
+                f()
+    assert len(real.calls) >= 4 * cfg.num_layers + 1 + cfg.num_layers
+    assert sorted(replay.calls) == sorted(real.calls)
+    prompts = [[1, 2, 3]] * rows
+    t, t_gemm, t_attn = bench_sampling.kernels_alone(m, prompts, n_new=4, flops=1e15, repeats=3)
+    assert t_gemm > 0 and t_attn > 0 and t >= 3 * (t_gemm + t_attn)  # n_new - 1 decode steps
+
+
+def test_target_lines_say_met_or_missed_and_whether_the_floor_allows_it():
+    import bench_sampling
+    row = lambda case, impl, ratio, flop: dict(case=case, impl=impl, ratio=ratio, flop=flop)  # noqa: E731
+    tiny, smol = "tiny Qwen3, B=64", "SmolLM2-135M fp32, B=16"
+    rows = [row(tiny, "transformers", 1.0, 0.1), row(tiny, "ours", 1.5, 0.2),
+            row(tiny, "ours, compiled decode step", 1.6, 0.25), row(tiny, "kernels alone (a floor)", 2.4, 0.4),
+            row(smol, "transformers", 1.0, 0.16), row(smol, "ours", 2.0, 0.41),
+            row(smol, "kernels alone (a floor)", 3.0, 0.6)]
+    assert bench_sampling.target_lines(rows) == [
+        "Target tiny Qwen3, B=64 >= 3x transformers: missed (at 53% of the goal), best 1.60x "
+        "(ours, compiled decode step); the kernels alone allow 2.40x: out of reach on this machine",
+        "Target SmolLM2-135M fp32, B=16 >= 40% of the FLOP limit: met, best 41.0% (ours); "
+        "the kernels alone allow 60.0%: within reach"]
+    assert bench_sampling.target_lines(rows[:4])[0].startswith("Target tiny")  # a case not run: no line
+    assert len(bench_sampling.target_lines(rows[:4])) == 1
