@@ -35,6 +35,7 @@ The command line is every script's (config.py): --key=value or --key value, --th
 """
 
 import os
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rl import (BENCH_LIMITS, BenchConfig, IgnoreEOS, Ours, bench_domain, check_lengths,  # noqa: E402
                       instrumented, load_label, make_checkpoint, make_prompts, matmul_params, num_params,
-                      print_results, require_trl, run_alternating, trl_common_args, _trl_version)
+                      print_results, require_trl, run_alternating, sampling_kernels_alone, trl_common_args,
+                      _trl_version)
 from config import cli, parse_config  # noqa: E402
 
 LOSSES = ("pg", "reverse_kl")
@@ -124,6 +126,7 @@ def main(argv=None):
                           (train_mopd, "exact_reverse_kl", "exact_kl")):
             trl_times, trl_lens, flops, trl_gen = run_alternating(make_trainer, ours, args)
         check_lengths(ours, trl_lens, args.new_tokens)
+        kernel_s = sampling_kernels_alone(student_dir, args, args.prompts, 1, statistics.median(f for f, _ in flops))
     P = matmul_params(args)
     seq = args.prompt_len + args.new_tokens - 1  # positions the training forward sees per row
     R = args.prompts
@@ -143,7 +146,7 @@ def main(argv=None):
          f"temperature=1, use_cpu, bf16=False, gradient_checkpointing={ckpt}, no vLLM); its loss is the exact "
          f"full-vocab reverse KL, the objective of our loss=reverse_kl row. "
          f"{len(ours[0].times)} timed steps each after {args.warmup} warm-up, alternating in one process; "
-         f"{load_label()} at the end."], reads)
+         f"{load_label()} at the end."], reads, [("sampling", kernel_s)])
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ is a warm-up; the table reports the median of the timed steps.
 For context the run also measures this machine's fp32 matmul rate and prints the matmul
 work that any implementation of the step must do (sampling, the training forward and
 backward): at that rate it is a floor on the step time, hence a ceiling on the speed-up.
+The sampling phase's floor is the larger of that, the weights' bytes at the measured read
+bandwidth, and its kernels alone (bench_sampling.kernels_alone: a decode step's GEMMs and
+SDPA as generate runs them, the kernels that give its bits, timed on the student's weights).
 
     python bench/bench_rl.py --threads=2                       # the full run (2 threads, as in README)
     OMP_NUM_THREADS=1 python bench/bench_rl.py --threads=1     # when other jobs share the cores
@@ -356,6 +359,17 @@ def machine_bandwidth(mib=256, repeats=3):
     return x.numel() * 4 / best
 
 
+def sampling_kernels_alone(model_dir, args, prompts, n, flops):
+    """bench_sampling.kernels_alone for this benchmark's sampling phase: the checkpoint in model_dir
+    sampling args.new_tokens tokens, n per prompt, for `prompts` prompts of args.prompt_len tokens
+    (distinct first tokens: no shared prefix). Seconds per step, at the FLOP/s given for the prefill."""
+    from bench_sampling import kernels_alone
+    from model import Transformer
+    model = Transformer.from_pretrained(model_dir, dtype=torch.float32)
+    ids = [[len(SPECIALS) + i] + [len(SPECIALS)] * (args.prompt_len - 1) for i in range(prompts)]
+    return kernels_alone(model, ids, args.new_tokens, flops, n=n)[0]
+
+
 def load_label():
     """1-, 5-, 15-minute load averages, for the record."""
     return "load avg " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -367,10 +381,12 @@ def check_lengths(ours, trl_lens, new_tokens):
     assert all(lo == hi == new_tokens for lo, hi in trl_lens), f"TRL: completion lengths {trl_lens}"
 
 
-def print_results(title, trl_name, trl_times, trl_gen, ours, tokens_per_step, work, flops, notes, reads=()):
+def print_results(title, trl_name, trl_times, trl_gen, ours, tokens_per_step, work, flops, notes, reads=(),
+                  kernels=()):
     """The markdown tables; returns {implementation: completion tokens/s}. work: [(phase, matmul
-    FLOPs)]; reads: [(phase, bytes it must read from memory)]; a phase's floor is the larger of the
-    two times at the rates measured during the run (flops: [(FLOP/s, bytes/s)] per round)."""
+    FLOPs)]; reads: [(phase, bytes it must read from memory)]; kernels: [(phase, seconds its kernels
+    alone took, measured: sampling_kernels_alone)]; a phase's floor is the largest of these times
+    (the first two at the rates measured during the run, flops: [(FLOP/s, bytes/s)] per round)."""
     print(f"\n### {title}\n")
     print("| implementation | median step (s) | min .. max (s) | completion tokens / step | "
           "completion tokens/s | vs TRL |")
@@ -409,8 +425,15 @@ def print_results(title, trl_name, trl_times, trl_gen, ours, tokens_per_step, wo
               + ", ".join(f"{name} {b / bw:.3f} s" for name, b in reads) + ".")
         for name, b in reads:
             floors[name] = max(floors.get(name, 0.0), b / bw)
+    if kernels:
+        print("The kernels alone that give our sampler's bits (bench_sampling.kernels_alone: each decode "
+              "step's GEMMs and SDPA as generate runs them, on the student's weights, from memory; the "
+              "prefill at the FLOP limit) take " + ", ".join(f"{name} {t:.3f} s" for name, t in kernels)
+              + ": a floor for any sampler with those bits.")
+        for name, t in kernels:
+            floors[name] = max(floors.get(name, 0.0), t)
     floor = sum(floors.values())
-    print(f"The floor, each phase at the slower of the two: {floor:.3f} s per step"
+    print(f"The floor, each phase at the slowest of these: {floor:.3f} s per step"
           + (f", so no implementation can beat TRL's median step by more than "
              f"{statistics.median(trl_times) / floor:.1f}x." if trl_times else "."))
     if trl_times:
@@ -482,11 +505,13 @@ def main(argv=None):
         with instrumented((train_teacher_rl, "pg_update", "update")):
             trl_times, trl_lens, flops, trl_gen = run_alternating(make_trainer, ours, args)
         check_lengths(ours, trl_lens, args.new_tokens)
+        kernel_s = sampling_kernels_alone(model_dir, args, args.prompts, args.n, statistics.median(f for f, _ in flops))
     P = matmul_params(args)
     seq = args.prompt_len + args.new_tokens - 1  # positions the training forward sees per row
     work = [("sampling", 2 * P * (args.prompts * args.prompt_len + R * args.new_tokens)),
             ("training forward + backward", 6 * P * R * seq)]
     reads = [("sampling", 4 * P * args.new_tokens)]  # the prefill, then new_tokens - 1 decode steps
+    kernels = [("sampling", kernel_s)]
     trl_name = f"TRL {_trl_version()} GRPOTrainer" if trl_times else ""
     ckpt = "on" if args.trl_grad_ckpt else "off"
     return print_results(
@@ -498,7 +523,7 @@ def main(argv=None):
          f"epsilon_high=0.28, max_completion_length={args.new_tokens}, generation_kwargs={{min_new_tokens: "
          f"{args.new_tokens}}}, use_cpu, bf16=False, gradient_checkpointing={ckpt}, no vLLM). "
          f"{len(ours[0].times)} timed steps each after {args.warmup} warm-up, alternating in one process; "
-         f"{load_label()} at the end."], reads)
+         f"{load_label()} at the end."], reads, kernels)
 
 
 def _trl_version():

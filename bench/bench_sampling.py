@@ -209,11 +209,12 @@ def step_kernels(model, rows, slots, max_slots, seed=0):
     return gemms, attention
 
 
-def kernels_alone(model, prompts, n_new, flops, repeats=5):
+def kernels_alone(model, prompts, n_new, flops, repeats=5, n=1):
     """
     A floor, in seconds per generate call, for any sampler that keeps generate's bits on this
-    machine: the time if everything but its kernels took none. The prefill at the FLOP limit
-    (its layers' matmuls over the prompts' distinct tokens), the first token's lm_head, then
+    machine: the time if everything but its kernels took none (generate(model, prompts, n_new,
+    n=n): len(prompts) * n rows). The prefill at the FLOP limit (its layers' matmuls over the
+    prompts' distinct tokens), the first token's lm_head, then
     n_new - 1 decode steps of step_kernels: the fastest of `repeats` runs of a whole step's
     GEMMs (on the model's own weights, in order: from memory, as in generate, where a hot loop
     over one matrix would run from cache) and its attention, timed at the first and at the last
@@ -221,9 +222,9 @@ def kernels_alone(model, prompts, n_new, flops, repeats=5):
     bit-equal to MKL's packed sgemm; another attention kernel (two bmm's: README, "Benchmarks:
     sampling") rounds differently. Returns (seconds, GEMMs a step, attention a step on average).
     """
-    B = len(prompts)
+    B = len(prompts) * n
     pmax = max(map(len, prompts))
-    shared = _shared_prefix_len(prompts) if B > 1 else 0
+    shared = _shared_prefix_len(prompts) if len(prompts) > 1 else 0
 
     def best(fns):
         for f in fns:  # warm-up

@@ -19,7 +19,9 @@ def test_bench_rl_ours_runs(capsys):
     import bench_rl
     out = bench_rl.main(TINY + ["--prompts=2", "--n", "2"])  # asserts every completion has exactly 5 tokens
     assert list(out) == ["ours (train_teacher_rl.rl_step)"] and out["ours (train_teacher_rl.rl_step)"] > 0
-    assert "| ours (train_teacher_rl.rl_step) |" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "| ours (train_teacher_rl.rl_step) |" in text
+    assert "The kernels alone that give our sampler's bits (" in text and "take sampling 0." in text
 
 
 def test_bench_mopd_ours_runs(capsys):
