@@ -24,6 +24,16 @@ def test_bench_rl_ours_runs(capsys):
     assert "The kernels alone that give our sampler's bits (" in text and "take sampling 0." in text
 
 
+
+@pytest.mark.parametrize("kernel_s,floor", [(4.0, "6.000"), (0.25, "3.000")])
+def test_each_phases_floor_is_the_slowest_of_flops_bytes_and_kernels_alone(kernel_s, floor, capsys):
+    """print_results: sampling's floor is the largest of its matmul time (1 s), its bytes at the
+    bandwidth (0.5 s) and its kernels alone; the training phase's (2 s) adds to it."""
+    import bench_rl
+    bench_rl.print_results("t", "", [], [], [], 1, [("sampling", 1e9), ("training", 2e9)], [(1e9, 1e9)], [],
+                           reads=[("sampling", 5e8)], kernels=[("sampling", kernel_s)])
+    assert f"The floor, each phase at the slowest of these: {floor} s per step." in capsys.readouterr().out
+
 def test_bench_mopd_ours_runs(capsys):
     import bench_mopd
     out = bench_mopd.main(TINY + ["--prompts=3", "--variants=pg:2,reverse_kl:0"])
